@@ -1,0 +1,103 @@
+use super::*;
+
+fn parse(text: &str) -> Parsed {
+    parse_file(FileId(0), text)
+}
+
+fn errors(text: &str) -> Vec<String> {
+    parse(text).diagnostics.iter().map(|d| d.message.clone()).collect()
+}
+
+#[test]
+fn parses_the_direction_example() {
+    let src = r#"
+tenant { plan: enum(free, pro, enterprise)  region: enum(us, eu)  data_residency: bool }
+request { feature: string }
+provider openai    { region us }
+model gpt-4o-mini  { provider openai  kind chat  context 128k  price in $0.15 out $0.60 per 1M  caps [tools, json, vision]  quality 0.71 }
+model dall-e-3 { provider openai kind image price $0.04 per image }
+constraints {
+  deny provider deepseek
+  eu: deny models where model.region != eu when tenant.data_residency
+  allow only [gpt-4o-mini, mistral-small] when tenant.plan == free
+  require model.caps has vision when request.has_images
+}
+classify {
+  embeddings when request.endpoint == embeddings
+  extraction when request.response_format in [json_object, json_schema]
+  code_review when request.feature == "code-review" and not request.stream
+  secret when request.prompt matches /pass(word)?\/x/ or request.prompt contains ["ssn", "iban"]
+  chat otherwise
+}
+route extraction when tenant.plan != free {
+  candidates [gpt-4o-mini, mistral-small, gpt-4o]
+  score 0.5 * price + 0.3 * latency - 0.2 * success
+  premium only when request.feature in ["contract-review"]
+  fallback [mistral-small, route chat]
+  downgrade [gpt-4o-mini]
+}
+protect {
+  retry 2 on [429, 5xx, timeout] backoff 200ms..2s
+  timeout first_token 10s total 120s
+  breaker per model open after 5 failures within 30s, probe after 15s
+  limit concurrency 64 per model
+  limit rate 600/min per tenant
+  budget monthly per tenant $500 { warn at 80%  confirm premium at 90%  downgrade at 95%  block at 100% }
+  budget every 7d per tenant and feature tenant.weekly { block at 100% }
+}
+"#;
+    let p = parse(src);
+    assert!(p.diagnostics.is_empty(), "{:#?}", p.diagnostics);
+    assert_eq!(p.ast.items.len(), 9);
+    let Some(Item::Protect(protect)) = p.ast.items.last() else { unreachable!() };
+    assert_eq!(protect.rules.len(), 7);
+}
+
+#[test]
+fn quantities_keep_unit_and_rate() {
+    let q = parse_quantity("$2.50", Span::default());
+    assert!(q.money);
+    assert_eq!(q.value, 2.5);
+    let q = parse_quantity("600/min", Span::default());
+    assert_eq!((q.value, q.unit.as_str(), q.per.as_deref()), (600.0, "", Some("min")));
+    let q = parse_quantity("128k", Span::default());
+    assert_eq!((q.value, q.unit.as_str()), (128.0, "k"));
+    let q = parse_quantity("-1.5ms", Span::default());
+    assert_eq!((q.value, q.unit.as_str()), (-1.5, "ms"));
+}
+
+#[test]
+fn reports_every_broken_item_and_keeps_the_good_ones() {
+    let src = "model a { provider p kind chat }\nmodel b { provder p }\nprovider p { region us }\nroute chat { candidats [a] }\nprovider q {}\n";
+    let p = parse(src);
+    assert_eq!(p.diagnostics.len(), 2, "{:#?}", p.diagnostics);
+    assert_eq!(p.ast.items.len(), 3);
+    let first = &p.diagnostics[0];
+    assert_eq!(first.help.as_deref(), Some("did you mean `provider`?"));
+    assert_eq!(first.span().map(|s| s.start), Some(43));
+}
+
+#[test]
+fn never_panics_on_garbage() {
+    for src in ["", "}", "{", "model", "model x {", "\"unterminated", "route x when tenant. {", "é\u{0}\u{ffff}", "protect { budget }"] {
+        let _ = parse(src);
+    }
+    assert!(errors("").is_empty());
+    assert!(errors("// only a comment\n").is_empty());
+}
+
+#[test]
+fn comments_are_collected_outside_strings() {
+    let src = "// top\nclassify { a when request.feature == \"x//y\" // trailing\n b otherwise }";
+    let c = scan_comments(FileId(0), src);
+    let texts: Vec<_> = c.iter().map(|c| c.text.as_str()).collect();
+    assert_eq!(texts, ["// top", "// trailing"]);
+}
+
+#[test]
+fn names_may_contain_dashes_and_dots() {
+    let p = parse("model claude-3.5-sonnet { provider anthropic kind chat }");
+    assert!(p.diagnostics.is_empty(), "{:#?}", p.diagnostics);
+    let Some(Item::Model(m)) = p.ast.items.first() else { unreachable!() };
+    assert_eq!(m.name.name, "claude-3.5-sonnet");
+}
