@@ -1,1 +1,41 @@
-fn main() {}
+//! The `routeplane` command line. Each subcommand lives in `cli/<name>.rs`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+/// A routing control plane for LLM gateways.
+#[derive(Parser)]
+#[command(name = "routeplane", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check policies for errors and lints (exit 0 clean, 1 problems, 2 usage or I/O error)
+    Check(cli::check::Args),
+    /// Format policies in the canonical layout
+    Fmt(cli::fmt::Args),
+    /// Explain the decision for one request
+    Explain(cli::explain::Args),
+    /// Run the decision tests (`*.test.yaml`) next to the policies
+    Test(cli::test::Args),
+    /// Run the OpenAI-compatible gateway
+    Serve(cli::serve::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Check(a) => cli::check::run(a),
+        Command::Fmt(a) => cli::fmt::run(a),
+        Command::Explain(a) => cli::explain::run(a),
+        Command::Test(a) => cli::test::run(a),
+        Command::Serve(a) => cli::serve::run(a),
+    };
+    ExitCode::from(code)
+}

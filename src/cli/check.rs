@@ -1,0 +1,9 @@
+//! `routeplane check` (being built; see the issue tracker).
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> u8 {
+    eprintln!("routeplane: `check` is not built yet");
+    2
+}
