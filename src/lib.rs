@@ -5,4 +5,5 @@ pub mod diag;
 pub mod source;
 pub mod syntax;
 pub mod ir;
+pub mod load;
 pub mod analysis;

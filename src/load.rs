@@ -1,0 +1,139 @@
+//! Reading policies from disk: the only place (with the gateway's config
+//! loader) where the language side touches the file system.
+//!
+//! A policy is the set of `.route` files in one directory, read in name order.
+//! A `.route` file named on its own is a policy of one file. A directory that
+//! holds no `.route` files itself is searched recursively, and each directory
+//! found with `.route` files is one policy: `routeplane check policies/`
+//! checks every example policy separately.
+
+use std::path::{Path, PathBuf};
+
+use crate::source::Sources;
+
+/// One policy read from disk.
+#[derive(Debug)]
+pub struct PolicyDir {
+    /// The directory (or the single file) the policy came from.
+    pub root: PathBuf,
+    pub sources: Sources,
+}
+
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum LoadError {
+    #[error("cannot read `{path}`: {source}")]
+    #[diagnostic(code(route::io), help("check that the path exists and is readable"))]
+    Io { path: String, source: std::io::Error },
+    #[error("no `.route` files found under `{path}`")]
+    #[diagnostic(code("route::no-policy"), help("a policy is a directory of `.route` files, or one `.route` file"))]
+    Empty { path: String },
+}
+
+fn io(path: &Path, source: std::io::Error) -> LoadError {
+    LoadError::Io { path: path.display().to_string(), source }
+}
+
+/// Find and read every policy under the given paths.
+pub fn discover(paths: &[PathBuf]) -> Result<Vec<PolicyDir>, LoadError> {
+    let mut out = Vec::new();
+    for path in paths {
+        let before = out.len();
+        let meta = std::fs::metadata(path).map_err(|e| io(path, e))?;
+        if meta.is_file() {
+            out.push(read_files(path, &[path.clone()])?);
+        } else {
+            discover_dir(path, &mut out)?;
+        }
+        if out.len() == before {
+            return Err(LoadError::Empty { path: path.display().to_string() });
+        }
+    }
+    Ok(out)
+}
+
+/// Read exactly one policy: a `.route` file, or the `.route` files directly in a directory.
+pub fn read_policy(path: &Path) -> Result<PolicyDir, LoadError> {
+    let meta = std::fs::metadata(path).map_err(|e| io(path, e))?;
+    if meta.is_file() {
+        return read_files(path, &[path.to_path_buf()]);
+    }
+    let files = route_files(path)?;
+    if files.is_empty() {
+        return Err(LoadError::Empty { path: path.display().to_string() });
+    }
+    read_files(path, &files)
+}
+
+fn route_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let p = entry.map_err(|e| io(dir, e))?.path();
+        if p.is_file() && p.extension().is_some_and(|e| e == "route") {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn discover_dir(dir: &Path, out: &mut Vec<PolicyDir>) -> Result<(), LoadError> {
+    let files = route_files(dir)?;
+    if !files.is_empty() {
+        out.push(read_files(dir, &files)?);
+        return Ok(());
+    }
+    let mut subdirs = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let p = entry.map_err(|e| io(dir, e))?.path();
+        let hidden = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.') || n == "target");
+        if p.is_dir() && !hidden {
+            subdirs.push(p);
+        }
+    }
+    subdirs.sort();
+    for d in subdirs {
+        discover_dir(&d, out)?;
+    }
+    Ok(())
+}
+
+fn read_files(root: &Path, files: &[PathBuf]) -> Result<PolicyDir, LoadError> {
+    let mut sources = Sources::new();
+    for f in files {
+        let bytes = std::fs::read(f).map_err(|e| io(f, e))?;
+        // Invalid UTF-8 is replaced rather than refused, so the parser reports
+        // the bad bytes with a location instead of the loader failing blind.
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        sources.add(f.display().to_string(), text);
+    }
+    Ok(PolicyDir { root: root.to_path_buf(), sources })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_directory_with_route_files_is_one_policy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = tmp.path().join("a");
+        let b = tmp.path().join("nested/b");
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(a.join("x.route"), "").unwrap();
+        std::fs::write(a.join("y.route"), "").unwrap();
+        std::fs::write(b.join("z.route"), "").unwrap();
+        std::fs::write(b.join("notes.txt"), "").unwrap();
+        let found = discover(&[tmp.path().to_path_buf()]).unwrap();
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].sources.len(), 2);
+        assert_eq!(found[1].sources.len(), 1);
+    }
+
+    #[test]
+    fn an_empty_directory_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(matches!(discover(&[tmp.path().to_path_buf()]), Err(LoadError::Empty { .. })));
+        assert!(matches!(discover(&[tmp.path().join("missing")]), Err(LoadError::Io { .. })));
+    }
+}
