@@ -7,3 +7,5 @@ pub mod syntax;
 pub mod ir;
 pub mod load;
 pub mod analysis;
+pub mod metrics;
+pub mod reload;
