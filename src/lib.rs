@@ -7,5 +7,6 @@ pub mod syntax;
 pub mod ir;
 pub mod load;
 pub mod analysis;
+pub mod config;
 pub mod metrics;
 pub mod reload;
