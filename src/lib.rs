@@ -9,3 +9,5 @@ pub mod load;
 pub mod analysis;
 pub mod config;
 pub mod lower;
+pub mod metrics;
+pub mod reload;
