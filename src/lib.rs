@@ -10,6 +10,7 @@
 )]
 
 pub mod analysis;
+pub mod config;
 pub mod diag;
 pub mod ir;
 pub mod load;
