@@ -15,5 +15,7 @@ pub mod diag;
 pub mod ir;
 pub mod load;
 pub mod lsp;
+pub mod metrics;
+pub mod reload;
 pub mod source;
 pub mod syntax;
