@@ -47,5 +47,9 @@ pub fn analyze(sources: &Sources) -> Analysis {
     diagnostics.extend(lowered.diagnostics);
     let policy = lowered.policy;
     diagnostics.sort_by_key(|d| d.span().map(|s| (s.file, s.start)));
-    Analysis { files, policy, diagnostics }
+    Analysis {
+        files,
+        policy,
+        diagnostics,
+    }
 }
