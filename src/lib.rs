@@ -10,3 +10,4 @@ pub mod analysis;
 pub mod config;
 pub mod metrics;
 pub mod reload;
+pub mod decision_log;
