@@ -144,7 +144,11 @@ impl DecisionLog {
     ) -> std::io::Result<(DecisionLog, WriterHandle)> {
         let out: Box<dyn Write + Send> = match sink {
             Sink::Off => {
-                let log = DecisionLog { tx: None, counters: Arc::default(), metrics };
+                let log = DecisionLog {
+                    tx: None,
+                    counters: Arc::default(),
+                    metrics,
+                };
                 return Ok((log, WriterHandle { thread: None }));
             }
             Sink::Stdout => Box::new(std::io::stdout()),
@@ -152,7 +156,12 @@ impl DecisionLog {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir)?;
                 }
-                Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)
+                Box::new(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)?,
+                )
             }
         };
         Self::start_with(out, capacity, metrics)
@@ -170,7 +179,16 @@ impl DecisionLog {
         let thread = std::thread::Builder::new()
             .name("decision-log".into())
             .spawn(move || write_loop(&rx, out, &thread_counters))?;
-        Ok((DecisionLog { tx: Some(tx), counters, metrics }, WriterHandle { thread: Some(thread) }))
+        Ok((
+            DecisionLog {
+                tx: Some(tx),
+                counters,
+                metrics,
+            },
+            WriterHandle {
+                thread: Some(thread),
+            },
+        ))
     }
 
     /// Queue one record; drops it (and counts) when the writer is behind.
@@ -205,7 +223,11 @@ impl DecisionLog {
     }
 }
 
-fn write_loop(rx: &mpsc::Receiver<DecisionRecord>, out: Box<dyn Write + Send>, counters: &Counters) {
+fn write_loop(
+    rx: &mpsc::Receiver<DecisionRecord>,
+    out: Box<dyn Write + Send>,
+    counters: &Counters,
+) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut line = Vec::with_capacity(1024);
     let mut warned = false;
@@ -216,10 +238,12 @@ fn write_loop(rx: &mpsc::Receiver<DecisionRecord>, out: Box<dyn Write + Send>, c
         while let Some(mut record) = next.take() {
             scrub(&mut record);
             line.clear();
-            let written = serde_json::to_writer(&mut line, &record).map_err(std::io::Error::other).and_then(|()| {
-                line.push(b'\n');
-                out.write_all(&line)
-            });
+            let written = serde_json::to_writer(&mut line, &record)
+                .map_err(std::io::Error::other)
+                .and_then(|()| {
+                    line.push(b'\n');
+                    out.write_all(&line)
+                });
             if let Err(e) = written {
                 counters.write_errors.fetch_add(1, Ordering::Relaxed);
                 if !warned {
@@ -285,7 +309,10 @@ fn looks_like_key(word: &str) -> bool {
 
 /// A new decision id: 12 hex digits of milliseconds then 8 random, so ids sort by time.
 pub fn new_decision_id() -> String {
-    let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
     let r: u32 = rand::random();
     format!("{:012x}{r:08x}", ms & 0xffff_ffff_ffff)
 }
@@ -385,7 +412,10 @@ mod tests {
         drop(log);
         writer.join();
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 2);
         let l = &lines[0];
         assert_eq!(l["decision_id"], "d1");
@@ -394,7 +424,10 @@ mod tests {
         assert!(!l["ts"].as_str().unwrap().is_empty());
         assert!(!text.contains("sk-proj"), "{text}");
         assert!(!text.contains("abc.def"), "{text}");
-        assert!(text.contains("Incorrect API key provided: [redacted]. Check Bearer [redacted]"), "{text}");
+        assert!(
+            text.contains("Incorrect API key provided: [redacted]. Check Bearer [redacted]"),
+            "{text}"
+        );
         // The record's fields are an allow-list: a new field must be added here
         // on purpose, after checking it cannot carry a secret or a prompt.
         let mut keys: Vec<&str> = l.as_object().unwrap().keys().map(String::as_str).collect();
@@ -451,15 +484,23 @@ mod tests {
         for i in 1..=100 {
             log.log(record(i));
         }
-        assert!(started.elapsed() < std::time::Duration::from_secs(1), "logging blocked");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "logging blocked"
+        );
         // The channel holds 4; the rest are dropped and counted.
         assert_eq!(log.dropped(), 96);
-        assert!(metrics.encode().contains("routeplane_decision_log_dropped_total 96"));
+        assert!(metrics
+            .encode()
+            .contains("routeplane_decision_log_dropped_total 96"));
         gate.state.lock().unwrap().1 = true;
         gate.cv.notify_all();
         drop(log);
         writer.join();
-        let written = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap().lines().count();
+        let written = String::from_utf8(buf.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .count();
         assert_eq!(written, 5);
     }
 
@@ -467,7 +508,10 @@ mod tests {
     fn sinks_from_config() {
         assert_eq!(Sink::from_config(None), Sink::Off);
         assert_eq!(Sink::from_config(Some(Path::new("-"))), Sink::Stdout);
-        assert_eq!(Sink::from_config(Some(Path::new("d.jsonl"))), Sink::File("d.jsonl".into()));
+        assert_eq!(
+            Sink::from_config(Some(Path::new("d.jsonl"))),
+            Sink::File("d.jsonl".into())
+        );
         let (off, w) = DecisionLog::start(Sink::Off, 4, None).unwrap();
         off.log(record(1));
         assert!(!off.is_enabled());
@@ -493,11 +537,23 @@ mod tests {
         for (input, expect) in [
             ("plain error message", "plain error message"),
             ("invalid key sk-abc123def456ghi", "invalid key [redacted]"),
-            ("Authorization: Bearer xyz", "Authorization: Bearer [redacted]"),
-            ("token `AIzaSyA1234567890abcdef` rejected", "token `[redacted]` rejected"),
-            ("rate limit 429 on model gpt-4o", "rate limit 429 on model gpt-4o"),
+            (
+                "Authorization: Bearer xyz",
+                "Authorization: Bearer [redacted]",
+            ),
+            (
+                "token `AIzaSyA1234567890abcdef` rejected",
+                "token `[redacted]` rejected",
+            ),
+            (
+                "rate limit 429 on model gpt-4o",
+                "rate limit 429 on model gpt-4o",
+            ),
             ("id 0123456789abcdef0123456789abcdef", "id [redacted]"),
-            ("model claude-3-5-sonnet-20241022 overloaded", "model claude-3-5-sonnet-20241022 overloaded"),
+            (
+                "model claude-3-5-sonnet-20241022 overloaded",
+                "model claude-3-5-sonnet-20241022 overloaded",
+            ),
         ] {
             assert_eq!(redact(input), expect, "{input}");
         }
