@@ -16,6 +16,7 @@ pub mod diag;
 pub mod ir;
 pub mod load;
 pub mod lsp;
+pub mod lower;
 pub mod metrics;
 pub mod reload;
 pub mod source;
