@@ -11,6 +11,7 @@
 
 pub mod analysis;
 pub mod config;
+pub mod decision_log;
 pub mod diag;
 pub mod gateway;
 pub mod ir;
