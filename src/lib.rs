@@ -7,3 +7,4 @@ pub mod syntax;
 pub mod ir;
 pub mod load;
 pub mod analysis;
+pub mod render;
