@@ -16,7 +16,9 @@
 
 use std::fmt::{self, Write as _};
 
-use miette::{GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource, ThemeCharacters, ThemeStyles};
+use miette::{
+    GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource, ThemeCharacters, ThemeStyles,
+};
 use serde::Serialize;
 
 use crate::diag::{Diagnostic, Severity};
@@ -47,10 +49,18 @@ pub struct Rule {
 }
 
 const fn error(name: &'static str, description: &'static str) -> Rule {
-    Rule { name, severity: Severity::Error, description }
+    Rule {
+        name,
+        severity: Severity::Error,
+        description,
+    }
 }
 const fn lint(name: &'static str, description: &'static str) -> Rule {
-    Rule { name, severity: Severity::Warning, description }
+    Rule {
+        name,
+        severity: Severity::Warning,
+        description,
+    }
 }
 
 /// Every code in the shared list, for SARIF's rule table and for docs.
@@ -110,7 +120,10 @@ pub struct Summary {
 
 impl Summary {
     pub fn of(checked: &[Checked<'_>]) -> Summary {
-        let mut s = Summary { policies: checked.len(), ..Summary::default() };
+        let mut s = Summary {
+            policies: checked.len(),
+            ..Summary::default()
+        };
         for c in checked {
             s.files += c.sources.len();
             for d in c.diagnostics {
@@ -141,8 +154,16 @@ impl Summary {
         if self.warnings > 0 {
             counts.push(plural(self.warnings, "warning", "warnings"));
         }
-        let head = if self.failed(deny_warnings) { "error" } else { "warning" };
-        let denied = if self.errors == 0 && deny_warnings { " (warnings denied)" } else { "" };
+        let head = if self.failed(deny_warnings) {
+            "error"
+        } else {
+            "warning"
+        };
+        let denied = if self.errors == 0 && deny_warnings {
+            " (warnings denied)"
+        } else {
+            ""
+        };
         format!("{head}: {} in {policies}{denied}", counts.join(", "))
     }
 }
@@ -167,7 +188,13 @@ fn place<'a>(sources: &'a Sources, span: Span) -> Option<Place<'a>> {
     let f = sources.get(span.file)?;
     let (line, column) = f.line_col(span.start());
     let (end_line, end_column) = f.line_col(span.end());
-    Some(Place { file: &f.name, line, column, end_line, end_column })
+    Some(Place {
+        file: &f.name,
+        line,
+        column,
+        end_line,
+        end_column,
+    })
 }
 
 // ---------------------------------------------------------------- human
@@ -189,7 +216,8 @@ impl ColorChoice {
             ColorChoice::Always => true,
             ColorChoice::Never => false,
             ColorChoice::Auto => {
-                std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                std::io::stdout().is_terminal()
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
             }
         }
     }
@@ -204,13 +232,19 @@ pub struct Human {
 
 impl Default for Human {
     fn default() -> Self {
-        Human { color: false, width: HUMAN_WIDTH }
+        Human {
+            color: false,
+            width: HUMAN_WIDTH,
+        }
     }
 }
 
 impl Human {
     pub fn new(color: bool) -> Self {
-        Human { color, width: HUMAN_WIDTH }
+        Human {
+            color,
+            width: HUMAN_WIDTH,
+        }
     }
 
     /// One diagnostic: the report at its primary location, then a note for
@@ -235,9 +269,19 @@ impl Human {
             labels,
         };
         let mut out = self.render(&report, &header(d.severity, &d.code));
-        for l in d.labels.iter().filter(|l| Some(l.span.file) != primary_file) {
-            let Some(src) = sources.get(l.span.file) else { continue };
-            let message = if l.message.is_empty() { "related location" } else { &l.message };
+        for l in d
+            .labels
+            .iter()
+            .filter(|l| Some(l.span.file) != primary_file)
+        {
+            let Some(src) = sources.get(l.span.file) else {
+                continue;
+            };
+            let message = if l.message.is_empty() {
+                "related location"
+            } else {
+                &l.message
+            };
             let note = Report {
                 message,
                 severity: d.severity,
@@ -253,13 +297,22 @@ impl Human {
     /// Any miette diagnostic (such as a load error), with the same look.
     pub fn other(&self, d: &dyn miette::Diagnostic) -> String {
         let code = d.code().map(|c| c.to_string()).unwrap_or_default();
-        let head = if code.is_empty() { "error:".to_string() } else { format!("error[{code}]:") };
+        let head = if code.is_empty() {
+            "error:".to_string()
+        } else {
+            format!("error[{code}]:")
+        };
         // Re-wrapped so the code shows in our header only, and the cause
         // (already part of the message) is not repeated.
         let message = d.to_string();
         let help = d.help().map(|h| h.to_string());
-        let report =
-            Report { message: &message, severity: Severity::Error, help: help.as_deref(), source: None, labels: Vec::new() };
+        let report = Report {
+            message: &message,
+            severity: Severity::Error,
+            help: help.as_deref(),
+            source: None,
+            labels: Vec::new(),
+        };
         self.render(&report, &head)
     }
 
@@ -299,7 +352,11 @@ impl Human {
         characters.error = head.to_string();
         characters.warning = head.to_string();
         characters.advice = head.to_string();
-        let styles = if self.color { ThemeStyles::ansi() } else { ThemeStyles::none() };
+        let styles = if self.color {
+            ThemeStyles::ansi()
+        } else {
+            ThemeStyles::none()
+        };
         let handler = GraphicalReportHandler::new_themed(GraphicalTheme { characters, styles })
             .with_width(self.width)
             .with_links(false)
@@ -349,7 +406,11 @@ fn labeled(src: &SourceFile, span: Span, message: &str, primary: bool) -> Labele
     while !text.is_char_boundary(end) {
         end += 1;
     }
-    let label = if message.is_empty() { None } else { Some(message.to_string()) };
+    let label = if message.is_empty() {
+        None
+    } else {
+        Some(message.to_string())
+    };
     if primary {
         LabeledSpan::new_primary_with_span(label, (start, end - start))
     } else {
@@ -524,12 +585,19 @@ pub fn json_report<'a>(checked: &[Checked<'a>], deny_warnings: bool) -> JsonRepo
             });
         }
     }
-    JsonReport { version: 1, ok: !summary.failed(deny_warnings), summary, policies, diagnostics }
+    JsonReport {
+        version: 1,
+        ok: !summary.failed(deny_warnings),
+        summary,
+        policies,
+        diagnostics,
+    }
 }
 
 /// `check --format json`: one pretty-printed document and a newline.
 pub fn json(checked: &[Checked<'_>], deny_warnings: bool) -> String {
-    let mut out = serde_json::to_string_pretty(&json_report(checked, deny_warnings)).unwrap_or_default();
+    let mut out =
+        serde_json::to_string_pretty(&json_report(checked, deny_warnings)).unwrap_or_default();
     out.push('\n');
     out
 }
@@ -560,7 +628,12 @@ pub fn github(checked: &[Checked<'_>]) -> String {
                 message.push_str("\nhelp: ");
                 message.push_str(help);
             }
-            let _ = writeln!(out, "::{command} {}::{}", props.join(","), escape_data(&message));
+            let _ = writeln!(
+                out,
+                "::{command} {}::{}",
+                props.join(","),
+                escape_data(&message)
+            );
         }
     }
     out
@@ -568,7 +641,9 @@ pub fn github(checked: &[Checked<'_>]) -> String {
 
 /// Escaping of a workflow command's message, as the runner decodes it.
 fn escape_data(s: &str) -> String {
-    s.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A")
+    s.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
 }
 
 /// Escaping of a workflow command's property value: data escaping plus `:` and `,`.
@@ -594,8 +669,16 @@ pub fn sarif_log(checked: &[Checked<'_>]) -> serde_json::Value {
 
     // Rules: the whole catalogue, plus any code we emit that it lacks, so
     // every result's `ruleId` resolves.
-    let mut rules: Vec<(String, Severity, String)> =
-        RULES.iter().map(|r| (format!("route::{}", r.name), r.severity, r.description.to_string())).collect();
+    let mut rules: Vec<(String, Severity, String)> = RULES
+        .iter()
+        .map(|r| {
+            (
+                format!("route::{}", r.name),
+                r.severity,
+                r.description.to_string(),
+            )
+        })
+        .collect();
     for d in checked.iter().flat_map(|c| c.diagnostics) {
         if !rules.iter().any(|(id, _, _)| *id == d.code) {
             rules.push((d.code.clone(), d.severity, String::new()));
@@ -612,7 +695,7 @@ pub fn sarif_log(checked: &[Checked<'_>]) -> serde_json::Value {
                 "properties": { "tags": [if *severity == Severity::Warning { "lint" } else { "error" }] },
             });
             if !description.is_empty() {
-                rule["shortDescription"] = json!({ "text": description });
+                set(&mut rule, "shortDescription", json!({ "text": description }));
             }
             rule
         })
@@ -627,7 +710,10 @@ pub fn sarif_log(checked: &[Checked<'_>]) -> serde_json::Value {
             }
         }
         for d in c.diagnostics {
-            let rule_index = rules.iter().position(|(id, _, _)| *id == d.code).unwrap_or(0);
+            let rule_index = rules
+                .iter()
+                .position(|(id, _, _)| *id == d.code)
+                .unwrap_or(0);
             let mut text = d.message.clone();
             if let Some(help) = &d.help {
                 text.push_str("\nhelp: ");
@@ -643,7 +729,7 @@ pub fn sarif_log(checked: &[Checked<'_>]) -> serde_json::Value {
                 let p = place(c.sources, span)?;
                 let mut loc = artifact_location(p.file);
                 if let Some(i) = artifacts.iter().position(|a| a == p.file) {
-                    loc["index"] = json!(i);
+                    set(&mut loc, "index", json!(i));
                 }
                 Some(json!({
                     "artifactLocation": loc,
@@ -656,7 +742,11 @@ pub fn sarif_log(checked: &[Checked<'_>]) -> serde_json::Value {
                 }))
             };
             if let Some(loc) = d.span().and_then(|s| location(s, &artifacts)) {
-                result["locations"] = json!([{ "physicalLocation": loc }]);
+                set(
+                    &mut result,
+                    "locations",
+                    json!([{ "physicalLocation": loc }]),
+                );
             }
             let related: Vec<Value> = d
                 .labels
@@ -669,10 +759,10 @@ pub fn sarif_log(checked: &[Checked<'_>]) -> serde_json::Value {
                 })
                 .collect();
             if !related.is_empty() {
-                result["relatedLocations"] = Value::Array(related);
+                set(&mut result, "relatedLocations", Value::Array(related));
             }
             if let Some(lint) = d.lint {
-                result["properties"] = json!({ "lint": lint });
+                set(&mut result, "properties", json!({ "lint": lint }));
             }
             results.push(result);
         }
@@ -694,6 +784,13 @@ pub fn sarif_log(checked: &[Checked<'_>]) -> serde_json::Value {
             "results": results,
         }],
     })
+}
+
+/// Adds a member to a JSON object (`value[key] = ...` without the indexing).
+fn set(value: &mut serde_json::Value, key: &str, member: serde_json::Value) {
+    if let Some(object) = value.as_object_mut() {
+        object.insert(key.to_string(), member);
+    }
 }
 
 fn sarif_level(s: Severity) -> &'static str {
@@ -799,10 +896,18 @@ mod tests {
     #[test]
     fn spans_out_of_range_do_not_panic() {
         let s = two_files();
-        for span in [Span::new(FileId(0), 500, 600), Span::new(FileId(9), 0, 1), Span::new(FileId(0), 0, 0)] {
+        for span in [
+            Span::new(FileId(0), 500, 600),
+            Span::new(FileId(9), 0, 1),
+            Span::new(FileId(0), 0, 0),
+        ] {
             let d = Diagnostic::error("syntax", "x").with_label(span, "here");
             let _ = Human::default().diagnostic(&s, &d);
-            let c = [Checked { name: "p", sources: &s, diagnostics: std::slice::from_ref(&d) }];
+            let c = [Checked {
+                name: "p",
+                sources: &s,
+                diagnostics: std::slice::from_ref(&d),
+            }];
             let _ = (json(&c, false), github(&c), sarif(&c));
         }
         let mut u = Sources::new();
@@ -813,12 +918,26 @@ mod tests {
 
     #[test]
     fn summary_lines() {
-        let s = |errors, warnings, policies| Summary { errors, warnings, policies, files: 0 }.line(false);
+        let s = |errors, warnings, policies| {
+            Summary {
+                errors,
+                warnings,
+                policies,
+                files: 0,
+            }
+            .line(false)
+        };
         assert_eq!(s(3, 1, 2), "error: 3 errors, 1 warning in 2 policies");
         assert_eq!(s(1, 0, 1), "error: 1 error in 1 policy");
         assert_eq!(s(0, 2, 1), "warning: 2 warnings in 1 policy");
         assert_eq!(s(0, 0, 3), "ok: no problems in 3 policies");
-        let denied = Summary { errors: 0, warnings: 1, policies: 1, files: 1 }.line(true);
+        let denied = Summary {
+            errors: 0,
+            warnings: 1,
+            policies: 1,
+            files: 1,
+        }
+        .line(true);
         assert_eq!(denied, "error: 1 warning in 1 policy (warnings denied)");
     }
 
@@ -828,7 +947,11 @@ mod tests {
         assert_eq!(escape_property("route::x,y"), "route%3A%3Ax%2Cy");
         let s = two_files();
         let d = [unknown_model()];
-        let out = github(&[Checked { name: "p", sources: &s, diagnostics: &d }]);
+        let out = github(&[Checked {
+            name: "p",
+            sources: &s,
+            diagnostics: &d,
+        }]);
         assert_eq!(
             out,
             "::error file=b.route,line=2,col=15,endLine=2,endColumn=18,title=route%3A%3Aunknown-model::unknown model `gtp`%0Ahelp: did you mean `gpt`?\n"
@@ -839,15 +962,28 @@ mod tests {
     fn json_has_the_stable_fields() {
         let s = two_files();
         let d = [unknown_model(), duplicate()];
-        let v: serde_json::Value =
-            serde_json::from_str(&json(&[Checked { name: "p", sources: &s, diagnostics: &d }], false)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json(
+            &[Checked {
+                name: "p",
+                sources: &s,
+                diagnostics: &d,
+            }],
+            false,
+        ))
+        .unwrap();
         assert_eq!(v["version"], 1);
         assert_eq!(v["ok"], false);
         assert_eq!(v["summary"]["errors"], 2);
         let first = &v["diagnostics"][0];
         assert_eq!(first["file"], "b.route");
-        assert_eq!((first["line"].as_u64(), first["column"].as_u64()), (Some(2), Some(15)));
-        assert_eq!((first["end_line"].as_u64(), first["end_column"].as_u64()), (Some(2), Some(18)));
+        assert_eq!(
+            (first["line"].as_u64(), first["column"].as_u64()),
+            (Some(2), Some(15))
+        );
+        assert_eq!(
+            (first["end_line"].as_u64(), first["end_column"].as_u64()),
+            (Some(2), Some(18))
+        );
         assert_eq!(first["code"], "route::unknown-model");
         assert_eq!(first["severity"], "error");
         assert_eq!(first["help"], "did you mean `gpt`?");
@@ -861,8 +997,16 @@ mod tests {
     #[test]
     fn sarif_rules_cover_every_result() {
         let s = two_files();
-        let d = [unknown_model(), duplicate(), Diagnostic::error("brand-new", "x")];
-        let v = sarif_log(&[Checked { name: "p", sources: &s, diagnostics: &d }]);
+        let d = [
+            unknown_model(),
+            duplicate(),
+            Diagnostic::error("brand-new", "x"),
+        ];
+        let v = sarif_log(&[Checked {
+            name: "p",
+            sources: &s,
+            diagnostics: &d,
+        }]);
         assert_eq!(v["version"], "2.1.0");
         let rules = v["runs"][0]["tool"]["driver"]["rules"].as_array().unwrap();
         for r in v["runs"][0]["results"].as_array().unwrap() {
@@ -876,14 +1020,24 @@ mod tests {
 
     #[test]
     fn artifact_uris_are_encoded() {
-        assert_eq!(artifact_location("./policies/my policy/a.route")["uri"], "policies/my%20policy/a.route");
-        assert_eq!(artifact_location("/tmp/a.route")["uri"], "file:///tmp/a.route");
+        assert_eq!(
+            artifact_location("./policies/my policy/a.route")["uri"],
+            "policies/my%20policy/a.route"
+        );
+        assert_eq!(
+            artifact_location("/tmp/a.route")["uri"],
+            "file:///tmp/a.route"
+        );
     }
 
     #[test]
     fn the_catalogue_has_each_code_once() {
         for (i, r) in RULES.iter().enumerate() {
-            assert!(RULES.iter().skip(i + 1).all(|o| o.name != r.name), "{}", r.name);
+            assert!(
+                RULES.iter().skip(i + 1).all(|o| o.name != r.name),
+                "{}",
+                r.name
+            );
         }
         assert_eq!(RULES.len(), 34);
         assert!(rule("route::zero-weights").is_some_and(|r| r.severity == Severity::Warning));

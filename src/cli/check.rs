@@ -66,12 +66,19 @@ pub fn run(args: Args) -> u8 {
     };
 
     let analyses: Vec<_> = policies.iter().map(|p| analyze(&p.sources)).collect();
-    let names: Vec<String> = policies.iter().map(|p| p.root.display().to_string()).collect();
+    let names: Vec<String> = policies
+        .iter()
+        .map(|p| p.root.display().to_string())
+        .collect();
     let checked: Vec<Checked<'_>> = policies
         .iter()
         .zip(&analyses)
         .zip(&names)
-        .map(|((p, a), name)| Checked { name, sources: &p.sources, diagnostics: &a.diagnostics })
+        .map(|((p, a), name)| Checked {
+            name,
+            sources: &p.sources,
+            diagnostics: &a.diagnostics,
+        })
         .collect();
 
     let out = match args.format {
@@ -81,7 +88,11 @@ pub fn run(args: Args) -> u8 {
         Format::Sarif => render::sarif(&checked),
     };
     let mut stdout = std::io::stdout().lock();
-    if stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+    if stdout
+        .write_all(out.as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
         // A closed pipe (`check | head`) is not worth a panic; say nothing more.
         return 2;
     }
