@@ -10,9 +10,13 @@
 )]
 
 pub mod analysis;
+pub mod config;
 pub mod diag;
 pub mod ir;
 pub mod load;
+pub mod lsp;
+pub mod metrics;
+pub mod reload;
 pub mod render;
 pub mod source;
 pub mod syntax;
