@@ -20,5 +20,6 @@ pub mod lsp;
 pub mod lower;
 pub mod metrics;
 pub mod reload;
+pub mod render;
 pub mod source;
 pub mod syntax;
