@@ -1,4 +1,5 @@
 //! Protocol tests: drive `routeplane lsp` over stdio with JSON-RPC.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, clippy::string_slice)]
 
 mod lsp_support;
 
@@ -158,7 +159,7 @@ fn completion_offers_what_fits_the_cursor() {
     let mut c = Client::start(BIN);
     c.open(&u, ROUTING);
     let _ = c.diagnostics_for(&u);
-    let mut complete = |c: &mut Client, text: &str, version: i64| -> Vec<String> {
+    let complete = |c: &mut Client, text: &str, version: i64| -> Vec<String> {
         c.change(&u, version, text);
         let end = text.len();
         let before = &text[..end];
