@@ -11,10 +11,12 @@
 
 pub mod analysis;
 pub mod config;
+pub mod decision_log;
 pub mod diag;
 pub mod ir;
 pub mod load;
 pub mod lsp;
+pub mod lower;
 pub mod metrics;
 pub mod reload;
 pub mod source;
