@@ -8,3 +8,4 @@ pub mod ir;
 pub mod load;
 pub mod analysis;
 pub mod config;
+pub mod fmt;

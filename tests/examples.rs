@@ -1,4 +1,5 @@
 //! The example policies under `policies/` parse without errors.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use routeplane::load;
 
@@ -10,7 +11,12 @@ fn example_policies_parse() {
     for p in &policies {
         for (id, f) in p.sources.iter() {
             let parsed = routeplane::syntax::parse_file(id, &f.text);
-            assert!(parsed.diagnostics.is_empty(), "{}: {:#?}", f.name, parsed.diagnostics);
+            assert!(
+                parsed.diagnostics.is_empty(),
+                "{}: {:#?}",
+                f.name,
+                parsed.diagnostics
+            );
         }
     }
 }
