@@ -46,8 +46,8 @@ fn items_are_separated_by_one_blank_line() {
 #[test]
 fn targets_use_singular_for_one_name() {
     check(
-        "constraints { deny providers [x] deny provider [x, y] allow only [a] x: allow only models [a,b] when tenant.p deny models where model.tier == standard }",
-        "constraints {\n  deny provider x\n  deny providers [x, y]\n  allow only model a\n  x: allow only models [a, b] when tenant.p\n  deny models where model.tier == standard\n}\n",
+        "constraints { deny providers [x] deny provider [x, y] allow only [a] x: allow only models [a,b] when tenant.p deny models where model.tier == premium }",
+        "constraints {\n  deny provider x\n  deny providers [x, y]\n  allow only model a\n  x: allow only models [a, b] when tenant.p\n  deny models where model.tier == premium\n}\n",
     );
 }
 
