@@ -19,5 +19,6 @@ pub mod lower;
 pub mod lsp;
 pub mod metrics;
 pub mod reload;
+pub mod render;
 pub mod source;
 pub mod syntax;
