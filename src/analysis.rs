@@ -45,5 +45,9 @@ pub fn analyze(sources: &Sources) -> Analysis {
     // lower + check are filled in by their modules.
     let policy = Policy::default();
     diagnostics.sort_by_key(|d| d.span().map(|s| (s.file, s.start)));
-    Analysis { files, policy, diagnostics }
+    Analysis {
+        files,
+        policy,
+        diagnostics,
+    }
 }

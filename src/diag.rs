@@ -67,7 +67,11 @@ impl Diagnostic {
 
     pub fn with_label(mut self, span: Span, message: impl Into<String>) -> Self {
         let primary = self.labels.is_empty();
-        self.labels.push(Label { span, message: message.into(), primary });
+        self.labels.push(Label {
+            span,
+            message: message.into(),
+            primary,
+        });
         self
     }
 
@@ -77,13 +81,20 @@ impl Diagnostic {
     }
 
     pub fn with_suggestion(mut self, span: Span, replacement: impl Into<String>) -> Self {
-        self.suggestion = Some(Suggestion { span, replacement: replacement.into() });
+        self.suggestion = Some(Suggestion {
+            span,
+            replacement: replacement.into(),
+        });
         self
     }
 
     /// The primary span, where the diagnostic is reported.
     pub fn span(&self) -> Option<Span> {
-        self.labels.iter().find(|l| l.primary).or(self.labels.first()).map(|l| l.span)
+        self.labels
+            .iter()
+            .find(|l| l.primary)
+            .or(self.labels.first())
+            .map(|l| l.span)
     }
 
     pub fn is_error(&self) -> bool {
@@ -92,7 +103,10 @@ impl Diagnostic {
 }
 
 /// The closest candidate to `word`, for "did you mean" help.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(word, c), c))
@@ -107,7 +121,10 @@ mod tests {
 
     #[test]
     fn suggests_close_names_only() {
-        assert_eq!(did_you_mean("gpt-4o-mni", ["gpt-4o-mini", "claude"]), Some("gpt-4o-mini"));
+        assert_eq!(
+            did_you_mean("gpt-4o-mni", ["gpt-4o-mini", "claude"]),
+            Some("gpt-4o-mini")
+        );
         assert_eq!(did_you_mean("zzz", ["gpt-4o-mini", "claude"]), None);
     }
 }

@@ -53,21 +53,37 @@ impl Policy {
         self.intents.get(id.index())
     }
     pub fn model_by_name(&self, name: &str) -> Option<ModelId> {
-        self.models.iter().position(|m| m.name == name).map(|i| ModelId(i as u32))
+        self.models
+            .iter()
+            .position(|m| m.name == name)
+            .map(|i| ModelId(i as u32))
     }
     pub fn intent_by_name(&self, name: &str) -> Option<IntentId> {
-        self.intents.iter().position(|m| m.name == name).map(|i| IntentId(i as u32))
+        self.intents
+            .iter()
+            .position(|m| m.name == name)
+            .map(|i| IntentId(i as u32))
     }
     pub fn tenant_attr(&self, name: &str) -> Option<AttrId> {
-        self.tenant_attrs.iter().position(|a| a.name == name).map(|i| AttrId(i as u32))
+        self.tenant_attrs
+            .iter()
+            .position(|a| a.name == name)
+            .map(|i| AttrId(i as u32))
     }
     pub fn request_attr(&self, name: &str) -> Option<AttrId> {
-        self.request_attrs.iter().position(|a| a.name == name).map(|i| AttrId(i as u32))
+        self.request_attrs
+            .iter()
+            .position(|a| a.name == name)
+            .map(|i| AttrId(i as u32))
     }
     /// The routes for an intent, in source order (refined ones first is the
     /// caller's business: see `Route::when`).
     pub fn routes_for(&self, intent: IntentId) -> impl Iterator<Item = (RouteId, &Route)> {
-        self.routes.iter().enumerate().filter(move |(_, r)| r.intent == intent).map(|(i, r)| (RouteId(i as u32), r))
+        self.routes
+            .iter()
+            .enumerate()
+            .filter(move |(_, r)| r.intent == intent)
+            .map(|(i, r)| (RouteId(i as u32), r))
     }
 }
 
@@ -248,7 +264,13 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const NAMES: [&'static str; 5] = ["chat", "embeddings", "images", "audio_transcription", "audio_speech"];
+    pub const NAMES: [&'static str; 5] = [
+        "chat",
+        "embeddings",
+        "images",
+        "audio_transcription",
+        "audio_speech",
+    ];
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -325,7 +347,12 @@ impl Cond {
             Cond::True | Cond::False => false,
             Cond::Not(c) => c.reads_request(),
             Cond::And(cs) | Cond::Or(cs) => cs.iter().any(Cond::reads_request),
-            Cond::Bool(f) | Cond::Cmp(f, ..) | Cond::In(f, _) | Cond::Has(f, _) | Cond::Matches(f, _) | Cond::Contains(f, _) => {
+            Cond::Bool(f)
+            | Cond::Cmp(f, ..)
+            | Cond::In(f, _)
+            | Cond::Has(f, _)
+            | Cond::Matches(f, _)
+            | Cond::Contains(f, _) => {
                 matches!(f, Field::Request(_))
             }
         }
@@ -535,9 +562,15 @@ pub enum LimitScope {
 pub enum LimitKind {
     Concurrency(u32),
     /// Requests per window.
-    Rate { requests: u64, window_ms: u64 },
+    Rate {
+        requests: u64,
+        window_ms: u64,
+    },
     /// Tokens per window.
-    Tokens { tokens: u64, window_ms: u64 },
+    Tokens {
+        tokens: u64,
+        window_ms: u64,
+    },
 }
 
 #[derive(Clone, Debug)]

@@ -23,14 +23,23 @@ pub struct PolicyDir {
 pub enum LoadError {
     #[error("cannot read `{path}`: {source}")]
     #[diagnostic(code(route::io), help("check that the path exists and is readable"))]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("no `.route` files found under `{path}`")]
-    #[diagnostic(code("route::no-policy"), help("a policy is a directory of `.route` files, or one `.route` file"))]
+    #[diagnostic(
+        code("route::no-policy"),
+        help("a policy is a directory of `.route` files, or one `.route` file")
+    )]
     Empty { path: String },
 }
 
 fn io(path: &Path, source: std::io::Error) -> LoadError {
-    LoadError::Io { path: path.display().to_string(), source }
+    LoadError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Find and read every policy under the given paths.
@@ -45,7 +54,9 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PolicyDir>, LoadError> {
             discover_dir(path, &mut out)?;
         }
         if out.len() == before {
-            return Err(LoadError::Empty { path: path.display().to_string() });
+            return Err(LoadError::Empty {
+                path: path.display().to_string(),
+            });
         }
     }
     Ok(out)
@@ -59,7 +70,9 @@ pub fn read_policy(path: &Path) -> Result<PolicyDir, LoadError> {
     }
     let files = route_files(path)?;
     if files.is_empty() {
-        return Err(LoadError::Empty { path: path.display().to_string() });
+        return Err(LoadError::Empty {
+            path: path.display().to_string(),
+        });
     }
     read_files(path, &files)
 }
@@ -85,7 +98,10 @@ fn discover_dir(dir: &Path, out: &mut Vec<PolicyDir>) -> Result<(), LoadError> {
     let mut subdirs = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
         let p = entry.map_err(|e| io(dir, e))?.path();
-        let hidden = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.') || n == "target");
+        let hidden = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.') || n == "target");
         if p.is_dir() && !hidden {
             subdirs.push(p);
         }
@@ -106,7 +122,10 @@ fn read_files(root: &Path, files: &[PathBuf]) -> Result<PolicyDir, LoadError> {
         let text = String::from_utf8_lossy(&bytes).into_owned();
         sources.add(f.display().to_string(), text);
     }
-    Ok(PolicyDir { root: root.to_path_buf(), sources })
+    Ok(PolicyDir {
+        root: root.to_path_buf(),
+        sources,
+    })
 }
 
 #[cfg(test)]
@@ -133,7 +152,13 @@ mod tests {
     #[test]
     fn an_empty_directory_is_an_error() {
         let tmp = tempfile::tempdir().unwrap();
-        assert!(matches!(discover(&[tmp.path().to_path_buf()]), Err(LoadError::Empty { .. })));
-        assert!(matches!(discover(&[tmp.path().join("missing")]), Err(LoadError::Io { .. })));
+        assert!(matches!(
+            discover(&[tmp.path().to_path_buf()]),
+            Err(LoadError::Empty { .. })
+        ));
+        assert!(matches!(
+            discover(&[tmp.path().join("missing")]),
+            Err(LoadError::Io { .. })
+        ));
     }
 }

@@ -84,7 +84,10 @@ pub enum Literal {
 impl Literal {
     pub fn span(&self) -> Span {
         match self {
-            Literal::Str(_, s) | Literal::Regex(_, s) | Literal::Bool(_, s) | Literal::List(_, s) => *s,
+            Literal::Str(_, s)
+            | Literal::Regex(_, s)
+            | Literal::Bool(_, s)
+            | Literal::List(_, s) => *s,
             Literal::Quantity(q) => q.span,
             Literal::Name(i) => i.span,
         }
@@ -128,7 +131,11 @@ pub enum TypeExpr {
 impl TypeExpr {
     pub fn span(&self) -> Span {
         match self {
-            TypeExpr::Bool(s) | TypeExpr::String(s) | TypeExpr::Number(s) | TypeExpr::Enum(_, s) | TypeExpr::List(_, s) => *s,
+            TypeExpr::Bool(s)
+            | TypeExpr::String(s)
+            | TypeExpr::Number(s)
+            | TypeExpr::Enum(_, s)
+            | TypeExpr::List(_, s) => *s,
         }
     }
 }
@@ -196,8 +203,15 @@ impl PropKind {
 /// `price in $0.15 out $0.60 per 1M` or `price $0.04 per image`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Price {
-    InOut { input: Quantity, output: Quantity, per: PricePer },
-    Flat { amount: Quantity, per: PricePer },
+    InOut {
+        input: Quantity,
+        output: Quantity,
+        per: PricePer,
+    },
+    Flat {
+        amount: Quantity,
+        per: PricePer,
+    },
 }
 
 /// What a price is per: a token count (`1M`, `1k`) or a unit word (`image`, `second`).
@@ -290,7 +304,11 @@ impl CmpOp {
 pub enum TestOp {
     Cmp(CmpOp, Literal),
     /// `in [..]`, or `not in [..]` when `negated`.
-    In { negated: bool, list: Vec<Literal>, span: Span },
+    In {
+        negated: bool,
+        list: Vec<Literal>,
+        span: Span,
+    },
     Has(Literal),
     /// `matches /re/` or `matches "re"`: the argument is a `Literal::Regex` or `Literal::Str`.
     Matches(Literal),
@@ -420,13 +438,28 @@ pub struct ProtectRule {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ProtectKind {
     /// `retry 2 on [429, 5xx, timeout] backoff 200ms..2s`
-    Retry { count: Quantity, on: Vec<Ident>, backoff: Option<(Quantity, Quantity)> },
+    Retry {
+        count: Quantity,
+        on: Vec<Ident>,
+        backoff: Option<(Quantity, Quantity)>,
+    },
     /// `timeout first_token 10s total 120s` (each part optional, at least one)
-    Timeout { parts: Vec<(Ident, Quantity)> },
+    Timeout {
+        parts: Vec<(Ident, Quantity)>,
+    },
     /// `breaker per model open after 5 failures within 30s, probe after 15s`
-    Breaker { scope: Ident, failures: Quantity, window: Quantity, cooldown: Quantity },
+    Breaker {
+        scope: Ident,
+        failures: Quantity,
+        window: Quantity,
+        cooldown: Quantity,
+    },
     /// `limit concurrency 64 per model`, `limit rate 600/min per tenant`, `limit tokens 1M/min per tenant`
-    Limit { kind: Ident, amount: Quantity, scope: Ident },
+    Limit {
+        kind: Ident,
+        amount: Quantity,
+        scope: Ident,
+    },
     Budget(Budget),
 }
 

@@ -30,7 +30,10 @@ pub struct Parsed {
 
 /// Parse one file. Never panics; every broken item yields one diagnostic.
 pub fn parse_file(file: FileId, text: &str) -> Parsed {
-    let mut b = Builder { file, diagnostics: Vec::new() };
+    let mut b = Builder {
+        file,
+        diagnostics: Vec::new(),
+    };
     let mut items = Vec::new();
     match RouteParser::parse(Rule::file, text) {
         Ok(mut pairs) => {
@@ -50,7 +53,14 @@ pub fn parse_file(file: FileId, text: &str) -> Parsed {
         // `file` accepts any input through `error_item`; this is a safety net.
         Err(e) => b.diagnostics.push(syntax_error(file, 0, &e)),
     }
-    Parsed { ast: FileAst { file, items, comments: scan_comments(file, text) }, diagnostics: b.diagnostics }
+    Parsed {
+        ast: FileAst {
+            file,
+            items,
+            comments: scan_comments(file, text),
+        },
+        diagnostics: b.diagnostics,
+    }
 }
 
 struct Builder {
@@ -119,10 +129,45 @@ fn rule_display(rule: &Rule) -> Option<&'static str> {
 
 /// Keywords that may follow in each context, to suggest a fix for a misspelt word.
 const KEYWORDS: &[&str] = &[
-    "tenant", "request", "provider", "model", "constraints", "classify", "route", "protect", "kind", "context",
-    "max_output", "price", "caps", "region", "tier", "quality", "tokenizer", "enabled", "disabled", "labels", "deny",
-    "allow", "only", "require", "when", "otherwise", "candidates", "score", "premium", "fallback", "downgrade", "retry",
-    "timeout", "breaker", "limit", "budget", "models", "providers", "where",
+    "tenant",
+    "request",
+    "provider",
+    "model",
+    "constraints",
+    "classify",
+    "route",
+    "protect",
+    "kind",
+    "context",
+    "max_output",
+    "price",
+    "caps",
+    "region",
+    "tier",
+    "quality",
+    "tokenizer",
+    "enabled",
+    "disabled",
+    "labels",
+    "deny",
+    "allow",
+    "only",
+    "require",
+    "when",
+    "otherwise",
+    "candidates",
+    "score",
+    "premium",
+    "fallback",
+    "downgrade",
+    "retry",
+    "timeout",
+    "breaker",
+    "limit",
+    "budget",
+    "models",
+    "providers",
+    "where",
 ];
 
 fn syntax_error(file: FileId, offset: usize, e: &pest::error::Error<Rule>) -> Diagnostic {
@@ -147,15 +192,27 @@ fn syntax_error(file: FileId, offset: usize, e: &pest::error::Error<Rule>) -> Di
     let line = e.line();
     // The word at the error position, if any, for the message and a suggestion.
     let col = match e.line_col {
-        pest::error::LineColLocation::Pos((_, c)) | pest::error::LineColLocation::Span((_, c), _) => c,
+        pest::error::LineColLocation::Pos((_, c))
+        | pest::error::LineColLocation::Span((_, c), _) => c,
     };
     let rest: String = line.chars().skip(col.saturating_sub(1)).collect();
-    let word: String = rest.chars().take_while(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.')).collect();
-    let token: String = if word.is_empty() { rest.chars().take(1).collect() } else { word.clone() };
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        .collect();
+    let token: String = if word.is_empty() {
+        rest.chars().take(1).collect()
+    } else {
+        word.clone()
+    };
     let abs_start = offset + start;
     let abs_end = offset + end.max(start + token.len());
     let span = Span::new(file, abs_start, abs_end);
-    let found = if token.is_empty() { "end of file".to_string() } else { format!("`{token}`") };
+    let found = if token.is_empty() {
+        "end of file".to_string()
+    } else {
+        format!("`{token}`")
+    };
     let expected_text = match expected.as_slice() {
         [] => "valid syntax".to_string(),
         [one] => (*one).to_string(),
@@ -163,9 +220,15 @@ fn syntax_error(file: FileId, offset: usize, e: &pest::error::Error<Rule>) -> Di
     };
     let mut d = Diagnostic::error("syntax", format!("expected {expected_text}, found {found}"))
         .with_label(span, format!("unexpected {found}"));
-    let suggestion = if found_word && !word.is_empty() { did_you_mean(&word, KEYWORDS.iter().copied()) } else { None };
+    let suggestion = if found_word && !word.is_empty() {
+        did_you_mean(&word, KEYWORDS.iter().copied())
+    } else {
+        None
+    };
     d = match suggestion {
-        Some(s) => d.with_help(format!("did you mean `{s}`?")).with_suggestion(span, s),
+        Some(s) => d
+            .with_help(format!("did you mean `{s}`?"))
+            .with_suggestion(span, s),
         None => d.with_help("this item was skipped; the rest of the file is still checked"),
     };
     d
@@ -207,9 +270,19 @@ pub fn parse_quantity(text: &str, span: Span) -> Quantity {
         Some((m, p)) => (m, Some(p.to_string())),
         None => (rest, None),
     };
-    let num_end = main.char_indices().find(|(i, c)| !(c.is_ascii_digit() || *c == '.' || (*i == 0 && *c == '-'))).map_or(main.len(), |(i, _)| i);
+    let num_end = main
+        .char_indices()
+        .find(|(i, c)| !(c.is_ascii_digit() || *c == '.' || (*i == 0 && *c == '-')))
+        .map_or(main.len(), |(i, _)| i);
     let (num, unit) = main.split_at(num_end);
-    Quantity { text: text.to_string(), money, value: num.parse().unwrap_or(0.0), unit: unit.to_string(), per, span }
+    Quantity {
+        text: text.to_string(),
+        money,
+        value: num.parse().unwrap_or(0.0),
+        unit: unit.to_string(),
+        per,
+        span,
+    }
 }
 
 impl Builder {
@@ -219,15 +292,24 @@ impl Builder {
     }
 
     fn ident(&self, p: &P) -> Ident {
-        Ident { name: p.as_str().to_string(), span: self.span(p) }
+        Ident {
+            name: p.as_str().to_string(),
+            span: self.span(p),
+        }
     }
 
     fn internal(&mut self, p: &P) {
         let span = self.span(p);
         self.diagnostics.push(
-            Diagnostic::error("internal", format!("internal error: unexpected parse tree at `{:?}`", p.as_rule()))
-                .with_label(span, "here")
-                .with_help("this is a bug in routeplane; please report it with this file"),
+            Diagnostic::error(
+                "internal",
+                format!(
+                    "internal error: unexpected parse tree at `{:?}`",
+                    p.as_rule()
+                ),
+            )
+            .with_label(span, "here")
+            .with_help("this is a bug in routeplane; please report it with this file"),
         );
     }
 
@@ -271,12 +353,18 @@ impl Builder {
                 Item::Constraints(ConstraintsBlock { rules, span })
             }
             Rule::classify => {
-                let rules = p.into_inner().filter_map(|c| self.classify_rule(c)).collect();
+                let rules = p
+                    .into_inner()
+                    .filter_map(|c| self.classify_rule(c))
+                    .collect();
                 Item::Classify(ClassifyBlock { rules, span })
             }
             Rule::route => Item::Route(self.route(p, span)?),
             Rule::protect => {
-                let rules = p.into_inner().filter_map(|r| self.protect_rule(r)).collect();
+                let rules = p
+                    .into_inner()
+                    .filter_map(|r| self.protect_rule(r))
+                    .collect();
                 Item::Protect(ProtectBlock { rules, span })
             }
             _ => {
@@ -303,7 +391,12 @@ impl Builder {
                 Some(l) => Some(self.literal(l)?),
                 None => None,
             };
-            attrs.push(AttrDecl { name, ty, default, span: aspan });
+            attrs.push(AttrDecl {
+                name,
+                ty,
+                default,
+                span: aspan,
+            });
         }
         Some(SchemaDecl { scope, attrs, span })
     }
@@ -317,8 +410,12 @@ impl Builder {
                 "string" => TypeExpr::String(span),
                 _ => TypeExpr::Number(span),
             },
-            Rule::enum_type => TypeExpr::Enum(inner.into_inner().map(|v| self.ident(&v)).collect(), span),
-            Rule::list_type => TypeExpr::List(Box::new(self.type_expr(inner.into_inner().next()?)?), span),
+            Rule::enum_type => {
+                TypeExpr::Enum(inner.into_inner().map(|v| self.ident(&v)).collect(), span)
+            }
+            Rule::list_type => {
+                TypeExpr::List(Box::new(self.type_expr(inner.into_inner().next()?)?), span)
+            }
             _ => {
                 self.internal(&inner);
                 return None;
@@ -340,7 +437,10 @@ impl Builder {
         let span = self.span(&inner);
         let rule = inner.as_rule();
         if rule == Rule::prop_enabled {
-            return Some(Prop { kind: PropKind::Enabled(inner.as_str() == "enabled"), span });
+            return Some(Prop {
+                kind: PropKind::Enabled(inner.as_str() == "enabled"),
+                span,
+            });
         }
         let mut it = inner.clone().into_inner();
         let kind = match rule {
@@ -389,7 +489,11 @@ impl Builder {
     }
 
     fn literal(&mut self, p: P) -> Option<Literal> {
-        let inner = if p.as_rule() == Rule::literal { p.into_inner().next()? } else { p };
+        let inner = if p.as_rule() == Rule::literal {
+            p.into_inner().next()?
+        } else {
+            p
+        };
         let span = self.span(&inner);
         Some(match inner.as_rule() {
             Rule::string => Literal::Str(unescape(strip_delims(inner.as_str())), span),
@@ -433,7 +537,11 @@ impl Builder {
                 if parts.len() == 1 {
                     return parts.pop();
                 }
-                Some(if is_or { Expr::Or(parts, span) } else { Expr::And(parts, span) })
+                Some(if is_or {
+                    Expr::Or(parts, span)
+                } else {
+                    Expr::And(parts, span)
+                })
             }
             Rule::unary => {
                 let span = self.span(&p);
@@ -494,8 +602,16 @@ impl Builder {
             }
             Rule::op_in => {
                 let first = it.next()?;
-                let (negated, list) = if first.as_rule() == Rule::not_in { (true, it.next()?) } else { (false, first) };
-                TestOp::In { negated, list: self.list_items(list)?, span }
+                let (negated, list) = if first.as_rule() == Rule::not_in {
+                    (true, it.next()?)
+                } else {
+                    (false, first)
+                };
+                TestOp::In {
+                    negated,
+                    list: self.list_items(list)?,
+                    span,
+                }
             }
             Rule::op_has => TestOp::Has(self.literal(it.next()?)?),
             Rule::op_matches => TestOp::Matches(self.literal(it.next()?)?),
@@ -514,14 +630,25 @@ impl Builder {
         for part in p.into_inner() {
             match part.as_rule() {
                 Rule::rule_label => label = Some(self.ident(&part.into_inner().next()?)),
-                Rule::deny_rule => effect = Some(Effect::Deny(self.target(part.into_inner().next()?)?)),
-                Rule::allow_rule => effect = Some(Effect::AllowOnly(self.target(part.into_inner().next()?)?)),
-                Rule::require_rule => effect = Some(Effect::Require(self.cond(part.into_inner().next()?)?)),
+                Rule::deny_rule => {
+                    effect = Some(Effect::Deny(self.target(part.into_inner().next()?)?))
+                }
+                Rule::allow_rule => {
+                    effect = Some(Effect::AllowOnly(self.target(part.into_inner().next()?)?))
+                }
+                Rule::require_rule => {
+                    effect = Some(Effect::Require(self.cond(part.into_inner().next()?)?))
+                }
                 Rule::when_clause => when = Some(self.cond(part)?),
                 _ => self.internal(&part),
             }
         }
-        Some(Constraint { label, effect: effect?, when, span })
+        Some(Constraint {
+            label,
+            effect: effect?,
+            when,
+            span,
+        })
     }
 
     fn target(&mut self, p: P) -> Option<Target> {
@@ -529,7 +656,13 @@ impl Builder {
         let span = self.span(&inner);
         let rule = inner.as_rule();
         let arg = inner.into_inner().next()?;
-        let idents = |b: &Self, a: P| if a.as_rule() == Rule::names { b.names(a) } else { vec![b.ident(&a)] };
+        let idents = |b: &Self, a: P| {
+            if a.as_rule() == Rule::names {
+                b.names(a)
+            } else {
+                vec![b.ident(&a)]
+            }
+        };
         Some(match rule {
             Rule::target_where => Target::Where(self.cond(arg)?, span),
             Rule::target_providers => Target::Providers(idents(self, arg), span),
@@ -544,7 +677,11 @@ impl Builder {
         let mut it = p.into_inner();
         let intent = self.ident(&it.next()?);
         let tail = it.next()?;
-        let when = if tail.as_rule() == Rule::when_clause { Some(self.cond(tail)?) } else { None };
+        let when = if tail.as_rule() == Rule::when_clause {
+            Some(self.cond(tail)?)
+        } else {
+            None
+        };
         Some(ClassifyRule { intent, when, span })
     }
 
@@ -566,7 +703,9 @@ impl Builder {
             let pspan = self.span(&inner);
             let rule = inner.as_rule();
             let kind = match rule {
-                Rule::candidates => RoutePropKind::Candidates(self.names(inner.into_inner().next()?)),
+                Rule::candidates => {
+                    RoutePropKind::Candidates(self.names(inner.into_inner().next()?))
+                }
                 Rule::downgrade => RoutePropKind::Downgrade(self.names(inner.into_inner().next()?)),
                 Rule::premium => RoutePropKind::PremiumOnly(self.cond(inner.into_inner().next()?)?),
                 Rule::fallback => {
@@ -593,7 +732,12 @@ impl Builder {
                         let mut ti = t.into_inner();
                         let weight = self.quantity(&ti.next()?);
                         let signal = self.ident(&ti.next()?);
-                        terms.push(ScoreTerm { negative, weight, signal, span: tspan });
+                        terms.push(ScoreTerm {
+                            negative,
+                            weight,
+                            signal,
+                            span: tspan,
+                        });
                         negative = false;
                     }
                     RoutePropKind::Score(terms)
@@ -605,7 +749,12 @@ impl Builder {
             };
             props.push(RouteProp { kind, span: pspan });
         }
-        Some(RouteDecl { intent, when, props, span })
+        Some(RouteDecl {
+            intent,
+            when,
+            props,
+            span,
+        })
     }
 
     // -------------------------------------------------------------- layer 4
@@ -648,13 +797,22 @@ impl Builder {
                 let failures = self.quantity(&it.next()?);
                 let window = self.quantity(&it.next()?);
                 let cooldown = self.quantity(&it.next()?);
-                ProtectKind::Breaker { scope, failures, window, cooldown }
+                ProtectKind::Breaker {
+                    scope,
+                    failures,
+                    window,
+                    cooldown,
+                }
             }
             Rule::limit => {
                 let kind = self.ident(&it.next()?);
                 let amount = self.quantity(&it.next()?);
                 let scope = self.ident(&it.next()?);
-                ProtectKind::Limit { kind, amount, scope }
+                ProtectKind::Limit {
+                    kind,
+                    amount,
+                    scope,
+                }
             }
             Rule::budget => {
                 let period_p = it.next()?.into_inner().next()?;
@@ -677,14 +835,26 @@ impl Builder {
                     let action_p = ti.next()?;
                     let a = action_p.into_inner().next()?;
                     let action = if a.as_rule() == Rule::confirm_premium {
-                        Ident { name: "confirm_premium".into(), span: self.span(&a) }
+                        Ident {
+                            name: "confirm_premium".into(),
+                            span: self.span(&a),
+                        }
                     } else {
                         self.ident(&a)
                     };
                     let at = self.quantity(&ti.next()?);
-                    thresholds.push(Threshold { action, at, span: tspan });
+                    thresholds.push(Threshold {
+                        action,
+                        at,
+                        span: tspan,
+                    });
                 }
-                ProtectKind::Budget(Budget { period, scope, amount, thresholds })
+                ProtectKind::Budget(Budget {
+                    period,
+                    scope,
+                    amount,
+                    thresholds,
+                })
             }
             _ => {
                 self.internal(&inner);
@@ -714,9 +884,15 @@ pub fn scan_comments(file: FileId, text: &str) -> Vec<Comment> {
                 }
             }
             b'/' if bytes.get(i + 1) == Some(&b'/') => {
-                let end = text.get(i..).and_then(|r| r.find('\n')).map_or(text.len(), |n| i + n);
+                let end = text
+                    .get(i..)
+                    .and_then(|r| r.find('\n'))
+                    .map_or(text.len(), |n| i + n);
                 let body = text.get(i..end).unwrap_or("").trim_end().to_string();
-                out.push(Comment { span: Span::new(file, i, i + body.len()), text: body });
+                out.push(Comment {
+                    span: Span::new(file, i, i + body.len()),
+                    text: body,
+                });
                 i = end;
             }
             _ => i += 1,

@@ -5,7 +5,11 @@ fn parse(text: &str) -> Parsed {
 }
 
 fn errors(text: &str) -> Vec<String> {
-    parse(text).diagnostics.iter().map(|d| d.message.clone()).collect()
+    parse(text)
+        .diagnostics
+        .iter()
+        .map(|d| d.message.clone())
+        .collect()
 }
 
 #[test]
@@ -49,7 +53,9 @@ protect {
     let p = parse(src);
     assert!(p.diagnostics.is_empty(), "{:#?}", p.diagnostics);
     assert_eq!(p.ast.items.len(), 9);
-    let Some(Item::Protect(protect)) = p.ast.items.last() else { unreachable!() };
+    let Some(Item::Protect(protect)) = p.ast.items.last() else {
+        unreachable!()
+    };
     assert_eq!(protect.rules.len(), 7);
 }
 
@@ -59,7 +65,10 @@ fn quantities_keep_unit_and_rate() {
     assert!(q.money);
     assert_eq!(q.value, 2.5);
     let q = parse_quantity("600/min", Span::default());
-    assert_eq!((q.value, q.unit.as_str(), q.per.as_deref()), (600.0, "", Some("min")));
+    assert_eq!(
+        (q.value, q.unit.as_str(), q.per.as_deref()),
+        (600.0, "", Some("min"))
+    );
     let q = parse_quantity("128k", Span::default());
     assert_eq!((q.value, q.unit.as_str()), (128.0, "k"));
     let q = parse_quantity("-1.5ms", Span::default());
@@ -79,7 +88,17 @@ fn reports_every_broken_item_and_keeps_the_good_ones() {
 
 #[test]
 fn never_panics_on_garbage() {
-    for src in ["", "}", "{", "model", "model x {", "\"unterminated", "route x when tenant. {", "é\u{0}\u{ffff}", "protect { budget }"] {
+    for src in [
+        "",
+        "}",
+        "{",
+        "model",
+        "model x {",
+        "\"unterminated",
+        "route x when tenant. {",
+        "é\u{0}\u{ffff}",
+        "protect { budget }",
+    ] {
         let _ = parse(src);
     }
     assert!(errors("").is_empty());
@@ -98,6 +117,8 @@ fn comments_are_collected_outside_strings() {
 fn names_may_contain_dashes_and_dots() {
     let p = parse("model claude-3.5-sonnet { provider anthropic kind chat }");
     assert!(p.diagnostics.is_empty(), "{:#?}", p.diagnostics);
-    let Some(Item::Model(m)) = p.ast.items.first() else { unreachable!() };
+    let Some(Item::Model(m)) = p.ast.items.first() else {
+        unreachable!()
+    };
     assert_eq!(m.name.name, "claude-3.5-sonnet");
 }
