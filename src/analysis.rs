@@ -5,6 +5,7 @@
 
 use crate::diag::Diagnostic;
 use crate::ir::Policy;
+use crate::lower;
 use crate::source::Sources;
 use crate::syntax::{self, ast::FileAst};
 
@@ -42,8 +43,9 @@ pub fn analyze(sources: &Sources) -> Analysis {
         diagnostics.extend(parsed.diagnostics);
         files.push(parsed.ast);
     }
-    // lower + check are filled in by their modules.
-    let policy = Policy::default();
+    let lowered = lower::lower(&files);
+    diagnostics.extend(lowered.diagnostics);
+    let policy = lowered.policy;
     diagnostics.sort_by_key(|d| d.span().map(|s| (s.file, s.start)));
     Analysis {
         files,

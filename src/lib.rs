@@ -11,9 +11,14 @@
 
 pub mod analysis;
 pub mod compile;
+pub mod config;
 pub mod decide;
 pub mod diag;
 pub mod ir;
 pub mod load;
+pub mod lsp;
+pub mod lower;
+pub mod metrics;
+pub mod reload;
 pub mod source;
 pub mod syntax;

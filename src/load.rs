@@ -49,7 +49,7 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PolicyDir>, LoadError> {
         let before = out.len();
         let meta = std::fs::metadata(path).map_err(|e| io(path, e))?;
         if meta.is_file() {
-            out.push(read_files(path, &[path.clone()])?);
+            out.push(read_files(path, std::slice::from_ref(path))?);
         } else {
             discover_dir(path, &mut out)?;
         }

@@ -26,6 +26,8 @@ enum Command {
     Test(cli::test::Args),
     /// Run the OpenAI-compatible gateway
     Serve(cli::serve::Args),
+    /// Run the language server (stdio) for editors
+    Lsp(cli::lsp::Args),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Command::Explain(a) => cli::explain::run(a),
         Command::Test(a) => cli::test::run(a),
         Command::Serve(a) => cli::serve::run(a),
+        Command::Lsp(a) => cli::lsp::run(a),
     };
     ExitCode::from(code)
 }

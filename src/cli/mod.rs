@@ -2,5 +2,6 @@
 pub mod check;
 pub mod explain;
 pub mod fmt;
+pub mod lsp;
 pub mod serve;
 pub mod test;

@@ -500,7 +500,7 @@ impl Builder {
             Rule::regex => Literal::Regex(strip_delims(inner.as_str()).replace("\\/", "/"), span),
             Rule::bool_lit => Literal::Bool(inner.as_str() == "true", span),
             Rule::quantity => Literal::Quantity(self.quantity(&inner)),
-            Rule::name => Literal::Name(self.ident(&inner)),
+            Rule::name | Rule::keyword => Literal::Name(self.ident(&inner)),
             Rule::list => {
                 let mut items = Vec::new();
                 for l in inner.into_inner() {

@@ -1,0 +1,838 @@
+//! The gateway configuration: everything that is not policy.
+//!
+//! One YAML file names the listen address, the policy directory, the
+//! providers (how to reach them; secrets only through environment variables),
+//! the tenants (key hashes and attributes), the admin token and where the
+//! decision log goes. Every mistake is reported at load with the file, the
+//! line and what is wrong: unknown fields, unset environment variables, bad
+//! URLs and malformed hashes never wait for the first request.
+//!
+//! Tenant attributes are checked against the policy's tenant schema by the
+//! gateway when a policy is loaded (`CompiledPolicy::tenant`), since the
+//! schema can change on every reload; [`Config::line_of_tenant`] gives those
+//! errors a location here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// The default body size limit: large enough for an image or a short audio file.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+// ------------------------------------------------------------------ errors
+
+/// One problem in the configuration file, with its location when known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based.
+    pub line: Option<usize>,
+    /// 1-based.
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{}:{l}:{c}: {}", self.file, self.message),
+            (Some(l), None) => write!(f, "{}:{l}: {}", self.file, self.message),
+            _ => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", render(.0))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+fn render(errors: &[ConfigError]) -> String {
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    lines.join("\n")
+}
+
+// ------------------------------------------------------------------ the resolved configuration
+
+/// A secret read from the environment. Never printed, never serialized.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A SHA-256 digest of a key or token.
+pub type KeyHash = [u8; 32];
+
+pub fn sha256(s: &str) -> KeyHash {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The configuration file itself.
+    pub path: PathBuf,
+    pub listen: SocketAddr,
+    /// The policy directory (or file), resolved against the config file's directory.
+    pub policy: PathBuf,
+    pub providers: Vec<ProviderConfig>,
+    pub tenants: Vec<TenantConfig>,
+    /// `None` disables the admin endpoints.
+    pub admin_token_sha256: Option<KeyHash>,
+    /// Where decision log lines go; `None` disables the log.
+    pub decision_log: Option<PathBuf>,
+    pub max_body_bytes: usize,
+    /// Problems that do not stop the gateway (plain keys in the file), shown at start.
+    pub warnings: Vec<String>,
+    /// The text of the file, to locate errors found later (tenant attributes).
+    text: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible API.
+    Openai,
+    /// The Anthropic Messages API.
+    Anthropic,
+    /// The built-in deterministic mock, answered in-process.
+    Mock,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Mock => "mock",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ProviderConfig {
+    /// The provider's name in the policy.
+    pub name: String,
+    pub kind: ProviderKind,
+    /// Without a trailing slash, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+    /// Policy model name -> the upstream's model id, when they differ.
+    pub model_ids: BTreeMap<String, String>,
+    pub mock: MockSettings,
+    /// Where the provider is defined in the file.
+    pub line: Option<usize>,
+}
+
+impl ProviderConfig {
+    /// The model id to send upstream for a policy model.
+    pub fn upstream_model<'a>(&'a self, policy_model: &'a str) -> &'a str {
+        self.model_ids
+            .get(policy_model)
+            .map_or(policy_model, String::as_str)
+    }
+}
+
+/// Behaviour of the built-in mock provider.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MockSettings {
+    /// Time to the complete answer (non-streaming) or to the last chunk (streaming).
+    pub latency: Duration,
+    /// Time to the first streamed chunk (and the response head).
+    pub first_token: Duration,
+    /// Fraction of requests, in [0, 1], answered with `error_status`. Deterministic:
+    /// exactly `round(n * rate)` of the first `n` requests fail.
+    pub error_rate: f64,
+    pub error_status: u16,
+    /// Usage reported per answer.
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: u64,
+    /// The number of streamed content chunks.
+    pub chunks: u32,
+}
+
+impl Default for MockSettings {
+    fn default() -> Self {
+        MockSettings {
+            latency: Duration::ZERO,
+            first_token: Duration::ZERO,
+            error_rate: 0.0,
+            error_status: 503,
+            prompt_tokens: None,
+            completion_tokens: 16,
+            chunks: 4,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TenantConfig {
+    pub id: String,
+    pub key_sha256: KeyHash,
+    pub attrs: serde_json::Map<String, serde_json::Value>,
+    pub line: Option<usize>,
+}
+
+// ------------------------------------------------------------------ the file format
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen: String,
+    policy: String,
+    #[serde(default)]
+    providers: Vec<RawProvider>,
+    #[serde(default)]
+    tenants: Vec<RawTenant>,
+    #[serde(default)]
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    decision_log: Option<String>,
+    #[serde(default)]
+    max_body: Option<ByteSize>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    name: String,
+    kind: ProviderKind,
+    #[serde(default)]
+    base_url: Option<String>,
+    #[serde(default)]
+    api_key_env: Option<String>,
+    #[serde(default)]
+    models: BTreeMap<String, String>,
+    #[serde(default)]
+    mock: Option<RawMock>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMock {
+    #[serde(default)]
+    latency: Option<DurationStr>,
+    #[serde(default)]
+    first_token: Option<DurationStr>,
+    #[serde(default)]
+    error_rate: Option<f64>,
+    #[serde(default)]
+    error_status: Option<u16>,
+    #[serde(default)]
+    usage: Option<RawUsage>,
+    #[serde(default)]
+    chunks: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    id: String,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    key_sha256: Option<String>,
+    #[serde(default)]
+    attrs: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default)]
+    token_env: Option<String>,
+    #[serde(default)]
+    token_sha256: Option<String>,
+}
+
+/// `250ms`, `2s`, `1min` or a number of milliseconds.
+#[derive(Clone, Copy, Debug)]
+struct DurationStr(Duration);
+
+impl<'de> Deserialize<'de> for DurationStr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Ms(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Ms(ms) => Ok(DurationStr(Duration::from_millis(ms))),
+            Raw::Text(s) => parse_duration(&s)
+                .map(DurationStr)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parse `250ms`, `2s`, `1.5s`, `1min`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| {
+        format!("invalid duration `{s}`: expected a number and a unit (ms, s, min, h)")
+    })?;
+    let ms = match unit.trim() {
+        "ms" | "" => value,
+        "s" => value * 1000.0,
+        "min" => value * 60_000.0,
+        "h" => value * 3_600_000.0,
+        other => {
+            return Err(format!(
+                "invalid duration unit `{other}` in `{s}`: expected ms, s, min or h"
+            ))
+        }
+    };
+    if !ms.is_finite() || ms < 0.0 {
+        return Err(format!("invalid duration `{s}`"));
+    }
+    Ok(Duration::from_micros((ms * 1000.0) as u64))
+}
+
+/// `10MiB`, `512KiB`, `1MB` or a number of bytes.
+#[derive(Clone, Copy, Debug)]
+struct ByteSize(usize);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(usize),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(ByteSize(b)),
+            Raw::Text(s) => parse_size(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: usize = num.parse().map_err(|_| {
+        format!("invalid size `{s}`: expected a number and a unit (B, KB, KiB, MB, MiB)")
+    })?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1024,
+        "MB" => 1_000_000,
+        "MiB" => 1024 * 1024,
+        other => {
+            return Err(format!(
+                "invalid size unit `{other}` in `{s}`: expected B, KB, KiB, MB or MiB"
+            ))
+        }
+    };
+    value
+        .checked_mul(mult)
+        .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+// ------------------------------------------------------------------ loading
+
+impl Config {
+    /// Read and validate a configuration file, resolving environment variables.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Self::load_with_env(path, &|name| std::env::var(name).ok())
+    }
+
+    /// As [`Config::load`], with the environment given (for tests).
+    pub fn load_with_env(
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: file.clone(),
+                line: None,
+                column: None,
+                message: format!("cannot read the config file: {e}"),
+            }])
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::parse(&file, &text, &base, env)
+    }
+
+    /// Validate configuration text; `base` is the directory relative paths start from.
+    pub fn parse(
+        file: &str,
+        text: &str,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
+            let loc = e.location();
+            ConfigErrors(vec![ConfigError {
+                file: file.to_string(),
+                line: loc.as_ref().map(|l| l.line()),
+                column: loc.as_ref().map(|l| l.column()),
+                message: strip_location(&e.to_string()),
+            }])
+        })?;
+        let mut cx = Checker {
+            file,
+            text,
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        };
+
+        let listen = match raw.listen.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                cx.error(cx.line_of("listen:", None), format!("invalid listen address `{}`: expected `host:port` such as `127.0.0.1:8080`", raw.listen));
+                SocketAddr::from(([127, 0, 0, 1], 8080))
+            }
+        };
+        let policy = base.join(&raw.policy);
+
+        let mut providers: Vec<ProviderConfig> = Vec::new();
+        for p in raw.providers {
+            let line = cx.line_of("name:", Some(&p.name));
+            if providers.iter().any(|q| q.name == p.name) {
+                cx.error(line, format!("duplicate provider `{}`", p.name));
+                continue;
+            }
+            let default_url = match p.kind {
+                ProviderKind::Openai => "https://api.openai.com/v1",
+                ProviderKind::Anthropic => "https://api.anthropic.com/v1",
+                ProviderKind::Mock => "mock://",
+            };
+            let base_url = p
+                .base_url
+                .clone()
+                .unwrap_or_else(|| default_url.to_string());
+            if p.kind != ProviderKind::Mock {
+                match reqwest::Url::parse(&base_url) {
+                    Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                    _ => cx.error(
+                        cx.line_of("base_url:", Some(&base_url)).or(line),
+                        format!("provider `{}`: invalid base_url `{base_url}`: expected an http or https URL", p.name),
+                    ),
+                }
+            } else if p.base_url.is_some() {
+                cx.error(
+                    cx.line_of("base_url:", p.base_url.as_deref()).or(line),
+                    format!("provider `{}`: a mock provider takes no base_url", p.name),
+                );
+            }
+            if p.kind != ProviderKind::Mock && p.mock.is_some() {
+                cx.error(
+                    line,
+                    format!(
+                        "provider `{}`: `mock` settings only apply to `kind: mock`",
+                        p.name
+                    ),
+                );
+            }
+            let api_key = match &p.api_key_env {
+                None => None,
+                Some(var) => match env(var) {
+                    Some(v) if !v.is_empty() => Some(Secret(v)),
+                    _ => {
+                        cx.error(
+                            cx.line_of("api_key_env:", Some(var)).or(line),
+                            format!("provider `{}`: environment variable `{var}` (api_key_env) is not set", p.name),
+                        );
+                        None
+                    }
+                },
+            };
+            let mock = match p.mock {
+                None => MockSettings::default(),
+                Some(m) => {
+                    let d = MockSettings::default();
+                    let latency = m.latency.map_or(d.latency, |x| x.0);
+                    let first_token = m.first_token.map_or(d.first_token.min(latency), |x| x.0);
+                    let error_rate = m.error_rate.unwrap_or(0.0);
+                    if !(0.0..=1.0).contains(&error_rate) {
+                        cx.error(cx.line_of("error_rate:", None).or(line), format!("provider `{}`: error_rate must be between 0 and 1, got {error_rate}", p.name));
+                    }
+                    let error_status = m.error_status.unwrap_or(d.error_status);
+                    if !(400..=599).contains(&error_status) {
+                        cx.error(cx.line_of("error_status:", None).or(line), format!("provider `{}`: error_status must be a 4xx or 5xx status, got {error_status}", p.name));
+                    }
+                    let usage = m.usage.unwrap_or(RawUsage {
+                        prompt_tokens: None,
+                        completion_tokens: None,
+                    });
+                    MockSettings {
+                        latency: latency.max(first_token),
+                        first_token,
+                        error_rate,
+                        error_status,
+                        prompt_tokens: usage.prompt_tokens,
+                        completion_tokens: usage.completion_tokens.unwrap_or(d.completion_tokens),
+                        chunks: m.chunks.unwrap_or(d.chunks).max(1),
+                    }
+                }
+            };
+            providers.push(ProviderConfig {
+                name: p.name,
+                kind: p.kind,
+                base_url: base_url.trim_end_matches('/').to_string(),
+                api_key,
+                model_ids: p.models,
+                mock,
+                line,
+            });
+        }
+
+        let mut tenants: Vec<TenantConfig> = Vec::new();
+        for t in raw.tenants {
+            let line = cx.line_of("id:", Some(&t.id));
+            if tenants.iter().any(|u| u.id == t.id) {
+                cx.error(line, format!("duplicate tenant `{}`", t.id));
+                continue;
+            }
+            let hash = match (&t.key, &t.key_sha256) {
+                (Some(_), Some(_)) => {
+                    cx.error(
+                        line,
+                        format!(
+                            "tenant `{}`: give either `key` or `key_sha256`, not both",
+                            t.id
+                        ),
+                    );
+                    continue;
+                }
+                (None, None) => {
+                    cx.error(line, format!("tenant `{}`: missing `key_sha256` (the hex SHA-256 of the tenant's API key)", t.id));
+                    continue;
+                }
+                (Some(k), None) => {
+                    cx.warnings.push(format!(
+                        "{file}:{}: tenant `{}` has a plain `key`; store `key_sha256: {}` instead",
+                        line.unwrap_or(0),
+                        t.id,
+                        hex::encode(sha256(k))
+                    ));
+                    sha256(k)
+                }
+                (None, Some(h)) => match parse_hash(h) {
+                    Some(h) => h,
+                    None => {
+                        cx.error(
+                            cx.line_of("key_sha256:", None).or(line),
+                            format!("tenant `{}`: `key_sha256` must be 64 hex digits", t.id),
+                        );
+                        continue;
+                    }
+                },
+            };
+            if let Some(other) = tenants.iter().find(|u| u.key_sha256 == hash) {
+                cx.error(
+                    line,
+                    format!(
+                        "tenant `{}` has the same key as tenant `{}`",
+                        t.id, other.id
+                    ),
+                );
+                continue;
+            }
+            tenants.push(TenantConfig {
+                id: t.id,
+                key_sha256: hash,
+                attrs: t.attrs,
+                line,
+            });
+        }
+
+        let admin_token_sha256 = match raw.admin {
+            None => None,
+            Some(a) => match (a.token_env, a.token_sha256) {
+                (Some(var), None) => match env(&var) {
+                    Some(v) if !v.is_empty() => Some(sha256(&v)),
+                    _ => {
+                        cx.error(
+                            cx.line_of("token_env:", Some(&var)),
+                            format!("environment variable `{var}` (admin token_env) is not set"),
+                        );
+                        None
+                    }
+                },
+                (None, Some(h)) => match parse_hash(&h) {
+                    Some(h) => Some(h),
+                    None => {
+                        cx.error(
+                            cx.line_of("token_sha256:", None),
+                            "admin `token_sha256` must be 64 hex digits".to_string(),
+                        );
+                        None
+                    }
+                },
+                _ => {
+                    cx.error(
+                        cx.line_of("admin:", None),
+                        "admin: give exactly one of `token_env` or `token_sha256`".to_string(),
+                    );
+                    None
+                }
+            },
+        };
+
+        let max_body_bytes = raw.max_body.map_or(DEFAULT_MAX_BODY_BYTES, |b| b.0);
+        if max_body_bytes == 0 {
+            cx.error(
+                cx.line_of("max_body:", None),
+                "max_body must be greater than zero".to_string(),
+            );
+        }
+
+        if !cx.errors.is_empty() {
+            return Err(ConfigErrors(cx.errors));
+        }
+        Ok(Config {
+            path: PathBuf::from(file),
+            listen,
+            policy,
+            providers,
+            tenants,
+            admin_token_sha256,
+            decision_log: raw.decision_log.map(|p| base.join(p)),
+            max_body_bytes,
+            warnings: cx.warnings,
+            text: text.to_string(),
+        })
+    }
+
+    pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+
+    /// The line of a tenant's entry, for errors found when checking its
+    /// attributes against a policy.
+    pub fn line_of_tenant(&self, id: &str) -> Option<usize> {
+        self.tenants
+            .iter()
+            .find(|t| t.id == id)
+            .and_then(|t| t.line)
+    }
+
+    /// An error located in this file.
+    pub fn error_at(&self, line: Option<usize>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.path.display().to_string(),
+            line,
+            column: None,
+            message: message.into(),
+        }
+    }
+
+    /// The raw text, for tools that point into it.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+fn parse_hash(h: &str) -> Option<KeyHash> {
+    let bytes = hex::decode(h.trim()).ok()?;
+    bytes.try_into().ok()
+}
+
+/// serde_yaml appends " at line L column C"; we print the location ourselves.
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg.get(..i).unwrap_or(msg).to_string(),
+        None => msg.to_string(),
+    }
+}
+
+struct Checker<'a> {
+    file: &'a str,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+    warnings: Vec<String>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, line: Option<usize>, message: String) {
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line,
+            column: None,
+            message,
+        });
+    }
+
+    /// The 1-based line of the first `key: value` (or `key:` when `value` is None).
+    /// serde_yaml keeps no locations after deserializing, so semantic errors
+    /// find their line by looking for the text that caused them.
+    fn line_of(&self, key: &str, value: Option<&str>) -> Option<usize> {
+        self.text
+            .lines()
+            .position(|l| {
+                let l = l.trim_start().trim_start_matches("- ");
+                let Some(rest) = l.strip_prefix(key) else {
+                    return false;
+                };
+                match value {
+                    None => true,
+                    Some(v) => {
+                        let r = rest.split('#').next().unwrap_or("").trim();
+                        r.trim_matches(|c| c == '"' || c == '\'') == v
+                    }
+                }
+            })
+            .map(|i| i + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "OPENAI_KEY" => Some("sk-upstream".into()),
+            "ADMIN" => Some("admin-secret".into()),
+            _ => None,
+        }
+    }
+
+    fn parse(text: &str) -> Result<Config, Vec<String>> {
+        Config::parse("gw.yaml", text, Path::new("/etc/rp"), &env)
+            .map_err(|e| e.0.iter().map(ToString::to_string).collect())
+    }
+
+    const GOOD: &str = "\
+listen: 127.0.0.1:9000
+policy: policies/saas
+providers:
+  - name: openai
+    kind: openai
+    base_url: http://127.0.0.1:1234/v1/
+    api_key_env: OPENAI_KEY
+  - name: mock
+    kind: mock
+    mock: { latency: 50ms, first_token: 10ms, error_rate: 0.25, usage: { completion_tokens: 5 } }
+tenants:
+  - id: demo
+    key: sk-demo
+    attrs: { plan: pro }
+  - id: acme
+    key_sha256: 2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824
+admin:
+  token_env: ADMIN
+max_body: 1MiB
+";
+
+    #[test]
+    fn a_good_config_resolves_everything() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.policy, Path::new("/etc/rp/policies/saas"));
+        assert_eq!(c.providers[0].base_url, "http://127.0.0.1:1234/v1");
+        assert_eq!(
+            c.providers[0].api_key.as_ref().unwrap().expose(),
+            "sk-upstream"
+        );
+        assert_eq!(c.providers[1].mock.latency, Duration::from_millis(50));
+        assert_eq!(c.providers[1].mock.first_token, Duration::from_millis(10));
+        assert_eq!(c.providers[1].mock.completion_tokens, 5);
+        assert_eq!(c.tenants[0].key_sha256, sha256("sk-demo"));
+        assert_eq!(c.tenants[1].key_sha256, sha256("hello"));
+        assert_eq!(c.line_of_tenant("acme"), Some(15));
+        assert_eq!(c.admin_token_sha256, Some(sha256("admin-secret")));
+        assert_eq!(c.max_body_bytes, 1024 * 1024);
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("gw.yaml:12: tenant `demo` has a plain `key`"));
+        assert!(
+            !format!("{c:?}").contains("sk-upstream"),
+            "secrets never print"
+        );
+    }
+
+    #[test]
+    fn every_error_names_file_line_and_problem() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("policy: p\nlisten: 1.2.3.4:5\nprovders: []\n", "gw.yaml:3:1:", "unknown field `provders`"),
+            ("policy: p\nproviders:\n  - name: a\n    kind: openia\n", "gw.yaml:4:11:", "unknown variant `openia`"),
+            ("policy: p\nproviders:\n  - name: a\n    kind: openai\n    api_key_env: NOPE\n", "gw.yaml:5:", "environment variable `NOPE` (api_key_env) is not set"),
+            ("policy: p\nproviders:\n  - name: a\n    kind: openai\n    base_url: ftp://x\n", "gw.yaml:5:", "invalid base_url `ftp://x`"),
+            ("policy: p\nlisten: nowhere\n", "gw.yaml:2:", "invalid listen address `nowhere`"),
+            ("policy: p\ntenants:\n  - id: a\n    key: k\n  - id: b\n    key: k\n", "gw.yaml:5:", "tenant `b` has the same key as tenant `a`"),
+            ("policy: p\ntenants:\n  - id: a\n", "gw.yaml:3:", "missing `key_sha256`"),
+            ("policy: p\ntenants:\n  - id: a\n    key_sha256: abc\n", "gw.yaml:4:", "must be 64 hex digits"),
+            ("policy: p\nadmin:\n  token_env: UNSET\n", "gw.yaml:3:", "environment variable `UNSET` (admin token_env) is not set"),
+            ("policy: p\nproviders:\n  - name: m\n    kind: mock\n    mock: { latency: 5 parsecs }\n", "gw.yaml:5:", "invalid duration unit"),
+            ("policy: p\nproviders:\n  - name: m\n    kind: mock\n    mock:\n      error_rate: 2\n", "gw.yaml:6:", "error_rate must be between 0 and 1"),
+            ("policy: p\nproviders:\n  - name: m\n    kind: mock\n  - name: m\n    kind: mock\n", "gw.yaml:3:", "duplicate provider `m`"),
+            ("listen: 1.2.3.4:5\n", "gw.yaml", "missing field `policy`"),
+        ];
+        for (text, loc, msg) in cases {
+            let errs = parse(text).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.starts_with(loc) && e.contains(msg)),
+                "for {text:?} expected `{loc} ... {msg}`, got {errs:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gateway.yaml");
+        let c = Config::load_with_env(&path, &env).unwrap();
+        assert!(c
+            .tenants
+            .iter()
+            .any(|t| t.id == "demo" && t.key_sha256 == sha256("sk-demo")));
+        assert!(c
+            .tenants
+            .iter()
+            .any(|t| t.id == "acme-eu" && t.key_sha256 == sha256("sk-acme-eu")));
+        assert_eq!(c.admin_token_sha256, Some(sha256("admin-demo")));
+        assert!(c.providers.iter().all(|p| p.kind == ProviderKind::Mock));
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2min").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("fast").is_err());
+        assert_eq!(parse_size("10MiB").unwrap(), 10 * 1024 * 1024);
+        assert!(parse_size("1TB").is_err());
+    }
+}

@@ -1,0 +1,714 @@
+//! Hot reload: the gateway's current policy behind an [`ArcSwap`], replaced
+//! only by a policy that compiled without errors.
+//!
+//! The request path calls [`PolicyStore::current`] once per request and keeps
+//! the returned `Arc` for the whole request, so no decision mixes two versions
+//! and requests in flight are unaffected by a swap.
+//!
+//! Reloads come from three places, all ending in [`PolicyStore::reload`]:
+//! the file watcher ([`PolicyStore::watch`], debounced so that a `git checkout`
+//! of ten files is one reload), SIGHUP ([`PolicyStore::on_sighup`], wired by
+//! [`PolicyStore::listen_sighup`]) and tests. Reading and compiling run on the
+//! blocking pool, never on the request path. Reloads are serialised so an
+//! older build can never be swapped in after a newer one.
+//!
+//! What is built from the files is the caller's business (`T`): the gateway
+//! builds the compiled policy plus the tenants resolved from its config; the
+//! store only knows how to read inputs, keep the last good value and report.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+
+use crate::analysis::{self, Analysis};
+use crate::diag::Diagnostic;
+use crate::load::{self, PolicyDir};
+use crate::metrics::Metrics;
+use crate::source::Sources;
+
+/// Where the inputs of a build are read from.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// The policy directory (or a single `.route` file).
+    pub policy: PathBuf,
+    /// The gateway's config file, if any; watched and re-read with the policy.
+    pub config: Option<PathBuf>,
+}
+
+/// The config file as read for one build.
+#[derive(Clone, Debug)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+/// Everything a build reads, gathered before building so the build is pure.
+#[derive(Debug)]
+pub struct Inputs {
+    pub policy: PolicyDir,
+    pub config: Option<ConfigFile>,
+}
+
+/// What a successful build hands to the store.
+#[derive(Debug)]
+pub struct Built<T> {
+    pub value: T,
+    /// The policy version (`CompiledPolicy::version`, or [`sources_version`]).
+    pub version: String,
+    /// Rendered warnings, shown at `GET /admin/policy`.
+    pub warnings: Vec<String>,
+}
+
+/// Why a build or reload failed: a one-line summary plus rendered diagnostics.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Failure {
+    pub summary: String,
+    pub diagnostics: Vec<String>,
+}
+
+impl Failure {
+    pub fn new(summary: impl Into<String>) -> Self {
+        Failure { summary: summary.into(), diagnostics: Vec::new() }
+    }
+
+    /// A failure made of the errors among `diagnostics` (warnings are left out).
+    pub fn from_diagnostics(sources: &Sources, diagnostics: &[Diagnostic]) -> Self {
+        let errors: Vec<&Diagnostic> = diagnostics.iter().filter(|d| d.is_error()).collect();
+        let summary = match errors.len() {
+            1 => "the policy has 1 error".to_string(),
+            n => format!("the policy has {n} errors"),
+        };
+        Failure { summary, diagnostics: errors.into_iter().map(|d| render_one(sources, d)).collect() }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.summary)?;
+        for d in &self.diagnostics {
+            write!(f, "\n{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The function that turns inputs into the value the gateway serves.
+pub type Builder<T> = dyn Fn(&Inputs) -> Result<Built<T>, Failure> + Send + Sync;
+
+/// One loaded, valid policy as the request path sees it.
+#[derive(Debug)]
+pub struct Loaded<T> {
+    pub value: T,
+    pub version: String,
+    pub loaded_at: SystemTime,
+    /// The source files, in load order.
+    pub files: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Why a reload ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    Start,
+    Watch,
+    Sighup,
+    Manual,
+}
+
+/// The result of the last reload, for the admin endpoint.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReloadRecord {
+    pub ok: bool,
+    #[serde(serialize_with = "ser_time")]
+    pub at: SystemTime,
+    pub trigger: Trigger,
+    /// The version now serving after this reload.
+    pub version: String,
+    pub duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Failure>,
+}
+
+/// Counters and the last outcomes, kept for `GET /admin/policy` and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct ReloadStatus {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub last: Option<ReloadRecord>,
+    /// The last failed reload, kept after later successes so it can still be read.
+    pub last_failure: Option<ReloadRecord>,
+}
+
+/// The policy store: the current policy and how to replace it.
+pub struct PolicyStore<T> {
+    current: ArcSwap<Loaded<T>>,
+    paths: Paths,
+    builder: Arc<Builder<T>>,
+    status: Mutex<ReloadStatus>,
+    /// Serialises reloads (watcher, SIGHUP and manual may overlap).
+    reloading: tokio::sync::Mutex<()>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl<T: Send + Sync + 'static> PolicyStore<T> {
+    /// Read and build the initial policy; the gateway refuses to start without one.
+    pub fn load(
+        paths: Paths,
+        builder: impl Fn(&Inputs) -> Result<Built<T>, Failure> + Send + Sync + 'static,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Arc<Self>, Failure> {
+        let builder: Arc<Builder<T>> = Arc::new(builder);
+        let started = Instant::now();
+        let loaded = build_from_disk(&paths, &*builder)?;
+        let record = ReloadRecord {
+            ok: true,
+            at: loaded.loaded_at,
+            trigger: Trigger::Start,
+            version: loaded.version.clone(),
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            error: None,
+        };
+        if let Some(m) = &metrics {
+            m.policy_loaded(&loaded.version, true);
+        }
+        let status = ReloadStatus { succeeded: 1, failed: 0, last: Some(record), last_failure: None };
+        Ok(Arc::new(PolicyStore {
+            current: ArcSwap::from_pointee(loaded),
+            paths,
+            builder,
+            status: Mutex::new(status),
+            reloading: tokio::sync::Mutex::new(()),
+            metrics,
+        }))
+    }
+
+    /// The policy for one request: load once, keep the `Arc` until the response is done.
+    pub fn current(&self) -> Arc<Loaded<T>> {
+        self.current.load_full()
+    }
+
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    pub fn status(&self) -> ReloadStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Re-read and rebuild; swap only when the build succeeds, else keep the
+    /// last good policy, log the diagnostics and record the failure.
+    pub async fn reload(self: &Arc<Self>, trigger: Trigger) -> Result<String, Failure> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let started = Instant::now();
+        let paths = self.paths.clone();
+        let builder = Arc::clone(&self.builder);
+        let built = tokio::task::spawn_blocking(move || build_from_disk(&paths, &*builder))
+            .await
+            .unwrap_or_else(|e| Err(Failure::new(format!("the policy build crashed: {e}"))));
+        let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match built {
+            Ok(loaded) => {
+                let version = loaded.version.clone();
+                let warnings = loaded.warnings.len();
+                self.current.store(Arc::new(loaded));
+                tracing::info!(version = %version, ?trigger, duration_ms, warnings, "policy reloaded");
+                self.record(ReloadRecord {
+                    ok: true,
+                    at: SystemTime::now(),
+                    trigger,
+                    version: version.clone(),
+                    duration_ms,
+                    error: None,
+                });
+                Ok(version)
+            }
+            Err(failure) => {
+                let serving = self.current().version.clone();
+                tracing::error!(
+                    serving = %serving,
+                    ?trigger,
+                    "policy reload refused, the last good policy keeps serving: {failure}"
+                );
+                self.record(ReloadRecord {
+                    ok: false,
+                    at: SystemTime::now(),
+                    trigger,
+                    version: serving,
+                    duration_ms,
+                    error: Some(failure.clone()),
+                });
+                Err(failure)
+            }
+        }
+    }
+
+    /// What a SIGHUP does; the signal listener calls this, and so can tests.
+    pub async fn on_sighup(self: &Arc<Self>) -> Result<String, Failure> {
+        self.reload(Trigger::Sighup).await
+    }
+
+    /// Reload on every SIGHUP until the returned task is aborted.
+    pub fn listen_sighup(self: &Arc<Self>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Registered before returning, so a SIGHUP sent right after is not lost
+        // (and does not kill the process with the default action).
+        let mut hup = signal(SignalKind::hangup())?;
+        let store = Arc::clone(self);
+        Ok(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                // The outcome is logged and recorded by `reload`.
+                let _ = store.on_sighup().await;
+            }
+        }))
+    }
+
+    /// Watch the policy directory and the config file; reload after a quiet period.
+    ///
+    /// Directories are watched, not files: editors that save by writing a
+    /// temporary file and renaming it over the original replace the file's
+    /// inode, which a watch on the file itself would lose.
+    pub fn watch(self: &Arc<Self>, debounce: Debounce) -> Result<WatchHandle, notify::Error> {
+        use notify::Watcher;
+        let targets = Targets::new(&self.paths)?;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let wake_tx = Arc::clone(&wake);
+        let filter = targets.clone();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(event) if filter.is_relevant(&event) => wake_tx.notify_one(),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("policy watcher error: {e}"),
+        })?;
+        for dir in targets.dirs() {
+            watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        }
+        let store = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            loop {
+                wake.notified().await;
+                debounce.settle(&wake).await;
+                // The outcome is logged and recorded by `reload`.
+                let _ = store.reload(Trigger::Watch).await;
+            }
+        });
+        Ok(WatchHandle { _watcher: watcher, task })
+    }
+
+    fn record(&self, record: ReloadRecord) {
+        if let Some(m) = &self.metrics {
+            m.policy_loaded(&record.version, record.ok);
+        }
+        if let Ok(mut s) = self.status.lock() {
+            if record.ok {
+                s.succeeded = s.succeeded.saturating_add(1);
+            } else {
+                s.failed = s.failed.saturating_add(1);
+                s.last_failure = Some(record.clone());
+            }
+            s.last = Some(record);
+        }
+    }
+
+    /// The body of `GET /admin/policy`.
+    pub fn admin_policy_json(&self) -> serde_json::Value {
+        let loaded = self.current();
+        let status = self.status();
+        serde_json::json!({
+            "version": loaded.version,
+            "loaded_at": rfc3339(loaded.loaded_at),
+            "policy_path": self.paths.policy.display().to_string(),
+            "config_path": self.paths.config.as_ref().map(|p| p.display().to_string()),
+            "files": loaded.files,
+            "warnings": loaded.warnings,
+            "reloads": { "succeeded": status.succeeded, "failed": status.failed },
+            "last_reload": status.last,
+            "last_failure": status.last_failure,
+        })
+    }
+}
+
+/// How long the files must stay quiet before a reload, and the longest wait
+/// under a continuous stream of changes.
+#[derive(Clone, Copy, Debug)]
+pub struct Debounce {
+    pub quiet: Duration,
+    pub max_wait: Duration,
+}
+
+impl Default for Debounce {
+    fn default() -> Self {
+        Debounce { quiet: Duration::from_millis(150), max_wait: Duration::from_secs(2) }
+    }
+}
+
+impl Debounce {
+    /// Return once no change has arrived for `quiet`, or `max_wait` has passed.
+    async fn settle(&self, wake: &tokio::sync::Notify) {
+        let deadline = tokio::time::Instant::now() + self.max_wait;
+        loop {
+            let quiet_until = (tokio::time::Instant::now() + self.quiet).min(deadline);
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep_until(quiet_until) => return,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+        }
+    }
+}
+
+/// Keeps the watcher alive; dropping it stops watching.
+pub struct WatchHandle {
+    _watcher: notify::RecommendedWatcher,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for WatchHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Which paths matter to a reload. Paths are canonical, matching what the
+/// watcher reports for canonical watch roots.
+#[derive(Clone, Debug)]
+struct Targets {
+    policy_dir: PathBuf,
+    /// Set when the policy is a single file.
+    policy_file: Option<OsString>,
+    config: Option<(PathBuf, OsString)>,
+}
+
+impl Targets {
+    fn new(paths: &Paths) -> Result<Self, notify::Error> {
+        let policy = std::fs::canonicalize(&paths.policy).map_err(notify::Error::io)?;
+        let (policy_dir, policy_file) = if policy.is_file() { split(&policy)? } else { (policy, None) };
+        let config = match &paths.config {
+            Some(c) => {
+                let c = std::fs::canonicalize(c).map_err(notify::Error::io)?;
+                match split(&c)? {
+                    (dir, Some(name)) => Some((dir, name)),
+                    (_, None) => None,
+                }
+            }
+            None => None,
+        };
+        Ok(Targets { policy_dir, policy_file, config })
+    }
+
+    fn dirs(&self) -> Vec<&Path> {
+        let mut dirs = vec![self.policy_dir.as_path()];
+        if let Some((dir, _)) = &self.config {
+            if *dir != self.policy_dir {
+                dirs.push(dir.as_path());
+            }
+        }
+        dirs
+    }
+
+    fn is_relevant(&self, event: &notify::Event) -> bool {
+        use notify::event::{AccessKind, AccessMode, EventKind};
+        match event.kind {
+            // Our own reads of the files must not trigger another reload.
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+            EventKind::Access(_) => return false,
+            _ => {}
+        }
+        event.paths.iter().any(|p| self.is_relevant_path(p))
+    }
+
+    fn is_relevant_path(&self, path: &Path) -> bool {
+        if path == self.policy_dir {
+            return true;
+        }
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return false };
+        if dir == self.policy_dir {
+            let hit = match &self.policy_file {
+                Some(f) => name == f,
+                // Editor swap and backup files (`.x.route.swp`, `x.route~`) do not end in `.route`.
+                None => path.extension().is_some_and(|e| e == "route"),
+            };
+            if hit {
+                return true;
+            }
+        }
+        self.config.as_ref().is_some_and(|(cdir, cname)| dir == cdir && name == cname)
+    }
+}
+
+fn split(path: &Path) -> Result<(PathBuf, Option<OsString>), notify::Error> {
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| notify::Error::generic(&format!("`{}` has no parent directory", path.display())))?;
+    Ok((dir, path.file_name().map(OsString::from)))
+}
+
+/// Read the inputs and build; the caller decides whether to swap.
+fn build_from_disk<T>(paths: &Paths, builder: &Builder<T>) -> Result<Loaded<T>, Failure> {
+    let policy = load::read_policy(&paths.policy).map_err(|e| Failure::new(e.to_string()))?;
+    let config = match &paths.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Failure::new(format!("cannot read `{}`: {e}", path.display())))?;
+            Some(ConfigFile { path: path.clone(), text })
+        }
+        None => None,
+    };
+    let files = policy.sources.iter().map(|(_, f)| f.name.clone()).collect();
+    let inputs = Inputs { policy, config };
+    let built = builder(&inputs)?;
+    Ok(Loaded {
+        value: built.value,
+        version: built.version,
+        loaded_at: SystemTime::now(),
+        files,
+        warnings: built.warnings,
+    })
+}
+
+/// A builder that only analyses the policy; used until the gateway plugs in
+/// `compile` and its tenants, and by tests.
+pub fn analysis_builder(inputs: &Inputs) -> Result<Built<Analysis>, Failure> {
+    let sources = &inputs.policy.sources;
+    let analysis = analysis::analyze(sources);
+    if analysis.has_errors() {
+        return Err(Failure::from_diagnostics(sources, &analysis.diagnostics));
+    }
+    let warnings = analysis.warnings().map(|d| render_one(sources, d)).collect();
+    Ok(Built { value: analysis, version: sources_version(sources), warnings })
+}
+
+/// A short hex hash of the file names and texts.
+pub fn sources_version(sources: &Sources) -> String {
+    let mut h = Sha256::new();
+    for (_, f) in sources.iter() {
+        h.update(f.name.as_bytes());
+        h.update([0]);
+        h.update(f.text.as_bytes());
+        h.update([0]);
+    }
+    let digest = hex::encode(h.finalize());
+    digest.chars().take(12).collect()
+}
+
+/// One diagnostic on one line: `file:line:col: error[route::code]: message (help: ...)`.
+pub fn render_one(sources: &Sources, d: &Diagnostic) -> String {
+    let severity = if d.is_error() { "error" } else { "warning" };
+    let location = d.span().map(|s| format!("{}: ", sources.location(s))).unwrap_or_default();
+    let mut out = format!("{location}{severity}[{}]: {}", d.code, d.message);
+    if let Some(label) = d.labels.iter().find(|l| l.primary && !l.message.is_empty()) {
+        out.push_str(&format!(" ({})", label.message));
+    }
+    if let Some(help) = &d.help {
+        out.push_str(&format!("; help: {help}"));
+    }
+    out
+}
+
+fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*t))
+}
+
+/// `2026-11-25T20:43:04.123Z`, without pulling in a date crate.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A policy file is "valid" unless it contains `BROKEN`; the value is the text.
+    fn fake_builder(calls: Arc<AtomicUsize>) -> impl Fn(&Inputs) -> Result<Built<String>, Failure> + Send + Sync {
+        move |inputs: &Inputs| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut all = String::new();
+            for (_, f) in inputs.policy.sources.iter() {
+                all.push_str(&f.text);
+            }
+            if let Some(c) = &inputs.config {
+                all.push_str(&c.text);
+            }
+            if all.contains("BROKEN") {
+                return Err(Failure {
+                    summary: "the policy has 1 error".into(),
+                    diagnostics: vec!["a.route:1:1: error[route::syntax]: broken".into()],
+                });
+            }
+            Ok(Built { value: all, version: sources_version(&inputs.policy.sources), warnings: vec![] })
+        }
+    }
+
+    fn setup(files: &[(&str, &str)]) -> (tempfile::TempDir, Paths) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("policy");
+        std::fs::create_dir(&dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let config = tmp.path().join("gateway.yaml");
+        std::fs::write(&config, "tenants: []\n").unwrap();
+        (tmp, Paths { policy: dir, config: Some(config) })
+    }
+
+    #[tokio::test]
+    async fn a_valid_policy_is_swapped_in() {
+        let (_tmp, paths) = setup(&[("a.route", "one")]);
+        let store = PolicyStore::load(paths.clone(), fake_builder(Arc::default()), None).unwrap();
+        let before = store.current();
+        std::fs::write(paths.policy.join("a.route"), "two").unwrap();
+        let version = store.reload(Trigger::Manual).await.unwrap();
+        let after = store.current();
+        assert_ne!(before.version, after.version);
+        assert_eq!(after.version, version);
+        assert!(after.value.starts_with("two"));
+        // A request that loaded before the swap still sees its own version.
+        assert!(before.value.starts_with("one"));
+        assert_eq!(store.status().succeeded, 2);
+    }
+
+    #[tokio::test]
+    async fn an_invalid_policy_keeps_the_old_one_and_records_the_error() {
+        let (_tmp, paths) = setup(&[("a.route", "one")]);
+        let metrics = Arc::new(Metrics::new());
+        let store = PolicyStore::load(paths.clone(), fake_builder(Arc::default()), Some(Arc::clone(&metrics))).unwrap();
+        let good = store.current().version.clone();
+        std::fs::write(paths.policy.join("a.route"), "BROKEN").unwrap();
+        let err = store.reload(Trigger::Manual).await.unwrap_err();
+        assert_eq!(err.diagnostics.len(), 1);
+        assert_eq!(store.current().version, good);
+        let status = store.status();
+        assert_eq!((status.succeeded, status.failed), (1, 1));
+        let admin = store.admin_policy_json();
+        assert_eq!(admin["version"], good.as_str());
+        assert_eq!(admin["last_reload"]["ok"], false);
+        assert_eq!(admin["last_reload"]["error"]["diagnostics"][0], "a.route:1:1: error[route::syntax]: broken");
+        assert_eq!(admin["reloads"]["failed"], 1);
+        let text = metrics.encode();
+        assert!(text.contains("routeplane_policy_reloads_total{result=\"error\"} 1"), "{text}");
+        // A broken config file is refused the same way, and a missing directory too.
+        std::fs::write(paths.policy.join("a.route"), "one").unwrap();
+        std::fs::write(paths.config.as_ref().unwrap(), "BROKEN").unwrap();
+        assert!(store.reload(Trigger::Manual).await.is_err());
+        std::fs::remove_dir_all(&paths.policy).unwrap();
+        let err = store.reload(Trigger::Manual).await.unwrap_err();
+        assert!(err.summary.starts_with("cannot read"), "{err}");
+        assert_eq!(store.current().version, good);
+    }
+
+    #[tokio::test]
+    async fn the_initial_load_must_succeed() {
+        let (_tmp, paths) = setup(&[("a.route", "BROKEN")]);
+        assert!(PolicyStore::load(paths, fake_builder(Arc::default()), None).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_ten_writes_is_one_reload() {
+        let (_tmp, paths) = setup(&[("a.route", "one")]);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let store = PolicyStore::load(paths.clone(), fake_builder(Arc::clone(&calls)), None).unwrap();
+        let _watch =
+            store.watch(Debounce { quiet: Duration::from_millis(200), max_wait: Duration::from_secs(5) }).unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Like a `git checkout`: ten files change at once, some replaced by rename.
+        for i in 0..10 {
+            let target = paths.policy.join(format!("f{i}.route"));
+            if i % 2 == 0 {
+                std::fs::write(&target, format!("file {i}")).unwrap();
+            } else {
+                let tmp = paths.policy.join(format!(".f{i}.route.tmp"));
+                std::fs::write(&tmp, format!("file {i}")).unwrap();
+                std::fs::rename(&tmp, &target).unwrap();
+            }
+        }
+        wait_for(|| store.status().succeeded == 2).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "exactly one reload after the initial load");
+        assert_eq!(store.current().files.len(), 11);
+        assert_eq!(store.status().last.unwrap().trigger, Trigger::Watch);
+
+        // Files that are not `.route` (editor swap files, notes) do not reload.
+        std::fs::write(paths.policy.join(".a.route.swp"), "x").unwrap();
+        std::fs::write(paths.policy.join("notes.txt"), "x").unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        // The config file is watched too, including a save by rename.
+        let config = paths.config.clone().unwrap();
+        let tmp = config.with_extension("yaml.tmp");
+        std::fs::write(&tmp, "tenants: [x]\n").unwrap();
+        std::fs::rename(&tmp, &config).unwrap();
+        wait_for(|| store.status().succeeded == 3).await;
+        assert!(store.current().value.ends_with("tenants: [x]\n"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sighup_reloads() {
+        let (_tmp, paths) = setup(&[("a.route", "one")]);
+        let store = PolicyStore::load(paths.clone(), fake_builder(Arc::default()), None).unwrap();
+        std::fs::write(paths.policy.join("a.route"), "two").unwrap();
+        store.on_sighup().await.unwrap();
+        assert!(store.current().value.starts_with("two"));
+        assert_eq!(store.status().last.unwrap().trigger, Trigger::Sighup);
+
+        // The real signal, sent to this test process.
+        let _listener = store.listen_sighup().unwrap();
+        std::fs::write(paths.policy.join("a.route"), "three").unwrap();
+        let status =
+            std::process::Command::new("kill").arg("-HUP").arg(std::process::id().to_string()).status().unwrap();
+        assert!(status.success());
+        wait_for(|| store.current().value.starts_with("three")).await;
+    }
+
+    async fn wait_for(mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[test]
+    fn the_analysis_builder_refuses_syntax_errors() {
+        let mut sources = Sources::new();
+        sources.add("a.route", "model {{{ nonsense");
+        let inputs = Inputs { policy: PolicyDir { root: PathBuf::from("."), sources }, config: None };
+        let err = analysis_builder(&inputs).unwrap_err();
+        assert!(!err.diagnostics.is_empty());
+        assert!(err.diagnostics[0].starts_with("a.route:1:"), "{err}");
+    }
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_639_384_123);
+        assert_eq!(rfc3339(t), "2026-11-25T20:43:04.123Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+}
