@@ -503,10 +503,11 @@ pub fn compile(sources: &Sources) -> Result<CompiledPolicy, Analysis> {
 pub fn version_of(sources: &Sources) -> String {
     let mut h = Sha256::new();
     for (_, f) in sources.iter() {
-        h.update((f.name.len() as u64).to_le_bytes());
+        // The same scheme as the reload store's, so both report one version.
         h.update(f.name.as_bytes());
-        h.update((f.text.len() as u64).to_le_bytes());
+        h.update([0]);
         h.update(f.text.as_bytes());
+        h.update([0]);
     }
     let digest = hex::encode(h.finalize());
     digest.chars().take(12).collect()
