@@ -15,6 +15,7 @@ pub mod config;
 pub mod decide;
 pub mod decision_log;
 pub mod diag;
+pub mod fmt;
 pub mod ir;
 pub mod load;
 pub mod lower;
