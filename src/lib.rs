@@ -20,3 +20,4 @@ pub mod metrics;
 pub mod reload;
 pub mod source;
 pub mod syntax;
+pub mod check;
