@@ -11,13 +11,15 @@
 
 pub mod analysis;
 pub mod config;
+pub mod decision_log;
 pub mod diag;
 pub mod ir;
 pub mod load;
-pub mod lsp;
 pub mod lower;
+pub mod lsp;
 pub mod metrics;
 pub mod reload;
+pub mod render;
 pub mod source;
 pub mod syntax;
 pub mod check;

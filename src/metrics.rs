@@ -27,7 +27,8 @@ use crate::ir::Micros;
 /// The `Content-Type` of [`Metrics::encode`]'s output (Prometheus text format).
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// The `Content-Type` of [`Metrics::encode_openmetrics`]'s output.
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The label value for an absent feature, intent, model or provider.
 pub const NONE: &str = "none";
@@ -96,7 +97,9 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Latency buckets from 1 ms to about 65 s, doubling.
 fn latency_histogram() -> Histogram {
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 17,
+    ))
 }
 
 /// What the gateway knows when a request is finished.
@@ -182,14 +185,16 @@ impl Metrics {
             "Requests answered, by tenant, feature, intent, model, provider and HTTP status",
             requests.clone(),
         );
-        let duration: HistogramFamily<ModelLabels> = Family::new_with_constructor(latency_histogram);
+        let duration: HistogramFamily<ModelLabels> =
+            Family::new_with_constructor(latency_histogram);
         registry.register_with_unit(
             "request_duration",
             "Total request latency as seen by the gateway",
             Unit::Seconds,
             duration.clone(),
         );
-        let first_token: HistogramFamily<ModelLabels> = Family::new_with_constructor(latency_histogram);
+        let first_token: HistogramFamily<ModelLabels> =
+            Family::new_with_constructor(latency_histogram);
         registry.register_with_unit(
             "first_token",
             "Latency until the first byte of the answer",
@@ -197,9 +202,17 @@ impl Metrics {
             first_token.clone(),
         );
         let input_tokens = Family::default();
-        registry.register("input_tokens", "Input (prompt) tokens reported by providers", input_tokens.clone());
+        registry.register(
+            "input_tokens",
+            "Input (prompt) tokens reported by providers",
+            input_tokens.clone(),
+        );
         let output_tokens = Family::default();
-        registry.register("output_tokens", "Output (completion) tokens reported by providers", output_tokens.clone());
+        registry.register(
+            "output_tokens",
+            "Output (completion) tokens reported by providers",
+            output_tokens.clone(),
+        );
         let provider_errors = Family::default();
         registry.register(
             "provider_errors",
@@ -207,9 +220,17 @@ impl Metrics {
             provider_errors.clone(),
         );
         let retries = Family::default();
-        registry.register("retries", "Retries of the same model after a failed attempt", retries.clone());
+        registry.register(
+            "retries",
+            "Retries of the same model after a failed attempt",
+            retries.clone(),
+        );
         let fallbacks = Family::default();
-        registry.register("fallbacks", "Moves to the next model of the decision after a failure", fallbacks.clone());
+        registry.register(
+            "fallbacks",
+            "Moves to the next model of the decision after a failure",
+            fallbacks.clone(),
+        );
         let estimated_cost = Family::default();
         registry.register_with_unit(
             "estimated_cost",
@@ -231,9 +252,17 @@ impl Metrics {
             breakers.clone(),
         );
         let policy_info = Family::default();
-        registry.register("policy_info", "The policy version serving (value 1)", policy_info.clone());
+        registry.register(
+            "policy_info",
+            "The policy version serving (value 1)",
+            policy_info.clone(),
+        );
         let reloads = Family::default();
-        registry.register("policy_reloads", "Policy loads by result (ok or error)", reloads.clone());
+        registry.register(
+            "policy_reloads",
+            "Policy loads by result (ok or error)",
+            reloads.clone(),
+        );
         let last_reload = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "policy_last_reload_success_timestamp_seconds",
@@ -281,21 +310,41 @@ impl Metrics {
                 status: r.status.to_string(),
             })
             .inc();
-        let ml = ModelLabels { model: model.to_string(), provider: provider.to_string() };
-        self.duration.get_or_create(&ml).observe(r.total.as_secs_f64());
+        let ml = ModelLabels {
+            model: model.to_string(),
+            provider: provider.to_string(),
+        };
+        self.duration
+            .get_or_create(&ml)
+            .observe(r.total.as_secs_f64());
         if let Some(ft) = r.first_token {
-            self.first_token.get_or_create(&ml).observe(ft.as_secs_f64());
+            self.first_token
+                .get_or_create(&ml)
+                .observe(ft.as_secs_f64());
         }
         if r.input_tokens > 0 || r.output_tokens > 0 {
-            let tl = TokenLabels { tenant: r.tenant.to_string(), model: ml.model, provider: ml.provider };
+            let tl = TokenLabels {
+                tenant: r.tenant.to_string(),
+                model: ml.model,
+                provider: ml.provider,
+            };
             self.input_tokens.get_or_create(&tl).inc_by(r.input_tokens);
-            self.output_tokens.get_or_create(&tl).inc_by(r.output_tokens);
+            self.output_tokens
+                .get_or_create(&tl)
+                .inc_by(r.output_tokens);
         }
         if r.estimated_cost > 0 || r.actual_cost > 0 {
-            let cl =
-                CostLabels { tenant: r.tenant.to_string(), feature: feature.to_string(), model: model.to_string() };
-            self.estimated_cost.get_or_create(&cl).inc_by(dollars(r.estimated_cost));
-            self.actual_cost.get_or_create(&cl).inc_by(dollars(r.actual_cost));
+            let cl = CostLabels {
+                tenant: r.tenant.to_string(),
+                feature: feature.to_string(),
+                model: model.to_string(),
+            };
+            self.estimated_cost
+                .get_or_create(&cl)
+                .inc_by(dollars(r.estimated_cost));
+            self.actual_cost
+                .get_or_create(&cl)
+                .inc_by(dollars(r.actual_cost));
         }
     }
 
@@ -311,31 +360,56 @@ impl Metrics {
     }
 
     pub fn retry(&self, model: &str, provider: &str) {
-        self.retries.get_or_create(&ModelLabels { model: model.to_string(), provider: provider.to_string() }).inc();
+        self.retries
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+                provider: provider.to_string(),
+            })
+            .inc();
     }
 
     pub fn fallback(&self, from: &str, to: &str) {
-        self.fallbacks.get_or_create(&FallbackLabels { from: from.to_string(), to: to.to_string() }).inc();
+        self.fallbacks
+            .get_or_create(&FallbackLabels {
+                from: from.to_string(),
+                to: to.to_string(),
+            })
+            .inc();
     }
 
     pub fn breaker_state(&self, scope: BreakerScope, name: &str, state: BreakerGauge) {
         self.breakers
-            .get_or_create(&BreakerLabels { scope: scope.as_str().to_string(), name: name.to_string() })
+            .get_or_create(&BreakerLabels {
+                scope: scope.as_str().to_string(),
+                name: name.to_string(),
+            })
             .set(state as i64);
     }
 
     /// A policy load or reload finished; `version` is the one now serving.
     pub fn policy_loaded(&self, version: &str, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.reloads.get_or_create(&ResultLabels { result: result.to_string() }).inc();
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
         // Make sure the other result shows as 0 rather than missing, so
         // `rate(..{result="error"})` works before the first failure.
         let other = if ok { "error" } else { "ok" };
-        drop(self.reloads.get_or_create(&ResultLabels { result: other.to_string() }));
+        drop(self.reloads.get_or_create(&ResultLabels {
+            result: other.to_string(),
+        }));
         if ok {
             self.policy_info.clear();
-            self.policy_info.get_or_create(&VersionLabels { version: version.to_string() }).set(1);
-            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+            self.policy_info
+                .get_or_create(&VersionLabels {
+                    version: version.to_string(),
+                })
+                .set(1);
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
             self.last_reload.set(now.as_secs_f64());
         }
     }
@@ -367,18 +441,27 @@ impl Metrics {
 /// it; the Prometheus text format names both with it. `# UNIT` and `# EOF`
 /// do not exist there.
 fn openmetrics_to_prometheus(text: &str) -> String {
-    let counters: std::collections::HashSet<&str> =
-        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.strip_suffix(" counter")).collect();
+    let counters: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
         if line.starts_with("# UNIT ") || line == "# EOF" {
             continue;
         }
-        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
         match meta {
             Some((prefix, rest)) => {
                 let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                let suffix = if counters.contains(name) { "_total" } else { "" };
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
                 let _ = writeln!(out, "{prefix}{name}{suffix} {tail}");
             }
             None => {
@@ -417,7 +500,11 @@ mod tests {
             estimated_cost: 2_500,
             actual_cost: 1_500_000,
         });
-        m.request_done(&RequestDone { tenant: "acme", status: 403, ..Default::default() });
+        m.request_done(&RequestDone {
+            tenant: "acme",
+            status: 403,
+            ..Default::default()
+        });
         m.attempt_failed("gpt-4o", "openai", "429");
         m.attempt_failed("gpt-4o", "openai", "timeout");
         m.retry("gpt-4o", "openai");
@@ -475,13 +562,30 @@ mod tests {
             .stderr(Stdio::piped())
             .spawn()
         else {
-            assert!(std::env::var_os("CI").is_none(), "promtool is missing on CI: run scripts/install-test-deps.sh");
-            eprintln!("promtool not installed, skipping (scripts/install-test-deps.sh installs it)");
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "promtool is missing on CI: run scripts/install-test-deps.sh"
+            );
+            eprintln!(
+                "promtool not installed, skipping (scripts/install-test-deps.sh installs it)"
+            );
             return;
         };
-        child.stdin.take().unwrap().write_all(sample().encode().as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(sample().encode().as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
-        let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && report.trim().is_empty(),
+            "promtool check metrics:\n{report}"
+        );
     }
 }

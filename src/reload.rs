@@ -72,7 +72,10 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(summary: impl Into<String>) -> Self {
-        Failure { summary: summary.into(), diagnostics: Vec::new() }
+        Failure {
+            summary: summary.into(),
+            diagnostics: Vec::new(),
+        }
     }
 
     /// A failure made of the errors among `diagnostics` (warnings are left out).
@@ -82,7 +85,10 @@ impl Failure {
             1 => "the policy has 1 error".to_string(),
             n => format!("the policy has {n} errors"),
         };
-        Failure { summary, diagnostics: errors.into_iter().map(|d| render_one(sources, d)).collect() }
+        Failure {
+            summary,
+            diagnostics: errors.into_iter().map(|d| render_one(sources, d)).collect(),
+        }
     }
 }
 
@@ -176,7 +182,12 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
         if let Some(m) = &metrics {
             m.policy_loaded(&loaded.version, true);
         }
-        let status = ReloadStatus { succeeded: 1, failed: 0, last: Some(record), last_failure: None };
+        let status = ReloadStatus {
+            succeeded: 1,
+            failed: 0,
+            last: Some(record),
+            last_failure: None,
+        };
         Ok(Arc::new(PolicyStore {
             current: ArcSwap::from_pointee(loaded),
             paths,
@@ -278,11 +289,12 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
         let wake = Arc::new(tokio::sync::Notify::new());
         let wake_tx = Arc::clone(&wake);
         let filter = targets.clone();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            Ok(event) if filter.is_relevant(&event) => wake_tx.notify_one(),
-            Ok(_) => {}
-            Err(e) => tracing::warn!("policy watcher error: {e}"),
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+                Ok(event) if filter.is_relevant(&event) => wake_tx.notify_one(),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("policy watcher error: {e}"),
+            })?;
         for dir in targets.dirs() {
             watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
         }
@@ -295,7 +307,10 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
                 let _ = store.reload(Trigger::Watch).await;
             }
         });
-        Ok(WatchHandle { _watcher: watcher, task })
+        Ok(WatchHandle {
+            _watcher: watcher,
+            task,
+        })
     }
 
     fn record(&self, record: ReloadRecord) {
@@ -341,7 +356,10 @@ pub struct Debounce {
 
 impl Default for Debounce {
     fn default() -> Self {
-        Debounce { quiet: Duration::from_millis(150), max_wait: Duration::from_secs(2) }
+        Debounce {
+            quiet: Duration::from_millis(150),
+            max_wait: Duration::from_secs(2),
+        }
     }
 }
 
@@ -387,7 +405,11 @@ struct Targets {
 impl Targets {
     fn new(paths: &Paths) -> Result<Self, notify::Error> {
         let policy = std::fs::canonicalize(&paths.policy).map_err(notify::Error::io)?;
-        let (policy_dir, policy_file) = if policy.is_file() { split(&policy)? } else { (policy, None) };
+        let (policy_dir, policy_file) = if policy.is_file() {
+            split(&policy)?
+        } else {
+            (policy, None)
+        };
         let config = match &paths.config {
             Some(c) => {
                 let c = std::fs::canonicalize(c).map_err(notify::Error::io)?;
@@ -398,7 +420,11 @@ impl Targets {
             }
             None => None,
         };
-        Ok(Targets { policy_dir, policy_file, config })
+        Ok(Targets {
+            policy_dir,
+            policy_file,
+            config,
+        })
     }
 
     fn dirs(&self) -> Vec<&Path> {
@@ -426,7 +452,9 @@ impl Targets {
         if path == self.policy_dir {
             return true;
         }
-        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return false };
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return false;
+        };
         if dir == self.policy_dir {
             let hit = match &self.policy_file {
                 Some(f) => name == f,
@@ -437,15 +465,16 @@ impl Targets {
                 return true;
             }
         }
-        self.config.as_ref().is_some_and(|(cdir, cname)| dir == cdir && name == cname)
+        self.config
+            .as_ref()
+            .is_some_and(|(cdir, cname)| dir == cdir && name == cname)
     }
 }
 
 fn split(path: &Path) -> Result<(PathBuf, Option<OsString>), notify::Error> {
-    let dir = path
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| notify::Error::generic(&format!("`{}` has no parent directory", path.display())))?;
+    let dir = path.parent().map(Path::to_path_buf).ok_or_else(|| {
+        notify::Error::generic(&format!("`{}` has no parent directory", path.display()))
+    })?;
     Ok((dir, path.file_name().map(OsString::from)))
 }
 
@@ -456,7 +485,10 @@ fn build_from_disk<T>(paths: &Paths, builder: &Builder<T>) -> Result<Loaded<T>, 
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| Failure::new(format!("cannot read `{}`: {e}", path.display())))?;
-            Some(ConfigFile { path: path.clone(), text })
+            Some(ConfigFile {
+                path: path.clone(),
+                text,
+            })
         }
         None => None,
     };
@@ -480,8 +512,15 @@ pub fn analysis_builder(inputs: &Inputs) -> Result<Built<Analysis>, Failure> {
     if analysis.has_errors() {
         return Err(Failure::from_diagnostics(sources, &analysis.diagnostics));
     }
-    let warnings = analysis.warnings().map(|d| render_one(sources, d)).collect();
-    Ok(Built { value: analysis, version: sources_version(sources), warnings })
+    let warnings = analysis
+        .warnings()
+        .map(|d| render_one(sources, d))
+        .collect();
+    Ok(Built {
+        value: analysis,
+        version: sources_version(sources),
+        warnings,
+    })
 }
 
 /// A short hex hash of the file names and texts.
@@ -500,7 +539,10 @@ pub fn sources_version(sources: &Sources) -> String {
 /// One diagnostic on one line: `file:line:col: error[route::code]: message (help: ...)`.
 pub fn render_one(sources: &Sources, d: &Diagnostic) -> String {
     let severity = if d.is_error() { "error" } else { "warning" };
-    let location = d.span().map(|s| format!("{}: ", sources.location(s))).unwrap_or_default();
+    let location = d
+        .span()
+        .map(|s| format!("{}: ", sources.location(s)))
+        .unwrap_or_default();
     let mut out = format!("{location}{severity}[{}]: {}", d.code, d.message);
     if let Some(label) = d.labels.iter().find(|l| l.primary && !l.message.is_empty()) {
         out.push_str(&format!(" ({})", label.message));
@@ -546,7 +588,9 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A policy file is "valid" unless it contains `BROKEN`; the value is the text.
-    fn fake_builder(calls: Arc<AtomicUsize>) -> impl Fn(&Inputs) -> Result<Built<String>, Failure> + Send + Sync {
+    fn fake_builder(
+        calls: Arc<AtomicUsize>,
+    ) -> impl Fn(&Inputs) -> Result<Built<String>, Failure> + Send + Sync {
         move |inputs: &Inputs| {
             calls.fetch_add(1, Ordering::SeqCst);
             let mut all = String::new();
@@ -562,7 +606,11 @@ mod tests {
                     diagnostics: vec!["a.route:1:1: error[route::syntax]: broken".into()],
                 });
             }
-            Ok(Built { value: all, version: sources_version(&inputs.policy.sources), warnings: vec![] })
+            Ok(Built {
+                value: all,
+                version: sources_version(&inputs.policy.sources),
+                warnings: vec![],
+            })
         }
     }
 
@@ -575,7 +623,13 @@ mod tests {
         }
         let config = tmp.path().join("gateway.yaml");
         std::fs::write(&config, "tenants: []\n").unwrap();
-        (tmp, Paths { policy: dir, config: Some(config) })
+        (
+            tmp,
+            Paths {
+                policy: dir,
+                config: Some(config),
+            },
+        )
     }
 
     #[tokio::test]
@@ -598,7 +652,12 @@ mod tests {
     async fn an_invalid_policy_keeps_the_old_one_and_records_the_error() {
         let (_tmp, paths) = setup(&[("a.route", "one")]);
         let metrics = Arc::new(Metrics::new());
-        let store = PolicyStore::load(paths.clone(), fake_builder(Arc::default()), Some(Arc::clone(&metrics))).unwrap();
+        let store = PolicyStore::load(
+            paths.clone(),
+            fake_builder(Arc::default()),
+            Some(Arc::clone(&metrics)),
+        )
+        .unwrap();
         let good = store.current().version.clone();
         std::fs::write(paths.policy.join("a.route"), "BROKEN").unwrap();
         let err = store.reload(Trigger::Manual).await.unwrap_err();
@@ -609,10 +668,16 @@ mod tests {
         let admin = store.admin_policy_json();
         assert_eq!(admin["version"], good.as_str());
         assert_eq!(admin["last_reload"]["ok"], false);
-        assert_eq!(admin["last_reload"]["error"]["diagnostics"][0], "a.route:1:1: error[route::syntax]: broken");
+        assert_eq!(
+            admin["last_reload"]["error"]["diagnostics"][0],
+            "a.route:1:1: error[route::syntax]: broken"
+        );
         assert_eq!(admin["reloads"]["failed"], 1);
         let text = metrics.encode();
-        assert!(text.contains("routeplane_policy_reloads_total{result=\"error\"} 1"), "{text}");
+        assert!(
+            text.contains("routeplane_policy_reloads_total{result=\"error\"} 1"),
+            "{text}"
+        );
         // A broken config file is refused the same way, and a missing directory too.
         std::fs::write(paths.policy.join("a.route"), "one").unwrap();
         std::fs::write(paths.config.as_ref().unwrap(), "BROKEN").unwrap();
@@ -633,9 +698,14 @@ mod tests {
     async fn a_burst_of_ten_writes_is_one_reload() {
         let (_tmp, paths) = setup(&[("a.route", "one")]);
         let calls = Arc::new(AtomicUsize::new(0));
-        let store = PolicyStore::load(paths.clone(), fake_builder(Arc::clone(&calls)), None).unwrap();
-        let _watch =
-            store.watch(Debounce { quiet: Duration::from_millis(200), max_wait: Duration::from_secs(5) }).unwrap();
+        let store =
+            PolicyStore::load(paths.clone(), fake_builder(Arc::clone(&calls)), None).unwrap();
+        let _watch = store
+            .watch(Debounce {
+                quiet: Duration::from_millis(200),
+                max_wait: Duration::from_secs(5),
+            })
+            .unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // Like a `git checkout`: ten files change at once, some replaced by rename.
         for i in 0..10 {
@@ -650,7 +720,11 @@ mod tests {
         }
         wait_for(|| store.status().succeeded == 2).await;
         tokio::time::sleep(Duration::from_millis(600)).await;
-        assert_eq!(calls.load(Ordering::SeqCst), 2, "exactly one reload after the initial load");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "exactly one reload after the initial load"
+        );
         assert_eq!(store.current().files.len(), 11);
         assert_eq!(store.status().last.unwrap().trigger, Trigger::Watch);
 
@@ -681,8 +755,11 @@ mod tests {
         // The real signal, sent to this test process.
         let _listener = store.listen_sighup().unwrap();
         std::fs::write(paths.policy.join("a.route"), "three").unwrap();
-        let status =
-            std::process::Command::new("kill").arg("-HUP").arg(std::process::id().to_string()).status().unwrap();
+        let status = std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(std::process::id().to_string())
+            .status()
+            .unwrap();
         assert!(status.success());
         wait_for(|| store.current().value.starts_with("three")).await;
     }
@@ -699,7 +776,13 @@ mod tests {
     fn the_analysis_builder_refuses_syntax_errors() {
         let mut sources = Sources::new();
         sources.add("a.route", "model {{{ nonsense");
-        let inputs = Inputs { policy: PolicyDir { root: PathBuf::from("."), sources }, config: None };
+        let inputs = Inputs {
+            policy: PolicyDir {
+                root: PathBuf::from("."),
+                sources,
+            },
+            config: None,
+        };
         let err = analysis_builder(&inputs).unwrap_err();
         assert!(!err.diagnostics.is_empty());
         assert!(err.diagnostics[0].starts_with("a.route:1:"), "{err}");
