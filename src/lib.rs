@@ -10,9 +10,12 @@
 )]
 
 pub mod analysis;
+pub mod compile;
 pub mod config;
+pub mod decide;
 pub mod decision_log;
 pub mod diag;
+pub mod fmt;
 pub mod ir;
 pub mod load;
 pub mod lower;
