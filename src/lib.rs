@@ -13,6 +13,7 @@ pub mod analysis;
 pub mod config;
 pub mod decision_log;
 pub mod diag;
+pub mod fmt;
 pub mod ir;
 pub mod load;
 pub mod lower;
