@@ -10,7 +10,9 @@
 )]
 
 pub mod analysis;
+pub mod compile;
 pub mod config;
+pub mod decide;
 pub mod decision_log;
 pub mod diag;
 pub mod fmt;
