@@ -25,3 +25,4 @@ pub mod reload;
 pub mod render;
 pub mod source;
 pub mod syntax;
+pub mod check;

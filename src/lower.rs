@@ -1486,10 +1486,15 @@ impl Lowerer {
                     if let Some(u) = self.provider_used.get_mut(id.index()) {
                         *u = true;
                     }
+                    // Blocking a provider is a deliberate use of its models:
+                    // a catalogue may list them to document the block.
                     for (i, m) in self.p.models.iter().enumerate() {
                         if m.provider == id {
                             if let Some(s) = set.get_mut(i) {
                                 *s = true;
+                            }
+                            if let Some(u) = self.model_used.get_mut(i) {
+                                *u = true;
                             }
                         }
                     }
