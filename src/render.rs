@@ -391,7 +391,13 @@ fn header(severity: Severity, code: &str) -> String {
 }
 
 fn named(src: &SourceFile) -> NamedSource<String> {
-    NamedSource::new(src.name.clone(), src.text.clone()).with_language("route")
+    let mut text = src.text.clone();
+    if !text.ends_with('\n') {
+        // miette draws no label at the very end of a text; a final line
+        // break gives an "at end of file" label a place to stand.
+        text.push('\n');
+    }
+    NamedSource::new(src.name.clone(), text).with_language("route")
 }
 
 /// A miette label for a span, clamped to the text and to character boundaries
@@ -399,6 +405,11 @@ fn named(src: &SourceFile) -> NamedSource<String> {
 fn labeled(src: &SourceFile, span: Span, message: &str, primary: bool) -> LabeledSpan {
     let text = &src.text;
     let mut start = span.start().min(text.len());
+    if span.is_empty() && start >= text.trim_end().len() {
+        // "found end of file": miette cannot draw a label past the last line,
+        // so point just after the last token, as rustc does.
+        start = text.trim_end().len();
+    }
     while !text.is_char_boundary(start) {
         start = start.saturating_sub(1);
     }

@@ -10,7 +10,12 @@ fn example_policies_parse() {
     for p in &policies {
         for (id, f) in p.sources.iter() {
             let parsed = routeplane::syntax::parse_file(id, &f.text);
-            assert!(parsed.diagnostics.is_empty(), "{}: {:#?}", f.name, parsed.diagnostics);
+            assert!(
+                parsed.diagnostics.is_empty(),
+                "{}: {:#?}",
+                f.name,
+                parsed.diagnostics
+            );
         }
     }
 }
