@@ -97,7 +97,8 @@ impl Sink {
     pub fn from_config(path: Option<&Path>) -> Sink {
         match path {
             None => Sink::Off,
-            Some(p) if p.as_os_str() == "-" => Sink::Stdout,
+            // The config resolves paths against its directory, so `-` may arrive as `dir/-`.
+            Some(p) if p.file_name().is_some_and(|n| n == "-") => Sink::Stdout,
             Some(p) => Sink::File(p.to_path_buf()),
         }
     }
@@ -508,6 +509,10 @@ mod tests {
     fn sinks_from_config() {
         assert_eq!(Sink::from_config(None), Sink::Off);
         assert_eq!(Sink::from_config(Some(Path::new("-"))), Sink::Stdout);
+        assert_eq!(
+            Sink::from_config(Some(Path::new("/etc/routeplane/-"))),
+            Sink::Stdout
+        );
         assert_eq!(
             Sink::from_config(Some(Path::new("d.jsonl"))),
             Sink::File("d.jsonl".into())

@@ -10,9 +10,13 @@
 )]
 
 pub mod analysis;
+pub mod compile;
 pub mod config;
+pub mod decide;
 pub mod decision_log;
 pub mod diag;
+pub mod fmt;
+pub mod gateway;
 pub mod ir;
 pub mod load;
 pub mod lower;
@@ -22,3 +26,4 @@ pub mod reload;
 pub mod render;
 pub mod source;
 pub mod syntax;
+pub mod check;

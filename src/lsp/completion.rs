@@ -8,7 +8,7 @@ use lsp_types as lsp;
 
 use super::index::{SymbolKind, BUILTIN_REQUEST_FIELDS, MODEL_FIELDS};
 use super::{convert, Server};
-use crate::ir::Type;
+use crate::syntax::ast::{FileAst, Item, SchemaScope, TypeExpr};
 
 const TOP: &[&str] = &[
     "tenant",
@@ -148,7 +148,6 @@ pub fn completion(
         );
     };
     let kw = |ws: &[&str]| ws.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
-    let policy = &view.analysis.policy;
 
     if let Some(scope) = ["tenant.", "request.", "model.", "provider."]
         .iter()
@@ -181,7 +180,7 @@ pub fn completion(
                 Some("model field"),
             ),
         }
-    } else if let Some(variants) = enum_variants_for(&words, policy) {
+    } else if let Some(variants) = enum_variants_for(&words, &view.analysis.files) {
         push(
             variants,
             lsp::CompletionItemKind::ENUM_MEMBER,
@@ -312,10 +311,11 @@ pub fn completion(
 }
 
 /// After `tenant.plan ==` or `tenant.plan in [`, the variants of that enum.
-fn enum_variants_for(words: &[&str], policy: &crate::ir::Policy) -> Option<Vec<String>> {
+/// Read from the syntax tree, so it works while lowering reports errors.
+fn enum_variants_for(words: &[&str], files: &[FileAst]) -> Option<Vec<String>> {
     let op_at = words
         .iter()
-        .rposition(|w| matches!(*w, "==" | "!=" | "in" | "[") || w.starts_with('['))?;
+        .rposition(|w| matches!(*w, "==" | "!=" | "in") || w.starts_with('['))?;
     let path = words.get(op_at.checked_sub(1)?)?;
     let path = if *path == "not" {
         words.get(op_at.checked_sub(2)?)?
@@ -323,8 +323,8 @@ fn enum_variants_for(words: &[&str], policy: &crate::ir::Policy) -> Option<Vec<S
         path
     };
     let (scope, field) = path.split_once('.')?;
-    let attrs = match scope {
-        "tenant" => &policy.tenant_attrs,
+    let scope = match scope {
+        "tenant" => SchemaScope::Tenant,
         "request" => {
             let builtin = match field {
                 "endpoint" => Some(crate::ir::Endpoint::NAMES.as_slice()),
@@ -334,14 +334,24 @@ fn enum_variants_for(words: &[&str], policy: &crate::ir::Policy) -> Option<Vec<S
             if let Some(names) = builtin {
                 return Some(names.iter().map(|s| (*s).to_string()).collect());
             }
-            &policy.request_attrs
+            SchemaScope::Request
         }
         _ => return None,
     };
-    match &attrs.iter().find(|a| a.name == field)?.ty {
-        Type::Enum(v) => Some(v.clone()),
-        _ => None,
-    }
+    files
+        .iter()
+        .flat_map(|f| &f.items)
+        .find_map(|item| match item {
+            Item::Schema(s) if s.scope == scope => s
+                .attrs
+                .iter()
+                .find(|a| a.name.name == field)
+                .and_then(|a| match &a.ty {
+                    TypeExpr::Enum(v, _) => Some(v.iter().map(|i| i.name.clone()).collect()),
+                    _ => None,
+                }),
+            _ => None,
+        })
 }
 
 #[cfg(test)]
