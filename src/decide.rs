@@ -46,7 +46,7 @@ use crate::compile::{value_ref, FieldVal, MetaKind, ModelSet, Node, Slot, SIGNAL
 pub use crate::compile::{CompiledPolicy, TenantView};
 use crate::ir::{
     BudgetAction, ConstraintId, Endpoint, IntentId, Micros, ModelId, ResponseFormat, RouteId,
-    Signal,
+    Signal, Type, Value,
 };
 
 pub mod reference;
@@ -425,14 +425,13 @@ fn read<'a>(
         Slot::Meta(i) => match p.meta.get(i as usize) {
             Some((name, kind)) => match r.meta.iter().find(|(k, _)| k == &**name) {
                 Some((_, v)) => typed(*kind, v),
-                None => match p
-                    .policy()
-                    .request_attrs
-                    .get(i as usize)
-                    .and_then(|a| a.default.as_ref())
-                {
-                    Some(d) => value_ref(d),
-                    None => FieldVal::Missing,
+                // Request-side enums compare by variant name, defaults too.
+                None => match p.policy().request_attrs.get(i as usize) {
+                    Some(crate::ir::AttrDef { default: Some(Value::Enum(v)), ty: Type::Enum(names), .. }) => {
+                        names.get(*v as usize).map_or(FieldVal::Missing, |n| FieldVal::Str(n))
+                    }
+                    Some(crate::ir::AttrDef { default: Some(d), .. }) => value_ref(d),
+                    _ => FieldVal::Missing,
                 },
             },
             None => FieldVal::Missing,
