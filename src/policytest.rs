@@ -97,12 +97,23 @@ impl RequestSpec {
         let endpoint = self.endpoint.unwrap_or(Endpoint::Chat);
         let mut f = match &self.body {
             Some(b) => RequestFeatures::from_openai_json(endpoint, b),
-            None => RequestFeatures { endpoint, ..RequestFeatures::default() },
+            None => RequestFeatures {
+                endpoint,
+                ..RequestFeatures::default()
+            },
         };
         macro_rules! set {
             ($($field:ident),*) => {$( if let Some(v) = &self.$field { f.$field = v.clone().into(); } )*};
         }
-        set!(response_format, has_tools, has_images, stream, input_tokens, prompt, confirmed);
+        set!(
+            response_format,
+            has_tools,
+            has_images,
+            stream,
+            input_tokens,
+            prompt,
+            confirmed
+        );
         if let Some(v) = self.max_tokens {
             f.max_tokens = Some(v);
         }
@@ -145,21 +156,34 @@ pub struct CaseStats<'a> {
 }
 
 impl<'a> CaseStats<'a> {
-    pub fn new(p: &'a CompiledPolicy, stats: &BTreeMap<String, ModelStats>, budget: Option<BudgetAction>) -> Result<Self, String> {
+    pub fn new(
+        p: &'a CompiledPolicy,
+        stats: &BTreeMap<String, ModelStats>,
+        budget: Option<BudgetAction>,
+    ) -> Result<Self, String> {
         let mut by_model = vec![ModelStats::default(); p.policy().models.len()];
         for (name, s) in stats {
-            let m = p.model_by_name(name).ok_or_else(|| format!("stats for unknown model `{name}`"))?;
+            let m = p
+                .model_by_name(name)
+                .ok_or_else(|| format!("stats for unknown model `{name}`"))?;
             if let Some(slot) = by_model.get_mut(m.index()) {
                 *slot = *s;
             }
         }
-        Ok(CaseStats { by_model, budget, _p: std::marker::PhantomData })
+        Ok(CaseStats {
+            by_model,
+            budget,
+            _p: std::marker::PhantomData,
+        })
     }
 }
 
 impl Stats for CaseStats<'_> {
     fn model(&self, m: ModelId) -> ModelStats {
-        self.by_model.get(m.index()).copied().unwrap_or(ModelStats { breaker: BreakerState::Closed, ..ModelStats::default() })
+        self.by_model.get(m.index()).copied().unwrap_or(ModelStats {
+            breaker: BreakerState::Closed,
+            ..ModelStats::default()
+        })
     }
     fn budget_action(&self) -> Option<BudgetAction> {
         self.budget
@@ -188,18 +212,28 @@ pub enum TestError {
     #[error(transparent)]
     Load(#[from] load::LoadError),
     #[error("cannot read `{path}`: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 fn test_files(dir: &Path) -> Result<Vec<PathBuf>, TestError> {
-    let io = |e| TestError::Io { path: dir.display().to_string(), source: e };
+    let io = |e| TestError::Io {
+        path: dir.display().to_string(),
+        source: e,
+    };
     let mut out = Vec::new();
     if dir.is_file() {
         return Ok(out);
     }
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let p = entry.map_err(io)?.path();
-        if p.is_file() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".test.yaml") || n.ends_with(".test.yml")) {
+        if p.is_file()
+            && p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(".test.yaml") || n.ends_with(".test.yml"))
+        {
             out.push(p);
         }
     }
@@ -215,15 +249,27 @@ pub fn run_paths(paths: &[PathBuf]) -> Result<Vec<CaseResult>, TestError> {
         if files.is_empty() {
             continue;
         }
-        let suite = policy.root.file_name().and_then(|n| n.to_str()).unwrap_or("policy").to_string();
+        let suite = policy
+            .root
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("policy")
+            .to_string();
         let compiled = compile(&policy.sources);
         for file in files {
             let fname = file.display().to_string();
-            let text = std::fs::read_to_string(&file).map_err(|e| TestError::Io { path: fname.clone(), source: e })?;
+            let text = std::fs::read_to_string(&file).map_err(|e| TestError::Io {
+                path: fname.clone(),
+                source: e,
+            })?;
             let parsed: TestFile = match serde_yaml::from_str(&text) {
                 Ok(t) => t,
                 Err(e) => {
-                    results.push(CaseResult { name: format!("{suite}::<file>"), file: fname.clone(), failures: vec![format!("invalid test file: {e}")] });
+                    results.push(CaseResult {
+                        name: format!("{suite}::<file>"),
+                        file: fname.clone(),
+                        failures: vec![format!("invalid test file: {e}")],
+                    });
                     continue;
                 }
             };
@@ -232,10 +278,16 @@ pub fn run_paths(paths: &[PathBuf]) -> Result<Vec<CaseResult>, TestError> {
                     Ok(p) => run_case(p, &parsed, case),
                     Err(a) => {
                         let n = a.errors().count();
-                        vec![format!("the policy does not compile ({n} errors; run `routeplane check`)")]
+                        vec![format!(
+                            "the policy does not compile ({n} errors; run `routeplane check`)"
+                        )]
                     }
                 };
-                results.push(CaseResult { name: format!("{suite}::{}", case.name), file: fname.clone(), failures });
+                results.push(CaseResult {
+                    name: format!("{suite}::{}", case.name),
+                    file: fname.clone(),
+                    failures,
+                });
             }
         }
     }
@@ -247,7 +299,11 @@ pub fn run_case(p: &CompiledPolicy, file: &TestFile, case: &Case) -> Vec<String>
     let (id, attrs) = match &case.tenant {
         TenantSpec::Id(id) => match file.tenants.get(id) {
             Some(a) => (id.clone(), a.clone()),
-            None => return vec![format!("unknown tenant `{id}` (declare it under `tenants:`)")],
+            None => {
+                return vec![format!(
+                    "unknown tenant `{id}` (declare it under `tenants:`)"
+                )]
+            }
         },
         TenantSpec::Inline { id, attrs } => (id.clone(), attrs.clone()),
     };
@@ -274,45 +330,84 @@ fn check(p: &CompiledPolicy, d: &Decision, e: &Expect) -> Vec<String> {
     let got_intent = d.intent.map(|i| p.intent_name(i));
     if let Some(want) = &e.intent {
         if got_intent != Some(want.as_str()) {
-            f.push(format!("intent: expected `{want}`, got `{}`", got_intent.unwrap_or("-")));
+            f.push(format!(
+                "intent: expected `{want}`, got `{}`",
+                got_intent.unwrap_or("-")
+            ));
         }
     }
-    for m in e.first.iter().chain(e.order.iter().flatten()).chain(e.never.iter()) {
+    for m in e
+        .first
+        .iter()
+        .chain(e.order.iter().flatten())
+        .chain(e.never.iter())
+    {
         if p.model_by_name(m).is_none() {
             f.push(format!("the test names unknown model `{m}`"));
         }
     }
     if let Some(want) = &e.first {
         if names.first() != Some(&want.as_str()) {
-            f.push(format!("first: expected `{want}`, got `{}`", names.first().unwrap_or(&"-")));
+            f.push(format!(
+                "first: expected `{want}`, got `{}`",
+                names.first().unwrap_or(&"-")
+            ));
         }
     }
     if let Some(want) = &e.order {
         if names != *want {
-            f.push(format!("order: expected [{}], got [{}]", want.join(", "), names.join(", ")));
+            f.push(format!(
+                "order: expected [{}], got [{}]",
+                want.join(", "),
+                names.join(", ")
+            ));
         }
     }
     for m in &e.never {
         if names.contains(&m.as_str()) {
-            f.push(format!("never: `{m}` is in the order [{}]", names.join(", ")));
+            f.push(format!(
+                "never: `{m}` is in the order [{}]",
+                names.join(", ")
+            ));
         }
     }
-    let want_denied = e.denied.as_deref().or(e.rule.as_ref().map(|_| "model-denied"));
+    let want_denied = e
+        .denied
+        .as_deref()
+        .or(e.rule.as_ref().map(|_| "model-denied"));
     match want_denied {
         Some(want) if want != outcome => {
-            let msg = d.outcome.as_ref().err().map(|x| format!(": {}", x.message(p))).unwrap_or_default();
+            let msg = d
+                .outcome
+                .as_ref()
+                .err()
+                .map(|x| format!(": {}", x.message(p)))
+                .unwrap_or_default();
             f.push(format!("denial: expected `{want}`, got `{outcome}`{msg}"));
         }
         None if d.outcome.is_err() && e.first.is_some() => {
-            let msg = d.outcome.as_ref().err().map(|x| x.message(p)).unwrap_or_default();
+            let msg = d
+                .outcome
+                .as_ref()
+                .err()
+                .map(|x| x.message(p))
+                .unwrap_or_default();
             f.push(format!("unexpected denial: {msg}"));
         }
         _ => {}
     }
     if let Some(want) = &e.rule {
-        let got = d.outcome.as_ref().err().and_then(|x| x.rule()).map(|r| p.constraint_name(r));
+        let got = d
+            .outcome
+            .as_ref()
+            .err()
+            .and_then(|x| x.rule())
+            .map(|r| p.constraint_name(r));
         if got != Some(want.as_str()) {
-            f.push(format!("rule: expected `{want}`, got `{}`", got.unwrap_or("-")));
+            f.push(format!(
+                "rule: expected `{want}`, got `{}`",
+                got.unwrap_or("-")
+            ));
         }
     }
     f
@@ -323,7 +418,12 @@ pub fn render_human(results: &[CaseResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "\nrunning {} tests", results.len());
     for r in results {
-        let _ = writeln!(out, "test {} ... {}", r.name, if r.passed() { "ok" } else { "FAILED" });
+        let _ = writeln!(
+            out,
+            "test {} ... {}",
+            r.name,
+            if r.passed() { "ok" } else { "FAILED" }
+        );
     }
     let failed: Vec<&CaseResult> = results.iter().filter(|r| !r.passed()).collect();
     if !failed.is_empty() {
@@ -361,13 +461,20 @@ pub fn render_json(results: &[CaseResult]) -> String {
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 pub fn render_junit(results: &[CaseResult]) -> String {
     let failed = results.iter().filter(|r| !r.passed()).count();
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    let _ = writeln!(out, "<testsuites name=\"routeplane\" tests=\"{}\" failures=\"{failed}\">", results.len());
+    let _ = writeln!(
+        out,
+        "<testsuites name=\"routeplane\" tests=\"{}\" failures=\"{failed}\">",
+        results.len()
+    );
     let mut suites: BTreeMap<&str, Vec<&CaseResult>> = BTreeMap::new();
     for r in results {
         let suite = r.name.split("::").next().unwrap_or("policy");
@@ -375,14 +482,28 @@ pub fn render_junit(results: &[CaseResult]) -> String {
     }
     for (suite, cases) in suites {
         let f = cases.iter().filter(|r| !r.passed()).count();
-        let _ = writeln!(out, "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{f}\">", xml_escape(suite), cases.len());
+        let _ = writeln!(
+            out,
+            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{f}\">",
+            xml_escape(suite),
+            cases.len()
+        );
         for r in cases {
-            let _ = write!(out, "    <testcase classname=\"{}\" name=\"{}\" file=\"{}\"", xml_escape(suite), xml_escape(&r.name), xml_escape(&r.file));
+            let _ = write!(
+                out,
+                "    <testcase classname=\"{}\" name=\"{}\" file=\"{}\"",
+                xml_escape(suite),
+                xml_escape(&r.name),
+                xml_escape(&r.file)
+            );
             if r.passed() {
                 let _ = writeln!(out, "/>");
             } else {
                 let msg = xml_escape(&r.failures.join("; "));
-                let _ = writeln!(out, ">\n      <failure message=\"{msg}\">{msg}</failure>\n    </testcase>");
+                let _ = writeln!(
+                    out,
+                    ">\n      <failure message=\"{msg}\">{msg}</failure>\n    </testcase>"
+                );
             }
         }
         let _ = writeln!(out, "  </testsuite>");

@@ -1,5 +1,11 @@
 //! Protocol tests: drive `routeplane lsp` over stdio with JSON-RPC.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, clippy::string_slice)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 mod lsp_support;
 

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 #[test]
 fn neovim_receives_the_servers_diagnostics() {
     let Ok(nvim) = which("nvim") else {
-        panic!("nvim is not installed: run `scripts/install-test-deps.sh` (the test suite needs it)");
+        panic!(
+            "nvim is not installed: run `scripts/install-test-deps.sh` (the test suite needs it)"
+        );
     };
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("broken.route");
@@ -47,7 +49,10 @@ fn neovim_receives_the_servers_diagnostics() {
     let text = std::fs::read_to_string(&out).expect("neovim wrote no diagnostics file");
     let lines: Vec<&str> = text.lines().collect();
     assert!(!text.contains("TIMEOUT"), "{text}");
-    let syntax = lines.iter().find(|l| l.contains("route::syntax")).unwrap_or_else(|| panic!("no syntax error in {lines:?}"));
+    let syntax = lines
+        .iter()
+        .find(|l| l.contains("route::syntax"))
+        .unwrap_or_else(|| panic!("no syntax error in {lines:?}"));
     // Line 10, column 3 is `candidats`; severity 1 is an error.
     assert!(syntax.starts_with("10:3:1:route::syntax:"), "{syntax}");
     assert!(syntax.contains("did you mean `candidates`?"), "{syntax}");
@@ -55,5 +60,8 @@ fn neovim_receives_the_servers_diagnostics() {
 
 fn which(name: &str) -> Result<std::path::PathBuf, ()> {
     let path = std::env::var_os("PATH").ok_or(())?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()).ok_or(())
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
 }

@@ -28,12 +28,23 @@ fn the_extension_builds_and_packages_into_a_vsix() {
     npm(&dir, &["ci", "--no-audit", "--no-fund"]);
     npm(&dir, &["test"]);
     npm(&dir, &["run", "package"]);
-    let size = std::fs::metadata(&vsix).expect("no routeplane.vsix was written").len();
-    assert!(size > 10_000, "the .vsix is suspiciously small: {size} bytes");
+    let size = std::fs::metadata(&vsix)
+        .expect("no routeplane.vsix was written")
+        .len();
+    assert!(
+        size > 10_000,
+        "the .vsix is suspiciously small: {size} bytes"
+    );
     // A .vsix is a zip: check that the bundle and the grammar are inside.
     let bytes = std::fs::read(&vsix).unwrap();
     let has = |name: &str| bytes.windows(name.len()).any(|w| w == name.as_bytes());
-    assert!(has("extension/out/extension.js"), "bundle missing from the .vsix");
-    assert!(has("extension/syntaxes/routeplane.tmLanguage.json"), "grammar missing from the .vsix");
+    assert!(
+        has("extension/out/extension.js"),
+        "bundle missing from the .vsix"
+    );
+    assert!(
+        has("extension/syntaxes/routeplane.tmLanguage.json"),
+        "grammar missing from the .vsix"
+    );
     std::fs::remove_file(&vsix).unwrap();
 }

@@ -91,7 +91,11 @@ pub fn run(args: Args) -> u8 {
         },
         None => None,
     };
-    let Some(policy_path) = args.policy.clone().or_else(|| config.as_ref().map(|c| c.policy.clone())) else {
+    let Some(policy_path) = args
+        .policy
+        .clone()
+        .or_else(|| config.as_ref().map(|c| c.policy.clone()))
+    else {
         return fail(2, "give `--policy DIR` or `--config gateway.yaml`");
     };
     let dir = match load::read_policy(&policy_path) {
