@@ -5,9 +5,15 @@
 
 use crate::diag::Diagnostic;
 use crate::ir::Policy;
+use std::collections::HashMap;
+
+use crate::check;
 use crate::lower;
-use crate::source::Sources;
-use crate::syntax::{self, ast::FileAst};
+use crate::source::{FileId, Sources, Span};
+use crate::syntax::{
+    self,
+    ast::{FileAst, Item},
+};
 
 /// Everything known about a policy after analysis.
 #[derive(Debug)]
@@ -43,13 +49,89 @@ pub fn analyze(sources: &Sources) -> Analysis {
         diagnostics.extend(parsed.diagnostics);
         files.push(parsed.ast);
     }
+    let syntax_ok = diagnostics.is_empty();
     let lowered = lower::lower(&files);
+    let lowered_ok = !lowered.diagnostics.iter().any(Diagnostic::is_error);
     diagnostics.extend(lowered.diagnostics);
+    let has_models = files
+        .iter()
+        .flat_map(|f| f.items.iter())
+        .any(|i| matches!(i, Item::Model(_)));
+    if has_models && syntax_ok {
+        // With a partial tree, checks would report consequences of the syntax errors.
+        diagnostics.extend(check::check(&lowered.policy, &lowered.usage, lowered_ok));
+    } else if syntax_ok {
+        let mut d = Diagnostic::error("empty-policy", "the policy declares no models")
+            .with_help("declare at least one `provider` and one `model`, then route to it");
+        if let Some((id, _)) = sources.iter().next() {
+            d = d.with_label(Span::new(id, 0, 0), "no `model` in any file of this policy");
+        }
+        diagnostics.push(d);
+    }
     let policy = lowered.policy;
-    diagnostics.sort_by_key(|d| d.span().map(|s| (s.file, s.start)));
+    let allowed = allowed_lints(sources, &files);
+    diagnostics.retain(|d| !suppressed(d, sources, &allowed));
+    diagnostics.sort_by_key(|d| d.span().map(|s| (s.file, s.start, s.end)));
+    // Spans compare equal whatever their location: dedup on exact locations.
+    diagnostics.dedup_by(|a, b| {
+        a == b
+            && a.labels
+                .iter()
+                .zip(&b.labels)
+                .all(|(x, y)| x.span.same_as(&y.span))
+    });
     Analysis {
         files,
         policy,
         diagnostics,
     }
+}
+
+/// `// allow(lint-a, lint-b)` comments: (file, line) -> lint names. A comment
+/// silences lints on its own line and on the next one.
+fn allowed_lints(sources: &Sources, files: &[FileAst]) -> HashMap<(FileId, usize), Vec<String>> {
+    let mut out: HashMap<(FileId, usize), Vec<String>> = HashMap::new();
+    for f in files {
+        let Some(src) = sources.get(f.file) else {
+            continue;
+        };
+        for c in &f.comments {
+            let body = c.text.trim_start_matches('/').trim();
+            let Some(rest) = body.strip_prefix("allow(") else {
+                continue;
+            };
+            let Some((list, _)) = rest.split_once(')') else {
+                continue;
+            };
+            let names: Vec<String> = list
+                .split(',')
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect();
+            let line = src.line_col(c.span.start()).0;
+            for l in [line, line + 1] {
+                out.entry((f.file, l))
+                    .or_default()
+                    .extend(names.iter().cloned());
+            }
+        }
+    }
+    out
+}
+
+fn suppressed(
+    d: &Diagnostic,
+    sources: &Sources,
+    allowed: &HashMap<(FileId, usize), Vec<String>>,
+) -> bool {
+    let (Some(lint), Some(span)) = (d.lint, d.span()) else {
+        return false;
+    };
+    let Some(src) = sources.get(span.file) else {
+        return false;
+    };
+    let line = src.line_col(span.start()).0;
+    allowed
+        .get(&(span.file, line))
+        .is_some_and(|names| names.iter().any(|n| n == lint))
 }

@@ -63,11 +63,15 @@ pub struct Built<T> {
     pub warnings: Vec<String>,
 }
 
-/// Why a build or reload failed: a one-line summary plus rendered diagnostics.
+/// Why a build or reload failed: a one-line summary, each error on one line,
+/// and the full report as `routeplane check` prints it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Failure {
     pub summary: String,
     pub diagnostics: Vec<String>,
+    /// The errors rendered with source snippets (no colour); empty when the
+    /// failure has no location (an unreadable directory).
+    pub rendered: String,
 }
 
 impl Failure {
@@ -75,6 +79,7 @@ impl Failure {
         Failure {
             summary: summary.into(),
             diagnostics: Vec::new(),
+            rendered: String::new(),
         }
     }
 
@@ -85,9 +90,15 @@ impl Failure {
             1 => "the policy has 1 error".to_string(),
             n => format!("the policy has {n} errors"),
         };
+        let human = crate::render::Human::new(false);
+        let rendered = errors
+            .iter()
+            .map(|d| human.diagnostic(sources, d))
+            .collect();
         Failure {
             summary,
             diagnostics: errors.into_iter().map(|d| render_one(sources, d)).collect(),
+            rendered,
         }
     }
 }
@@ -240,10 +251,15 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
             }
             Err(failure) => {
                 let serving = self.current().version.clone();
+                let report = if failure.rendered.is_empty() {
+                    failure.to_string()
+                } else {
+                    format!("{}\n{}", failure.summary, failure.rendered)
+                };
                 tracing::error!(
                     serving = %serving,
                     ?trigger,
-                    "policy reload refused, the last good policy keeps serving: {failure}"
+                    "policy reload refused, the last good policy keeps serving: {report}"
                 );
                 self.record(ReloadRecord {
                     ok: false,
@@ -459,7 +475,11 @@ impl Targets {
             let hit = match &self.policy_file {
                 Some(f) => name == f,
                 // Editor swap and backup files (`.x.route.swp`, `x.route~`) do not end in `.route`.
-                None => path.extension().is_some_and(|e| e == "route"),
+                // Kubernetes updates a mounted ConfigMap by swapping a `..data` symlink.
+                None => {
+                    path.extension().is_some_and(|e| e == "route")
+                        || name.to_str().is_some_and(|n| n.starts_with(".."))
+                }
             };
             if hit {
                 return true;
@@ -604,6 +624,7 @@ mod tests {
                 return Err(Failure {
                     summary: "the policy has 1 error".into(),
                     diagnostics: vec!["a.route:1:1: error[route::syntax]: broken".into()],
+                    rendered: String::new(),
                 });
             }
             Ok(Built {
@@ -785,7 +806,40 @@ mod tests {
         };
         let err = analysis_builder(&inputs).unwrap_err();
         assert!(!err.diagnostics.is_empty());
+        assert!(err.rendered.contains("a.route"), "{}", err.rendered);
         assert!(err.diagnostics[0].starts_with("a.route:1:"), "{err}");
+    }
+
+    #[test]
+    fn which_paths_trigger_a_reload() {
+        let targets = Targets {
+            policy_dir: PathBuf::from("/p"),
+            policy_file: None,
+            config: Some((PathBuf::from("/etc/rp"), OsString::from("gateway.yaml"))),
+        };
+        for (path, expect) in [
+            ("/p/a.route", true),
+            ("/p", true),
+            ("/p/..data", true),
+            ("/p/..2026_11_25_21_00_00.123", true),
+            ("/p/.a.route.swp", false),
+            ("/p/a.route~", false),
+            ("/p/4913", false),
+            ("/p/notes.md", false),
+            ("/p/sub/a.route", false),
+            ("/etc/rp/gateway.yaml", true),
+            ("/etc/rp/other.yaml", false),
+            ("/elsewhere/a.route", false),
+        ] {
+            assert_eq!(targets.is_relevant_path(Path::new(path)), expect, "{path}");
+        }
+        let single = Targets {
+            policy_dir: PathBuf::from("/p"),
+            policy_file: Some(OsString::from("main.route")),
+            config: None,
+        };
+        assert!(single.is_relevant_path(Path::new("/p/main.route")));
+        assert!(!single.is_relevant_path(Path::new("/p/other.route")));
     }
 
     #[test]
