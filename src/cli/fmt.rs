@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use routeplane::diag::Diagnostic;
 use routeplane::fmt::format_source;
+use routeplane::render::Human;
 use routeplane::source::{FileId, Sources};
 
 #[derive(clap::Args)]
@@ -118,20 +119,18 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `file:line:col: error[code]: message` plus the help line, one per diagnostic.
+/// The diagnostics as `routeplane check` shows them (on stderr: colored when
+/// stderr is a terminal and `NO_COLOR` is unset).
 fn render(name: &str, text: &str, diags: &[Diagnostic]) -> String {
     let mut sources = Sources::new();
     sources.add(name, text);
-    let mut out = String::new();
-    for d in diags {
-        let at = d
-            .span()
-            .map_or_else(|| name.to_string(), |s| sources.location(s));
-        out.push_str(&format!("{at}: error[{}]: {}\n", d.code, d.message));
-        if let Some(help) = &d.help {
-            out.push_str(&format!("  help: {help}\n"));
-        }
-    }
+    let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let human = Human::new(color);
+    let mut out: String = diags
+        .iter()
+        .map(|d| human.diagnostic(&sources, d))
+        .collect();
     out.push_str(&format!(
         "error: `{name}` has syntax errors; it was left unchanged\n"
     ));

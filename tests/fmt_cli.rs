@@ -1,0 +1,116 @@
+//! Golden tests of `routeplane fmt`: exit codes, what is written and what is listed.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+use std::process::Command;
+
+const MESSY: &str = "provider p{region us}\n\n\nmodel m { provider p kind chat } // main\n";
+const CLEAN: &str =
+    "provider p {\n  region us\n}\n\nmodel m { // main\n  provider p\n  kind chat\n}\n";
+
+fn fmt(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_routeplane"))
+        .arg("fmt")
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn check_lists_files_that_would_change_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("policies/a");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("messy.route"), MESSY).unwrap();
+    std::fs::write(dir.join("clean.route"), CLEAN).unwrap();
+    std::fs::write(dir.join("notes.txt"), MESSY).unwrap();
+
+    // The default path is `policies`.
+    let (code, stdout, _) = fmt(tmp.path(), &["--check"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        stdout,
+        format!(
+            "{}\n",
+            Path::new("policies").join("a/messy.route").display()
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("messy.route")).unwrap(),
+        MESSY
+    );
+
+    // Formatting rewrites in place, leaves no temporary file, and is then clean.
+    let (code, stdout, stderr) = fmt(tmp.path(), &[]);
+    assert_eq!((code, stdout.as_str(), stderr.as_str()), (0, "", ""));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("messy.route")).unwrap(),
+        CLEAN
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
+        MESSY
+    );
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 3);
+    assert_eq!(fmt(tmp.path(), &["--check", "policies/a"]).0, 0);
+}
+
+#[test]
+fn syntax_errors_and_missing_files_exit_2_and_touch_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broken = "model a { provder p }\n";
+    std::fs::write(tmp.path().join("broken.route"), broken).unwrap();
+    std::fs::write(tmp.path().join("messy.route"), MESSY).unwrap();
+
+    let (code, _, stderr) = fmt(tmp.path(), &["."]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("route::syntax"), "{stderr}");
+    assert!(stderr.contains("broken.route:1:11"), "{stderr}");
+    assert!(stderr.contains("did you mean `provider`?"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("broken.route")).unwrap(),
+        broken
+    );
+    // The other files are still formatted.
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("messy.route")).unwrap(),
+        CLEAN
+    );
+
+    let (code, _, stderr) = fmt(tmp.path(), &["--check", "missing"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("cannot read `missing`"), "{stderr}");
+}
+
+#[test]
+fn invalid_utf8_is_refused_not_mangled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = b"provider p { region us } // caf\xe9\n";
+    std::fs::write(tmp.path().join("latin1.route"), bytes).unwrap();
+    let (code, _, stderr) = fmt(tmp.path(), &["latin1.route"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("not valid UTF-8"), "{stderr}");
+    assert_eq!(
+        std::fs::read(tmp.path().join("latin1.route")).unwrap(),
+        bytes
+    );
+}
+
+#[test]
+fn the_example_policies_are_formatted() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (code, stdout, stderr) = fmt(root, &["--check", "policies"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}
