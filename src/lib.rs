@@ -16,6 +16,7 @@ pub mod decide;
 pub mod decision_log;
 pub mod diag;
 pub mod fmt;
+pub mod gateway;
 pub mod ir;
 pub mod load;
 pub mod lower;

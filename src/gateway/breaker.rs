@@ -1,0 +1,194 @@
+//! Circuit breakers: closed, open, half-open.
+//!
+//! A breaker opens after `failures` failures within `window`; after
+//! `cooldown` it lets exactly one probe through (half-open); the probe's
+//! success closes it, its failure opens it again. Breakers are kept per
+//! model and per provider by name, so they survive policy reloads.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::engine::BreakerState;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerConfig {
+    pub failures: u32,
+    pub window: Duration,
+    pub cooldown: Duration,
+}
+
+#[derive(Debug)]
+enum State {
+    Closed { recent: VecDeque<Instant> },
+    Open { until: Instant },
+    HalfOpen { probing: bool },
+}
+
+/// One breaker. A short critical section per attempt; never held across I/O.
+#[derive(Debug)]
+pub struct Breaker {
+    state: Mutex<State>,
+}
+
+/// What `try_acquire` granted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Permit {
+    /// Closed: go ahead.
+    Normal,
+    /// Half-open: this attempt is the one probe.
+    Probe,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            state: Mutex::new(State::Closed {
+                recent: VecDeque::new(),
+            }),
+        }
+    }
+}
+
+impl Breaker {
+    pub fn state(&self, now: Instant) -> BreakerState {
+        let Ok(s) = self.state.lock() else {
+            return BreakerState::Closed;
+        };
+        match &*s {
+            State::Closed { .. } => BreakerState::Closed,
+            State::Open { until } if now >= *until => BreakerState::HalfOpen,
+            State::Open { .. } => BreakerState::Open,
+            State::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
+
+    /// Whether an attempt may go through now; `None` means the breaker is open.
+    pub fn try_acquire(&self, now: Instant) -> Option<Permit> {
+        let Ok(mut s) = self.state.lock() else {
+            return Some(Permit::Normal);
+        };
+        match &mut *s {
+            State::Closed { .. } => Some(Permit::Normal),
+            State::Open { until } => {
+                if now >= *until {
+                    *s = State::HalfOpen { probing: true };
+                    Some(Permit::Probe)
+                } else {
+                    None
+                }
+            }
+            State::HalfOpen { probing } => {
+                if *probing {
+                    None
+                } else {
+                    *probing = true;
+                    Some(Permit::Probe)
+                }
+            }
+        }
+    }
+
+    pub fn record(&self, cfg: &BreakerConfig, ok: bool, now: Instant) {
+        let Ok(mut s) = self.state.lock() else { return };
+        match &mut *s {
+            State::Closed { recent } => {
+                if ok {
+                    return;
+                }
+                recent.push_back(now);
+                while recent
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > cfg.window)
+                {
+                    recent.pop_front();
+                }
+                if recent.len() >= cfg.failures as usize {
+                    *s = State::Open {
+                        until: now + cfg.cooldown,
+                    };
+                }
+            }
+            State::HalfOpen { .. } => {
+                *s = if ok {
+                    State::Closed {
+                        recent: VecDeque::new(),
+                    }
+                } else {
+                    State::Open {
+                        until: now + cfg.cooldown,
+                    }
+                };
+            }
+            // A late result from before the breaker opened changes nothing.
+            State::Open { .. } => {}
+        }
+    }
+
+    /// A probe that was granted but never sent (a limit refused it) gives its turn back.
+    pub fn release_probe(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            if let State::HalfOpen { probing } = &mut *s {
+                *probing = false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_failures_in_window_then_probes_once() {
+        let cfg = BreakerConfig {
+            failures: 3,
+            window: Duration::from_secs(10),
+            cooldown: Duration::from_secs(5),
+        };
+        let b = Breaker::default();
+        let t0 = Instant::now();
+        b.record(&cfg, false, t0);
+        b.record(&cfg, false, t0 + Duration::from_secs(1));
+        assert_eq!(b.state(t0), BreakerState::Closed);
+        b.record(&cfg, false, t0 + Duration::from_secs(2));
+        let t = t0 + Duration::from_secs(2);
+        assert_eq!(b.state(t), BreakerState::Open);
+        assert_eq!(b.try_acquire(t), None);
+        let later = t + Duration::from_secs(6);
+        assert_eq!(b.try_acquire(later), Some(Permit::Probe));
+        assert_eq!(b.try_acquire(later), None, "one probe at a time");
+        b.record(&cfg, true, later);
+        assert_eq!(b.try_acquire(later), Some(Permit::Normal));
+    }
+
+    #[test]
+    fn failures_outside_the_window_do_not_count() {
+        let cfg = BreakerConfig {
+            failures: 2,
+            window: Duration::from_secs(1),
+            cooldown: Duration::from_secs(5),
+        };
+        let b = Breaker::default();
+        let t0 = Instant::now();
+        b.record(&cfg, false, t0);
+        b.record(&cfg, false, t0 + Duration::from_secs(3));
+        assert_eq!(b.state(t0 + Duration::from_secs(3)), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_failed_probe_reopens() {
+        let cfg = BreakerConfig {
+            failures: 1,
+            window: Duration::from_secs(1),
+            cooldown: Duration::from_secs(1),
+        };
+        let b = Breaker::default();
+        let t0 = Instant::now();
+        b.record(&cfg, false, t0);
+        let t1 = t0 + Duration::from_secs(2);
+        assert_eq!(b.try_acquire(t1), Some(Permit::Probe));
+        b.record(&cfg, false, t1);
+        assert_eq!(b.state(t1), BreakerState::Open);
+    }
+}

@@ -1,0 +1,810 @@
+//! Dispatch along the decision's attempts: per attempt the breakers and
+//! limits are checked again, retries follow the policy's status filter and
+//! backoff (honouring `Retry-After`), timeouts bound the first token and the
+//! whole answer, and a stream falls back only before its first byte reached
+//! the client. After that a failure ends the stream with an SSE error event.
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Response, StatusCode};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::breaker::Permit;
+use super::engine::{Decision, RequestFeatures};
+use super::error::{full, ApiError, Body};
+use super::limits::Slot;
+use super::providers::{AttemptError, ByteStream, ClientBody, Reply, UpstreamRequest, Usage};
+use super::{sse, Gateway, ModelRt, Runtime};
+use crate::ir::{LimitKind, LimitScope, Micros, RetryOn};
+
+/// Everything one request carries through dispatch.
+pub struct RequestCtx {
+    pub rt: Arc<Runtime>,
+    pub tenant: usize,
+    pub features: RequestFeatures,
+    pub decision: Decision,
+    pub body: ClientBody,
+    pub decision_id: String,
+    pub started: Instant,
+    /// Tenant and feature concurrency slots, held until the answer is complete.
+    pub slots: Vec<Slot>,
+}
+
+/// One attempt in the decision log.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttemptRecord {
+    pub model: String,
+    pub provider: String,
+    /// `ok`, `skipped: ...`, or the failure code (`503`, `timeout`, `reset`, ...).
+    pub outcome: String,
+    pub ms: u64,
+}
+
+/// One line of the decision log.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecisionRecord {
+    pub id: String,
+    pub ts_ms: u64,
+    pub policy: String,
+    pub tenant: String,
+    pub feature: Option<String>,
+    pub endpoint: &'static str,
+    pub requested_model: Option<String>,
+    pub intent: Option<String>,
+    pub candidates: Vec<String>,
+    pub model: Option<String>,
+    pub attempts: Vec<AttemptRecord>,
+    pub status: u16,
+    pub error: Option<String>,
+    pub stream: bool,
+    pub usage: Option<Usage>,
+    pub estimated_cost_micros: Micros,
+    pub actual_cost_micros: Option<Micros>,
+    pub first_token_ms: Option<u64>,
+    pub total_ms: u64,
+}
+
+/// Appends decision records as JSON lines from a background thread, so the
+/// request path never waits on the disk.
+#[derive(Clone)]
+pub struct DecisionSink {
+    tx: std::sync::mpsc::SyncSender<DecisionRecord>,
+}
+
+impl DecisionSink {
+    pub fn open(path: &Path) -> std::io::Result<DecisionSink> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)?;
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<DecisionRecord>(4096);
+        std::thread::Builder::new()
+            .name("decision-log".into())
+            .spawn(move || {
+                let mut w = std::io::BufWriter::new(file);
+                while let Ok(first) = rx.recv() {
+                    let mut write = |r: &DecisionRecord| {
+                        if let Ok(line) = serde_json::to_string(r) {
+                            let _ = writeln!(w, "{line}");
+                        }
+                    };
+                    write(&first);
+                    while let Ok(more) = rx.try_recv() {
+                        write(&more);
+                    }
+                    let _ = w.flush();
+                }
+            })?;
+        Ok(DecisionSink { tx })
+    }
+
+    pub fn record(&self, r: DecisionRecord) {
+        // A full queue drops the line rather than stall requests; counted by the caller's metrics.
+        if self.tx.try_send(r).is_err() {
+            tracing::warn!("decision log queue full, dropping a record");
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, ms)
+}
+
+/// What one attempt produced before anything reached the client.
+enum Started {
+    Full {
+        content_type: String,
+        body: Bytes,
+        usage: Option<Usage>,
+    },
+    Stream {
+        first: Bytes,
+        rest: ByteStream,
+    },
+}
+
+fn retry_matches(e: &AttemptError, on: &[RetryOn]) -> bool {
+    on.iter().any(|r| match (r, e) {
+        (RetryOn::Status(s), AttemptError::Status { status, .. }) => s == status,
+        (RetryOn::StatusClass(c), AttemptError::Status { status, .. }) => {
+            status / 100 == *c || status / 100 == *c / 100
+        }
+        (RetryOn::Timeout, AttemptError::Timeout) => true,
+        (RetryOn::Connect, AttemptError::Connect(_)) => true,
+        (RetryOn::Reset, AttemptError::Reset(_) | AttemptError::Protocol(_)) => true,
+        _ => false,
+    })
+}
+
+/// The cost of an answer at the model's prices.
+pub fn cost(rt: &Runtime, model: usize, usage: &Usage) -> Micros {
+    let Some(m) = rt.policy.policy().models.get(model) else {
+        return 0;
+    };
+    let p = &m.pricing;
+    let input = u128::from(usage.prompt_tokens) * u128::from(p.input_per_mtok);
+    let output = u128::from(usage.completion_tokens) * u128::from(p.output_per_mtok);
+    u64::try_from((input + output) / 1_000_000).unwrap_or(u64::MAX)
+}
+
+struct Outcome {
+    attempts: Vec<AttemptRecord>,
+    last_error: Option<AttemptError>,
+    /// Some attempt was refused by a model or provider limit.
+    limited: Option<Duration>,
+    /// Some attempt was skipped because a breaker was open.
+    breaker_open: bool,
+}
+
+/// Take the model and provider limits for one attempt, or say how long until a retry could pass.
+fn take_limits(
+    gw: &Gateway,
+    rt: &Runtime,
+    m: &ModelRt,
+    input_tokens: u64,
+    now: Instant,
+) -> Result<Vec<Slot>, Duration> {
+    let mut slots = Vec::new();
+    for limit in &rt.policy.policy().protect.limits {
+        let key = match limit.scope {
+            LimitScope::Model => format!("model:{}", m.name),
+            LimitScope::Provider => format!("provider:{}", m.provider),
+            LimitScope::Tenant | LimitScope::Feature => continue,
+        };
+        charge(gw, &limit.kind, &key, input_tokens, now, &mut slots)?;
+    }
+    Ok(slots)
+}
+
+/// Check one limit for `key`; concurrency slots are pushed to `slots`.
+pub fn charge(
+    gw: &Gateway,
+    kind: &LimitKind,
+    key: &str,
+    input_tokens: u64,
+    now: Instant,
+    slots: &mut Vec<Slot>,
+) -> Result<(), Duration> {
+    let id = format!("{kind:?}|{key}");
+    match kind {
+        LimitKind::Concurrency(max) => match gw.limiters.acquire(&id, *max) {
+            Some(s) => {
+                slots.push(s);
+                Ok(())
+            }
+            None => Err(Duration::from_secs(1)),
+        },
+        LimitKind::Rate {
+            requests,
+            window_ms,
+        } => gw
+            .limiters
+            .charge(&id, 1, *requests, Duration::from_millis(*window_ms), now),
+        LimitKind::Tokens { tokens, window_ms } => gw.limiters.charge(
+            &id,
+            input_tokens,
+            *tokens,
+            Duration::from_millis(*window_ms),
+            now,
+        ),
+    }
+}
+
+/// Run the attempts; answer the client.
+pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
+    let rt = ctx.rt.clone();
+    let protect = &rt.policy.policy().protect;
+    let retry = protect.retry.clone();
+    let first_token = protect.timeout.first_token_ms.map(Duration::from_millis);
+    let total = protect.timeout.total_ms.map(Duration::from_millis);
+    let stream = ctx.features.stream;
+    let mut out = Outcome {
+        attempts: Vec::new(),
+        last_error: None,
+        limited: None,
+        breaker_open: false,
+    };
+
+    for &model_id in &ctx.decision.attempts {
+        let Some(m) = rt.model(model_id) else {
+            continue;
+        };
+        let Some(upstream) = m.upstream.clone() else {
+            out.attempts.push(AttemptRecord {
+                model: m.name.clone(),
+                provider: m.provider.clone(),
+                outcome: "skipped: no provider configured".into(),
+                ms: 0,
+            });
+            continue;
+        };
+        let mut tries: u32 = 0;
+        loop {
+            let now = Instant::now();
+            // Breakers are checked again for every attempt, retries included.
+            let Some(mp) = m.model_breaker.try_acquire(now) else {
+                out.breaker_open = true;
+                out.attempts.push(AttemptRecord {
+                    model: m.name.clone(),
+                    provider: m.provider.clone(),
+                    outcome: "skipped: model breaker open".into(),
+                    ms: 0,
+                });
+                break;
+            };
+            let Some(pp) = m.provider_breaker.try_acquire(now) else {
+                if mp == Permit::Probe {
+                    m.model_breaker.release_probe();
+                }
+                out.breaker_open = true;
+                out.attempts.push(AttemptRecord {
+                    model: m.name.clone(),
+                    provider: m.provider.clone(),
+                    outcome: "skipped: provider breaker open".into(),
+                    ms: 0,
+                });
+                break;
+            };
+            let slots = match take_limits(&gw, &rt, m, ctx.features.input_tokens, now) {
+                Ok(s) => s,
+                Err(wait) => {
+                    if mp == Permit::Probe {
+                        m.model_breaker.release_probe();
+                    }
+                    if pp == Permit::Probe {
+                        m.provider_breaker.release_probe();
+                    }
+                    out.limited = Some(out.limited.map_or(wait, |w| w.min(wait)));
+                    out.attempts.push(AttemptRecord {
+                        model: m.name.clone(),
+                        provider: m.provider.clone(),
+                        outcome: "skipped: limit reached".into(),
+                        ms: 0,
+                    });
+                    break;
+                }
+            };
+            let req = UpstreamRequest {
+                endpoint: ctx.features.endpoint,
+                body: &ctx.body,
+                model: &m.upstream_model,
+                stream,
+            };
+            let t0 = Instant::now();
+            let res = attempt(&upstream, req, stream, first_token, total).await;
+            let elapsed = t0.elapsed();
+            match res {
+                Ok(started) => {
+                    let record = AttemptRecord {
+                        model: m.name.clone(),
+                        provider: m.provider.clone(),
+                        outcome: "ok".into(),
+                        ms: ms(elapsed),
+                    };
+                    out.attempts.push(record);
+                    return respond(gw, ctx, model_id.index(), started, out, t0, total, slots);
+                }
+                Err(e) => {
+                    record_result(&rt, m, false, None, None);
+                    out.attempts.push(AttemptRecord {
+                        model: m.name.clone(),
+                        provider: m.provider.clone(),
+                        outcome: e.code(),
+                        ms: ms(elapsed),
+                    });
+                    drop(slots);
+                    if e.is_client_error() {
+                        return client_error(gw, ctx, e, out);
+                    }
+                    let retry_now = retry
+                        .as_ref()
+                        .filter(|r| tries < r.count && retry_matches(&e, &r.on));
+                    let wait = retry_now.and_then(|r| {
+                        let backoff = Duration::from_millis(
+                            r.backoff_min_ms
+                                .saturating_mul(1u64 << tries.min(20))
+                                .min(r.backoff_max_ms.max(r.backoff_min_ms)),
+                        );
+                        match &e {
+                            // Waiting longer than the policy's backoff cap is pointless
+                            // when a fallback may answer now.
+                            AttemptError::Status {
+                                retry_after: Some(ra),
+                                ..
+                            } if *ra > Duration::from_millis(r.backoff_max_ms) => None,
+                            AttemptError::Status {
+                                retry_after: Some(ra),
+                                ..
+                            } => Some((*ra).max(backoff)),
+                            _ => Some(backoff),
+                        }
+                    });
+                    out.last_error = Some(e);
+                    match wait {
+                        Some(w) => {
+                            tries += 1;
+                            tokio::time::sleep(w).await;
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+    }
+    failed(gw, ctx, out)
+}
+
+fn record_result(
+    rt: &Runtime,
+    m: &ModelRt,
+    ok: bool,
+    latency: Option<Duration>,
+    first_token: Option<Duration>,
+) {
+    let now = Instant::now();
+    if ok {
+        m.live.record_success(
+            latency.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+            first_token.map(|d| d.as_secs_f64() * 1000.0),
+        );
+    } else {
+        m.live.record_failure();
+    }
+    if let Some(cfg) = &rt.model_breaker {
+        m.model_breaker.record(cfg, ok, now);
+    } else if ok {
+        // Without a configured breaker a granted probe cannot exist; nothing to do.
+    }
+    if let Some(cfg) = &rt.provider_breaker {
+        m.provider_breaker.record(cfg, ok, now);
+    }
+}
+
+async fn attempt(
+    upstream: &super::providers::Upstream,
+    req: UpstreamRequest<'_>,
+    stream: bool,
+    first_token: Option<Duration>,
+    total: Option<Duration>,
+) -> Result<Started, AttemptError> {
+    let fut = async {
+        match upstream.send(req).await? {
+            Reply::Full {
+                content_type,
+                body,
+                usage,
+            } => Ok(Started::Full {
+                content_type,
+                body,
+                usage,
+            }),
+            Reply::Stream(mut s) => match s.next().await {
+                Some(Ok(first)) => Ok(Started::Stream { first, rest: s }),
+                Some(Err(e)) => Err(e),
+                None => Err(AttemptError::Reset(
+                    "the stream ended before any data".into(),
+                )),
+            },
+        }
+    };
+    // For a stream the first-token timeout bounds everything up to the first
+    // chunk; for a full answer only the total timeout applies.
+    let limit = match (stream, first_token, total) {
+        (true, Some(f), Some(t)) => Some(f.min(t)),
+        (true, Some(f), None) => Some(f),
+        (_, _, t) => t,
+    };
+    match limit {
+        Some(d) => tokio::time::timeout(d, fut)
+            .await
+            .unwrap_or(Err(AttemptError::Timeout)),
+        None => fut.await,
+    }
+}
+
+fn set_header(r: &mut Response<Body>, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        r.headers_mut().insert(HeaderName::from_static(name), v);
+    }
+}
+
+fn routing_headers(
+    r: &mut Response<Body>,
+    ctx: &RequestCtx,
+    model: Option<&ModelRt>,
+    attempts: usize,
+) {
+    let p = ctx.rt.policy.policy();
+    if let Some(m) = model {
+        set_header(r, "x-routeplane-model", &m.name);
+        set_header(r, "x-routeplane-provider", &m.provider);
+    }
+    if let Some(i) = ctx.decision.intent.and_then(|i| p.intent(i)) {
+        set_header(r, "x-routeplane-intent", &i.name);
+    }
+    set_header(r, "x-routeplane-policy", ctx.rt.policy.version());
+    set_header(r, "x-routeplane-attempts", &attempts.to_string());
+    set_header(r, "x-routeplane-decision", &ctx.decision_id);
+}
+
+fn base_record(ctx: &RequestCtx, out: &Outcome) -> DecisionRecord {
+    let p = ctx.rt.policy.policy();
+    DecisionRecord {
+        id: ctx.decision_id.clone(),
+        ts_ms: now_ms(),
+        policy: ctx.rt.policy.version().to_string(),
+        tenant: ctx
+            .rt
+            .tenants
+            .get(ctx.tenant)
+            .map(|t| t.id.clone())
+            .unwrap_or_default(),
+        feature: ctx.features.feature.clone(),
+        endpoint: super::providers::endpoint_name(ctx.features.endpoint),
+        requested_model: ctx.features.model.clone(),
+        intent: ctx
+            .decision
+            .intent
+            .and_then(|i| p.intent(i))
+            .map(|i| i.name.clone()),
+        candidates: ctx
+            .decision
+            .attempts
+            .iter()
+            .filter_map(|m| p.model(*m))
+            .map(|m| m.name.clone())
+            .collect(),
+        model: None,
+        attempts: out.attempts.clone(),
+        status: 0,
+        error: None,
+        stream: ctx.features.stream,
+        usage: None,
+        estimated_cost_micros: ctx.decision.estimated_cost,
+        actual_cost_micros: None,
+        first_token_ms: None,
+        total_ms: ms(ctx.started.elapsed()),
+    }
+}
+
+fn log(gw: &Gateway, r: DecisionRecord) {
+    if let Some(sink) = &gw.decision_log {
+        sink.record(r);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn respond(
+    gw: Arc<Gateway>,
+    ctx: RequestCtx,
+    model: usize,
+    started: Started,
+    out: Outcome,
+    t0: Instant,
+    total: Option<Duration>,
+    slots: Vec<Slot>,
+) -> Response<Body> {
+    let rt = ctx.rt.clone();
+    let Some(m) = rt.models.get(model) else {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "model vanished",
+        )
+        .into_response();
+    };
+    let attempts = out.attempts.len();
+    match started {
+        Started::Full {
+            content_type,
+            body,
+            usage,
+        } => {
+            let elapsed = t0.elapsed();
+            record_result(&rt, m, true, Some(elapsed), None);
+            let mut r = Response::new(full(body));
+            if let Ok(v) = HeaderValue::from_str(&content_type) {
+                r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+            }
+            routing_headers(&mut r, &ctx, Some(m), attempts);
+            let mut rec = base_record(&ctx, &out);
+            rec.model = Some(m.name.clone());
+            rec.status = 200;
+            rec.usage = usage;
+            rec.actual_cost_micros = usage.map(|u| cost(&rt, model, &u));
+            log(&gw, rec);
+            r
+        }
+        Started::Stream { first, rest } => {
+            let first_token = t0.elapsed();
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
+            let body = BodyExt::boxed(StreamBody::new(tokio_stream_from(rx)));
+            let mut r = Response::new(body);
+            let h = r.headers_mut();
+            h.insert(
+                hyper::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            h.insert(
+                hyper::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-cache"),
+            );
+            routing_headers(&mut r, &ctx, Some(m), attempts);
+            let deadline = total.map(|t| tokio::time::Instant::from_std(t0) + t);
+            tokio::spawn(forward(
+                gw,
+                ctx,
+                model,
+                first,
+                rest,
+                tx,
+                deadline,
+                first_token,
+                t0,
+                out,
+                slots,
+            ));
+            r
+        }
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: mpsc::Receiver<Result<Frame<Bytes>, Infallible>>,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Watches a passed-through stream: did it finish (`[DONE]`), what usage did it report.
+#[derive(Default)]
+struct Tracker {
+    parser: sse::Parser,
+    done: bool,
+    usage: Option<Usage>,
+}
+
+impl Tracker {
+    fn feed(&mut self, b: &[u8]) {
+        for e in self.parser.feed(b) {
+            if e.data == "[DONE]" {
+                self.done = true;
+            } else if e.data.contains("\"usage\"") {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.data) {
+                    if let Some(u) = Usage::from_openai(&v) {
+                        self.usage = Some(u);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    gw: Arc<Gateway>,
+    ctx: RequestCtx,
+    model: usize,
+    first: Bytes,
+    mut rest: ByteStream,
+    tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+    deadline: Option<tokio::time::Instant>,
+    first_token: Duration,
+    t0: Instant,
+    out: Outcome,
+    slots: Vec<Slot>,
+) {
+    let rt = ctx.rt.clone();
+    let mut tracker = Tracker::default();
+    tracker.feed(&first);
+    let mut client_gone = tx.send(Ok(Frame::data(first))).await.is_err();
+    let mut error: Option<(String, String)> = None;
+    while !client_gone && !tracker.done {
+        let next = match deadline {
+            Some(d) => tokio::time::timeout_at(d, rest.next())
+                .await
+                .unwrap_or(Some(Err(AttemptError::Timeout))),
+            None => rest.next().await,
+        };
+        match next {
+            Some(Ok(b)) => {
+                tracker.feed(&b);
+                client_gone = tx.send(Ok(Frame::data(b))).await.is_err();
+            }
+            Some(Err(e)) => {
+                error = Some((format!("the upstream failed mid-stream: {e}"), e.code()));
+                break;
+            }
+            None => {
+                if !tracker.done {
+                    error = Some((
+                        "the upstream stream ended before completion".into(),
+                        "reset".into(),
+                    ));
+                }
+                break;
+            }
+        }
+    }
+    if let Some((msg, code)) = &error {
+        // Bytes already reached the client, so no fallback: say so explicitly.
+        let _ = tx.send(Ok(Frame::data(sse::error_event(msg, code)))).await;
+    }
+    drop(tx);
+    drop(slots);
+    let Some(m) = rt.models.get(model) else {
+        return;
+    };
+    let ok = error.is_none() && !client_gone;
+    if error.is_some() {
+        record_result(&rt, m, false, None, None);
+    } else if ok {
+        record_result(&rt, m, true, Some(t0.elapsed()), Some(first_token));
+    }
+    let mut rec = base_record(&ctx, &out);
+    rec.model = Some(m.name.clone());
+    rec.status = 200;
+    rec.first_token_ms = Some(ms(first_token));
+    rec.usage = tracker.usage;
+    rec.actual_cost_micros = tracker.usage.map(|u| cost(&rt, model, &u));
+    rec.error = match (&error, client_gone) {
+        (Some((msg, _)), _) => Some(msg.clone()),
+        (None, true) => Some("the client went away".into()),
+        _ => None,
+    };
+    if let (Some((_, code)), Some(last)) = (&error, rec.attempts.last_mut()) {
+        last.outcome = format!("failed mid-stream: {code}");
+    }
+    log(&gw, rec);
+}
+
+/// The upstream refused the request itself (400, 404, 422...): the client
+/// gets the upstream's answer, since no other model would answer differently.
+fn client_error(
+    gw: Arc<Gateway>,
+    ctx: RequestCtx,
+    e: AttemptError,
+    out: Outcome,
+) -> Response<Body> {
+    let AttemptError::Status { status, body, .. } = &e else {
+        return failed(gw, ctx, out);
+    };
+    let mut r = Response::new(full(body.clone()));
+    *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let m = out
+        .attempts
+        .last()
+        .and_then(|a| ctx.rt.models.iter().find(|m| m.name == a.model));
+    routing_headers(&mut r, &ctx, m, out.attempts.len());
+    let mut rec = base_record(&ctx, &out);
+    rec.status = *status;
+    rec.error = Some(format!("the upstream refused the request: {status}"));
+    log(&gw, rec);
+    r
+}
+
+fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
+    let tried: Vec<String> = out
+        .attempts
+        .iter()
+        .map(|a| format!("{} ({})", a.model, a.outcome))
+        .collect();
+    let summary = if tried.is_empty() {
+        "no model could be tried".to_string()
+    } else {
+        format!("attempts: {}", tried.join(", "))
+    };
+    let err = match (&out.last_error, out.limited) {
+        (None, Some(wait)) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            format!("every allowed model is at its limit; {summary}"),
+        )
+        .code("rate_limited")
+        .retry_after(wait),
+        (None, None) if out.breaker_open => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_error",
+            format!("every allowed model is cooling down after failures (circuit open); {summary}"),
+        )
+        .code("circuit_open"),
+        (None, None) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_error",
+            format!("no model is available for this request; {summary}"),
+        )
+        .code("no_model"),
+        (Some(AttemptError::Timeout), _) => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_error",
+            format!("the upstream timed out; {summary}"),
+        )
+        .code("timeout"),
+        (Some(e), _) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!("the upstream failed after retries and fallbacks: {e}; {summary}"),
+        )
+        .code(e.code()),
+    };
+    let mut rec = base_record(&ctx, &out);
+    rec.status = err.status.as_u16();
+    rec.error = Some(err.message.clone());
+    log(&gw, rec);
+    let attempts = out.attempts.len();
+    let mut r = err.into_response();
+    routing_headers(&mut r, &ctx, None, attempts);
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_filters_match_statuses_classes_and_kinds() {
+        let st = |s| AttemptError::Status {
+            status: s,
+            retry_after: None,
+            body: Bytes::new(),
+        };
+        let on = [
+            RetryOn::Status(429),
+            RetryOn::StatusClass(5),
+            RetryOn::Timeout,
+        ];
+        assert!(retry_matches(&st(429), &on));
+        assert!(retry_matches(&st(503), &on));
+        assert!(!retry_matches(&st(401), &on));
+        assert!(retry_matches(&AttemptError::Timeout, &on));
+        assert!(!retry_matches(&AttemptError::Reset("x".into()), &on));
+        assert!(retry_matches(
+            &AttemptError::Reset("x".into()),
+            &[RetryOn::Reset]
+        ));
+    }
+}

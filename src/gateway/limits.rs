@@ -1,0 +1,120 @@
+//! Concurrency and rate limits, as the policy's `limit` rules say.
+//!
+//! Counters are keyed by the limit rule and the scope key (tenant id, feature,
+//! model or provider name) and survive reloads as long as the rule text is
+//! the same. Rates use a sliding approximation over two fixed windows, which
+//! is cheap and never lets more than the limit through within one window.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Default)]
+pub struct Limiters {
+    concurrency: Mutex<HashMap<String, Arc<AtomicU32>>>,
+    rates: Mutex<HashMap<String, Arc<Mutex<Window>>>>,
+}
+
+/// Holds a concurrency slot until dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicU32>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug)]
+struct Window {
+    start: Instant,
+    current: u64,
+    previous: u64,
+}
+
+impl Limiters {
+    /// Take one of `max` slots for `key`, or `None` when all are taken.
+    pub fn acquire(&self, key: &str, max: u32) -> Option<Slot> {
+        let counter = {
+            let Ok(mut map) = self.concurrency.lock() else {
+                return None;
+            };
+            map.entry(key.to_string()).or_default().clone()
+        };
+        let prev = counter.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(counter);
+        (prev < max).then_some(slot)
+    }
+
+    /// Count `amount` against `limit` per `window` for `key`; false (and
+    /// nothing counted) when it would pass the limit. Returns the time until
+    /// the current window ends, for `Retry-After`.
+    pub fn charge(
+        &self,
+        key: &str,
+        amount: u64,
+        limit: u64,
+        window: Duration,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        let w = {
+            let Ok(mut map) = self.rates.lock() else {
+                return Ok(());
+            };
+            map.entry(key.to_string())
+                .or_insert_with(|| {
+                    Arc::new(Mutex::new(Window {
+                        start: now,
+                        current: 0,
+                        previous: 0,
+                    }))
+                })
+                .clone()
+        };
+        let Ok(mut w) = w.lock() else { return Ok(()) };
+        let len = window.max(Duration::from_millis(1));
+        let mut elapsed = now.saturating_duration_since(w.start);
+        if elapsed >= len {
+            let windows = elapsed.as_nanos() / len.as_nanos();
+            w.previous = if windows == 1 { w.current } else { 0 };
+            w.current = 0;
+            w.start += len * u32::try_from(windows).unwrap_or(u32::MAX);
+            elapsed = now.saturating_duration_since(w.start);
+        }
+        let weight = 1.0 - elapsed.as_secs_f64() / len.as_secs_f64();
+        let estimate = w.current as f64 + w.previous as f64 * weight;
+        if estimate + amount as f64 > limit as f64 {
+            return Err(len.saturating_sub(elapsed));
+        }
+        w.current += amount;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrency_slots_come_back_on_drop() {
+        let l = Limiters::default();
+        let a = l.acquire("m", 2).unwrap();
+        let _b = l.acquire("m", 2).unwrap();
+        assert!(l.acquire("m", 2).is_none());
+        drop(a);
+        assert!(l.acquire("m", 2).is_some());
+    }
+
+    #[test]
+    fn rates_refuse_past_the_limit_and_recover() {
+        let l = Limiters::default();
+        let t0 = Instant::now();
+        let w = Duration::from_secs(1);
+        for _ in 0..3 {
+            l.charge("t", 1, 3, w, t0).unwrap();
+        }
+        assert!(l.charge("t", 1, 3, w, t0).is_err());
+        assert!(l.charge("t", 1, 3, w, t0 + Duration::from_secs(3)).is_ok());
+    }
+}

@@ -1,0 +1,128 @@
+//! Any OpenAI-compatible API: the client's body goes through untouched
+//! except the `model` field.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{
+    endpoint_path, from_reqwest, retry_after, AttemptError, ClientBody, Reply, UpstreamRequest,
+    Usage,
+};
+use crate::config::ProviderConfig;
+
+pub async fn send(
+    client: &reqwest::Client,
+    cfg: &ProviderConfig,
+    req: UpstreamRequest<'_>,
+) -> Result<Reply, AttemptError> {
+    let url = format!("{}{}", cfg.base_url, endpoint_path(req.endpoint));
+    let mut rb = client.post(url);
+    if let Some(key) = &cfg.api_key {
+        rb = rb.bearer_auth(key.expose());
+    }
+    rb = match req.body {
+        ClientBody::Json(v) => {
+            let mut v = v.clone();
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert(
+                    "model".into(),
+                    serde_json::Value::String(req.model.to_string()),
+                );
+            }
+            rb.header("content-type", "application/json")
+                .body(v.to_string())
+        }
+        ClientBody::Multipart { content_type, body } => rb
+            .header("content-type", content_type.as_str())
+            .body(replace_multipart_model(body, req.model)),
+    };
+    let resp = rb.send().await.map_err(|e| from_reqwest(&e))?;
+    let status = resp.status().as_u16();
+    if !(200..300).contains(&status) {
+        let ra = retry_after(resp.headers());
+        let body = resp.bytes().await.unwrap_or_default();
+        return Err(AttemptError::Status {
+            status,
+            retry_after: ra,
+            body,
+        });
+    }
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    if req.stream && content_type.starts_with("text/event-stream") {
+        let s = resp.bytes_stream().map(|r| r.map_err(|e| from_reqwest(&e)));
+        return Ok(Reply::Stream(Box::pin(s)));
+    }
+    let body = resp.bytes().await.map_err(|e| from_reqwest(&e))?;
+    let usage = if content_type.starts_with("application/json") {
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| Usage::from_openai(&v))
+    } else {
+        None
+    };
+    Ok(Reply::Full {
+        content_type,
+        body,
+        usage,
+    })
+}
+
+/// Replace the value of the `model` form field in a multipart body; the rest
+/// (the audio file) is passed through byte for byte.
+pub fn replace_multipart_model(body: &Bytes, model: &str) -> Bytes {
+    const NEEDLE: &[u8] = b"name=\"model\"";
+    let Some(at) = find(body, NEEDLE) else {
+        return body.clone();
+    };
+    let Some(rel) = body.get(at..).and_then(|rest| find(rest, b"\r\n\r\n")) else {
+        return body.clone();
+    };
+    let start = at + rel + 4;
+    let Some(len) = body.get(start..).and_then(|rest| find(rest, b"\r\n")) else {
+        return body.clone();
+    };
+    let mut out = Vec::with_capacity(body.len() + model.len());
+    out.extend_from_slice(body.get(..start).unwrap_or_default());
+    out.extend_from_slice(model.as_bytes());
+    out.extend_from_slice(body.get(start + len..).unwrap_or_default());
+    Bytes::from(out)
+}
+
+/// The value of a simple multipart text field.
+pub fn multipart_field(body: &[u8], name: &str) -> Option<String> {
+    let needle = format!("name=\"{name}\"");
+    let at = find(body, needle.as_bytes())?;
+    let start = at + find(body.get(at..)?, b"\r\n\r\n")? + 4;
+    let len = find(body.get(start..)?, b"\r\n")?;
+    String::from_utf8(body.get(start..start + len)?.to_vec()).ok()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORM: &str = "--X\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--X\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nauto\r\n--X--\r\n";
+
+    #[test]
+    fn multipart_model_is_read_and_replaced() {
+        assert_eq!(
+            multipart_field(FORM.as_bytes(), "model").as_deref(),
+            Some("auto")
+        );
+        let out = replace_multipart_model(&Bytes::from(FORM), "whisper-1");
+        assert_eq!(multipart_field(&out, "model").as_deref(), Some("whisper-1"));
+        assert_eq!(
+            String::from_utf8(out.to_vec()).unwrap(),
+            FORM.replace("auto", "whisper-1")
+        );
+    }
+}

@@ -1,0 +1,454 @@
+//! The HTTP front: routing, authentication, body limits, feature
+//! extraction, the decision, and OpenAI-style errors.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+
+use super::dispatch::{self, RequestCtx};
+use super::engine::{decide, Denial, Endpoint, RequestFeatures};
+use super::error::{full, ApiError, Body};
+use super::providers::{openai::multipart_field, ClientBody};
+use super::{Gateway, LiveStats, Runtime};
+use crate::config::sha256;
+use crate::ir::{LimitScope, ModelKind};
+
+/// Accept connections until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let gw = gw.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(gw, req).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+}
+
+/// One request, start to finish.
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
+    let endpoint = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/v1/models") => return models(&gw, &req),
+        (&Method::POST, "/v1/chat/completions") => Endpoint::Chat,
+        (&Method::POST, "/v1/embeddings") => Endpoint::Embeddings,
+        (&Method::POST, "/v1/images/generations") => Endpoint::Images,
+        (&Method::POST, "/v1/audio/transcriptions") => Endpoint::AudioTranscription,
+        (&Method::POST, "/v1/audio/speech") => Endpoint::AudioSpeech,
+        (_, path) => {
+            let known = [
+                "/v1/chat/completions",
+                "/v1/embeddings",
+                "/v1/images/generations",
+                "/v1/audio/transcriptions",
+                "/v1/audio/speech",
+                "/v1/models",
+                "/healthz",
+            ];
+            return if known.contains(&path) {
+                ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "invalid_request_error",
+                    format!("method `{}` is not allowed on `{path}`", req.method()),
+                )
+                .into_response()
+            } else {
+                ApiError::not_found(format!(
+                    "unknown endpoint `{}`",
+                    path.chars().take(200).collect::<String>()
+                ))
+                .into_response()
+            };
+        }
+    };
+    match proxy(gw, req, endpoint).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+/// The tenant whose key hash matches, comparing every tenant in constant time.
+fn authenticate<'a>(
+    rt: &'a Runtime,
+    req: &Request<Incoming>,
+) -> Result<(usize, &'a super::TenantRt), ApiError> {
+    let Some(auth) = req.headers().get(hyper::header::AUTHORIZATION) else {
+        return Err(ApiError::unauthorized(
+            "missing API key: send `Authorization: Bearer <key>`",
+        ));
+    };
+    let key = auth
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let Some(key) = key.filter(|k| !k.is_empty()) else {
+        return Err(ApiError::unauthorized(
+            "malformed Authorization header: expected `Bearer <key>`",
+        ));
+    };
+    let hash = sha256(key);
+    // No early exit: the time taken does not depend on which tenant matched.
+    let mut found: Option<usize> = None;
+    for (i, t) in rt.tenants.iter().enumerate() {
+        if bool::from(t.key_sha256.ct_eq(&hash)) {
+            found = Some(i);
+        }
+    }
+    found
+        .and_then(|i| rt.tenants.get(i).map(|t| (i, t)))
+        .ok_or_else(|| ApiError::unauthorized("invalid API key"))
+}
+
+async fn read_body(
+    gw: &Gateway,
+    req: Request<Incoming>,
+) -> Result<(hyper::http::request::Parts, Bytes), ApiError> {
+    let limit = gw.config.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let (parts, body) = req.into_parts();
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok((parts, c.to_bytes())),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(e) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
+    }
+}
+
+fn header_str<'a>(parts: &'a hyper::http::request::Parts, name: &str) -> Option<&'a str> {
+    parts
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// Parse the body and extract the request features.
+fn features(
+    endpoint: Endpoint,
+    parts: &hyper::http::request::Parts,
+    body: Bytes,
+) -> Result<(RequestFeatures, ClientBody), ApiError> {
+    let (mut f, body) = if endpoint == Endpoint::AudioTranscription {
+        let content_type = header_str(parts, "content-type")
+            .unwrap_or_default()
+            .to_string();
+        if !content_type.starts_with("multipart/form-data") {
+            return Err(ApiError::bad_request(
+                "audio transcription expects a `multipart/form-data` body",
+            ));
+        }
+        let model = multipart_field(&body, "model");
+        let v = serde_json::json!({ "model": model });
+        (
+            RequestFeatures::from_openai_json(endpoint, &v),
+            ClientBody::Multipart { content_type, body },
+        )
+    } else {
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+        if !v.is_object() {
+            return Err(ApiError::bad_request("the body must be a JSON object"));
+        }
+        check_shape(endpoint, &v)?;
+        (
+            RequestFeatures::from_openai_json(endpoint, &v),
+            ClientBody::Json(v),
+        )
+    };
+    if let Some(feature) = header_str(parts, "x-routeplane-feature") {
+        f.feature = Some(feature.to_string());
+    }
+    if let Some(c) = header_str(parts, "x-routeplane-confirm") {
+        f.confirmed = matches!(c.to_ascii_lowercase().as_str(), "true" | "1" | "yes");
+    }
+    for (name, value) in &parts.headers {
+        if let (Some(meta), Ok(v)) = (
+            name.as_str().strip_prefix("x-routeplane-meta-"),
+            value.to_str(),
+        ) {
+            f.meta.retain(|(k, _)| k != meta);
+            f.meta.push((meta.to_string(), v.to_string()));
+        }
+    }
+    Ok((f, body))
+}
+
+/// The few shape checks that turn a certain upstream 400 into our own clear one.
+fn check_shape(endpoint: Endpoint, v: &serde_json::Value) -> Result<(), ApiError> {
+    if let Some(m) = v.get("model") {
+        if !m.is_string() {
+            return Err(ApiError::bad_request("`model` must be a string"));
+        }
+    }
+    if let Some(s) = v.get("stream") {
+        if !s.is_boolean() {
+            return Err(ApiError::bad_request("`stream` must be true or false"));
+        }
+    }
+    match endpoint {
+        Endpoint::Chat => match v.get("messages") {
+            Some(serde_json::Value::Array(a)) if !a.is_empty() => Ok(()),
+            Some(serde_json::Value::Array(_)) => {
+                Err(ApiError::bad_request("`messages` must not be empty"))
+            }
+            Some(_) => Err(ApiError::bad_request("`messages` must be an array")),
+            None => Err(ApiError::bad_request("missing `messages`")),
+        },
+        Endpoint::Embeddings if v.get("input").is_none() => {
+            Err(ApiError::bad_request("missing `input`"))
+        }
+        Endpoint::Images if v.get("prompt").is_none() => {
+            Err(ApiError::bad_request("missing `prompt`"))
+        }
+        Endpoint::AudioSpeech if v.get("input").is_none() => {
+            Err(ApiError::bad_request("missing `input`"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Tenant and feature limits, taken before the decision.
+fn request_limits(
+    gw: &Gateway,
+    rt: &Runtime,
+    tenant: &str,
+    f: &RequestFeatures,
+    now: Instant,
+) -> Result<Vec<super::limits::Slot>, ApiError> {
+    let mut slots = Vec::new();
+    for limit in &rt.policy.policy().protect.limits {
+        let key = match (limit.scope, &f.feature) {
+            (LimitScope::Tenant, _) => format!("tenant:{tenant}"),
+            (LimitScope::Feature, Some(feat)) => format!("feature:{feat}"),
+            _ => continue,
+        };
+        if let Err(wait) = dispatch::charge(gw, &limit.kind, &key, f.input_tokens, now, &mut slots)
+        {
+            let what = match limit.kind {
+                crate::ir::LimitKind::Concurrency(n) => format!("at most {n} concurrent requests"),
+                crate::ir::LimitKind::Rate {
+                    requests,
+                    window_ms,
+                } => format!("{requests} requests per {}", window(window_ms)),
+                crate::ir::LimitKind::Tokens { tokens, window_ms } => {
+                    format!("{tokens} tokens per {}", window(window_ms))
+                }
+            };
+            let scope = if limit.scope == LimitScope::Tenant {
+                "tenant"
+            } else {
+                "feature"
+            };
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                format!("rate limited: the policy allows {what} per {scope} (`{key}`)"),
+            )
+            .code("rate_limited")
+            .retry_after(wait));
+        }
+    }
+    Ok(slots)
+}
+
+fn window(ms: u64) -> String {
+    match ms {
+        1000 => "second".into(),
+        60_000 => "minute".into(),
+        3_600_000 => "hour".into(),
+        86_400_000 => "day".into(),
+        _ => format!("{ms}ms"),
+    }
+}
+
+/// A denial as an OpenAI error that names the rule.
+fn denial(rt: &Runtime, tenant: &str, d: &Denial) -> ApiError {
+    let p = rt.policy.policy();
+    match d {
+        Denial::ModelDenied { model, rule } => {
+            let model = p.model(*model).map_or("?", |m| m.name.as_str());
+            let rule = p.constraints.get(rule.index()).map_or("?", |c| c.name.as_str());
+            ApiError::new(StatusCode::FORBIDDEN, "permission_denied", format!("model `{model}` is denied for tenant `{tenant}` by constraint `{rule}`")).code("model_denied")
+        }
+        Denial::UnknownModel(name) => {
+            let names = p.models.iter().map(|m| m.name.as_str()).chain(p.intents.iter().map(|i| i.name.as_str()));
+            let hint = crate::diag::did_you_mean(name, names).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+            ApiError::not_found(format!("unknown model `{name}`: not a model or intent of policy {}{hint}", rt.policy.version())).code("model_not_found")
+        }
+        Denial::NoModelAvailable { intent } => {
+            let intent = p.intent(*intent).map_or("?", |i| i.name.as_str());
+            ApiError::new(StatusCode::FORBIDDEN, "permission_denied", format!("no model is allowed for intent `{intent}` for tenant `{tenant}`: the tenant's constraints remove every candidate"))
+                .code("no_model_allowed")
+        }
+        Denial::BudgetBlocked => ApiError::new(StatusCode::PAYMENT_REQUIRED, "budget_exceeded", format!("the budget of tenant `{tenant}` is spent")).code("budget_blocked"),
+        Denial::ConfirmationRequired => ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "budget_confirmation_required",
+            format!("the budget of tenant `{tenant}` is nearly spent: premium models need confirmation; resend with `x-routeplane-confirm: true`"),
+        )
+        .code("confirmation_required"),
+    }
+}
+
+async fn proxy(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    endpoint: Endpoint,
+) -> Result<Response<Body>, ApiError> {
+    let started = Instant::now();
+    // The policy is loaded once; the whole request uses this version.
+    let rt = gw.runtime();
+    let (tenant_idx, tenant) = authenticate(&rt, &req)?;
+    let (parts, body) = read_body(&gw, req).await?;
+    let (features, body) = features(endpoint, &parts, body)?;
+    let slots = request_limits(&gw, &rt, &tenant.id, &features, started)?;
+    let decision = decide(
+        &rt.policy,
+        &tenant.view,
+        &features,
+        &LiveStats {
+            rt: &rt,
+            now: started,
+        },
+    );
+    if let Err(d) = &decision.outcome {
+        let mut r = denial(&rt, &tenant.id, d).into_response();
+        if let Ok(v) = HeaderValue::from_str(rt.policy.version()) {
+            r.headers_mut().insert("x-routeplane-policy", v);
+        }
+        return Ok(r);
+    }
+    let ctx = RequestCtx {
+        rt: rt.clone(),
+        tenant: tenant_idx,
+        features,
+        decision,
+        body,
+        decision_id: gw.next_decision_id(),
+        started,
+        slots,
+    };
+    Ok(dispatch::run(gw, ctx).await)
+}
+
+fn kind_endpoint(k: ModelKind) -> Option<Endpoint> {
+    match k {
+        ModelKind::Chat => Some(Endpoint::Chat),
+        ModelKind::Embeddings => Some(Endpoint::Embeddings),
+        ModelKind::Image => Some(Endpoint::Images),
+        ModelKind::Audio => Some(Endpoint::AudioSpeech),
+        ModelKind::Video => None,
+    }
+}
+
+/// `GET /v1/models`: the models this tenant may use, each asked of `decide`
+/// by name, so the list can never disagree with what a request would get.
+fn models(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
+    let rt = gw.runtime();
+    let (_, tenant) = match authenticate(&rt, req) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let p = rt.policy.policy();
+    let stats = LiveStats {
+        rt: &rt,
+        now: Instant::now(),
+    };
+    let mut data = Vec::new();
+    for m in &p.models {
+        let Some(endpoint) = kind_endpoint(m.kind) else {
+            continue;
+        };
+        if !m.enabled {
+            continue;
+        }
+        let body = serde_json::json!({ "model": m.name, "messages": [{ "role": "user", "content": "" }], "input": "", "prompt": "" });
+        let f = RequestFeatures::from_openai_json(endpoint, &body);
+        let d = decide(&rt.policy, &tenant.view, &f, &stats);
+        if d.outcome.is_ok() && !d.attempts.is_empty() {
+            let provider = p.provider(m.provider).map_or("", |pr| pr.name.as_str());
+            data.push(serde_json::json!({ "id": m.name, "object": "model", "created": 0, "owned_by": provider }));
+        }
+    }
+    let mut r = Response::new(full(
+        serde_json::json!({ "object": "list", "data": data }).to_string(),
+    ));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(rt.policy.version()) {
+        r.headers_mut().insert("x-routeplane-policy", v);
+    }
+    r
+}

@@ -1,0 +1,319 @@
+//! Shared harness for the gateway integration tests: misbehaving upstreams
+//! (raw TCP, so they can cut, reset and stall at will) and a real gateway on
+//! an ephemeral port.
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use routeplane::config::Config;
+use routeplane::gateway::engine::CompiledPolicy;
+use routeplane::gateway::{FixedPolicy, Gateway};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What an upstream does with one request.
+#[derive(Clone, Debug)]
+pub enum Act {
+    /// 200 with a chat completion (or an SSE stream when the request streams).
+    Ok,
+    /// This status, with an optional `Retry-After` in seconds.
+    Status(u16, Option<u64>),
+    /// Wait, then answer `Ok`.
+    Slow(Duration),
+    /// Read the request, then close the connection with a TCP reset.
+    Reset,
+    /// Stream the head and `n` chunks, then close without `[DONE]`.
+    CutAfter(usize),
+    /// Stream with a pause of this long before the first chunk.
+    SlowFirstChunk(Duration),
+}
+
+pub struct Upstream {
+    pub url: String,
+    pub hits: Arc<AtomicUsize>,
+    /// The JSON bodies received.
+    pub bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Upstream {
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+/// An upstream that acts as `script(n)` says for its n-th request (0-based).
+pub async fn upstream(
+    name: &'static str,
+    script: impl Fn(usize) -> Act + Send + Sync + 'static,
+) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let script = Arc::new(script);
+    let (h, b) = (hits.clone(), bodies.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            let (h, b, script) = (h.clone(), b.clone(), script.clone());
+            tokio::spawn(async move { serve_conn(name, sock, h, b, script).await });
+        }
+    });
+    Upstream { url, hits, bodies }
+}
+
+async fn read_request(sock: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 8192];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = sock.read(&mut tmp).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&tmp[..n]);
+            }
+            return Some((head, buf[end + 4..end + 4 + len].to_vec()));
+        }
+        let n = sock.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+fn completion(name: &str, model: &str) -> String {
+    serde_json::json!({
+        "id": "x", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": format!("hello from {name}") }, "finish_reason": "stop" }],
+        "usage": { "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15 }
+    })
+    .to_string()
+}
+
+fn chunk(text: &str) -> String {
+    let c = serde_json::json!({ "id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+        "choices": [{ "index": 0, "delta": { "content": text }, "finish_reason": null }] });
+    format!("data: {c}\n\n")
+}
+
+fn chunked(data: &str) -> String {
+    format!("{:x}\r\n{data}\r\n", data.len())
+}
+
+async fn serve_conn(
+    name: &'static str,
+    mut sock: TcpStream,
+    hits: Arc<AtomicUsize>,
+    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    script: Arc<dyn Fn(usize) -> Act + Send + Sync>,
+) {
+    while let Some((_head, body)) = read_request(&mut sock).await {
+        let n = hits.fetch_add(1, Ordering::SeqCst);
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let stream = json["stream"].as_bool().unwrap_or(false);
+        let model = json["model"].as_str().unwrap_or("").to_string();
+        bodies.lock().unwrap().push(json);
+        let mut act = script(n);
+        if let Act::Slow(d) = act {
+            tokio::time::sleep(d).await;
+            act = Act::Ok;
+        }
+        match act {
+            Act::Ok | Act::Slow(_) if !stream => {
+                let b = completion(name, &model);
+                let r = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}", b.len());
+                if sock.write_all(r.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            Act::Ok | Act::Slow(_) | Act::SlowFirstChunk(_) | Act::CutAfter(_) => {
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                if let Act::SlowFirstChunk(d) = act {
+                    tokio::time::sleep(d).await;
+                }
+                let words = ["hello ", "from ", name, "!"];
+                for (i, w) in words.iter().enumerate() {
+                    if let Act::CutAfter(k) = act {
+                        if i == k {
+                            let _ = sock.flush().await;
+                            // Give the gateway time to forward what it has, then vanish.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            return;
+                        }
+                    }
+                    if sock.write_all(chunked(&chunk(w)).as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let _ = sock.flush().await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let done = format!("{}0\r\n\r\n", chunked("data: [DONE]\n\n"));
+                if sock.write_all(done.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            Act::Status(code, retry_after) => {
+                let b = serde_json::json!({ "error": { "message": format!("{name} says {code}"), "type": "upstream" } }).to_string();
+                let ra = retry_after
+                    .map(|s| format!("retry-after: {s}\r\n"))
+                    .unwrap_or_default();
+                let r = format!("HTTP/1.1 {code} Oops\r\ncontent-type: application/json\r\n{ra}content-length: {}\r\n\r\n{b}", b.len());
+                if sock.write_all(r.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            Act::Reset => {
+                #[allow(deprecated)]
+                let _ = sock.set_linger(Some(Duration::ZERO));
+                return;
+            }
+        }
+    }
+}
+
+pub struct Gw {
+    pub url: String,
+    pub gw: Arc<Gateway>,
+    pub client: reqwest::Client,
+}
+
+/// Start a gateway with this config text (its `policy:` is ignored) and policy.
+pub async fn gateway(config: &str, policy: CompiledPolicy) -> Gw {
+    let cfg = Config::parse("test.yaml", config, Path::new("."), &|_| {
+        Some("test-key".into())
+    })
+    .unwrap();
+    let gw = Gateway::new(cfg, Arc::new(FixedPolicy::new(policy))).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(routeplane::gateway::server::serve(
+        listener,
+        gw.clone(),
+        std::future::pending(),
+    ));
+    Gw {
+        url,
+        gw,
+        client: reqwest::Client::new(),
+    }
+}
+
+impl Gw {
+    pub fn chat(&self, key: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}/v1/chat/completions", self.url))
+            .bearer_auth(key)
+            .json(&body)
+    }
+}
+
+pub fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+/// The `data:` payloads of an SSE body.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A policy built directly as IR (until the text front end is in main):
+/// chat models `(name, provider)`, in candidate order, plus protection.
+pub fn policy(models: &[(&str, &str)], protect: routeplane::ir::Protect) -> CompiledPolicy {
+    use routeplane::ir::*;
+    let mut p = Policy::default();
+    for (_, prov) in models {
+        if !p.providers.iter().any(|x| x.name == *prov) {
+            p.providers.push(Provider {
+                name: prov.to_string(),
+                region: None,
+                labels: vec![],
+                span: Default::default(),
+            });
+        }
+    }
+    for (name, prov) in models {
+        let provider = ProviderId(p.providers.iter().position(|x| x.name == *prov).unwrap() as u32);
+        p.models.push(Model {
+            name: name.to_string(),
+            provider,
+            kind: ModelKind::Chat,
+            context: 128_000,
+            max_output: None,
+            pricing: Pricing {
+                input_per_mtok: 1_000_000,
+                output_per_mtok: 2_000_000,
+                per_image: 0,
+                per_audio_second: 0,
+            },
+            caps: vec![],
+            region: None,
+            tier: Tier::Standard,
+            quality: 0.5,
+            tokenizer: None,
+            enabled: true,
+            labels: vec![],
+            span: Default::default(),
+            name_span: Default::default(),
+        });
+    }
+    p.protect = protect;
+    CompiledPolicy::from_policy(p, "test1")
+}
+
+pub fn retry(
+    count: u32,
+    on: &[routeplane::ir::RetryOn],
+    min_ms: u64,
+    max_ms: u64,
+) -> Option<routeplane::ir::Retry> {
+    Some(routeplane::ir::Retry {
+        count,
+        on: on.to_vec(),
+        backoff_min_ms: min_ms,
+        backoff_max_ms: max_ms,
+        span: Default::default(),
+    })
+}
+
+/// A config with one `openai`-kind provider per upstream and tenant `demo` (key `sk-demo`).
+pub fn config(providers: &[(&str, &str)]) -> String {
+    let mut s = String::from("policy: unused\ntenants:\n  - id: demo\n    key: sk-demo\n  - id: other\n    key: sk-other\nproviders:\n");
+    for (name, url) in providers {
+        s.push_str(&format!(
+            "  - name: {name}\n    kind: openai\n    base_url: {url}\n    api_key_env: KEY\n"
+        ));
+    }
+    s
+}

@@ -1,0 +1,466 @@
+//! The gateway against upstreams that misbehave on purpose.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod gateway_common;
+
+use std::time::{Duration, Instant};
+
+use gateway_common::*;
+use routeplane::ir::{Breaker, BreakerScope, Protect, RetryOn, Timeouts};
+use serde_json::{json, Value};
+
+fn hello() -> Value {
+    json!({ "model": "auto", "messages": [{ "role": "user", "content": "hi" }] })
+}
+
+fn hello_stream() -> Value {
+    json!({ "model": "auto", "stream": true, "messages": [{ "role": "user", "content": "hi" }] })
+}
+
+fn protect_retry(count: u32) -> Protect {
+    Protect {
+        retry: retry(
+            count,
+            &[
+                RetryOn::Status(429),
+                RetryOn::StatusClass(5),
+                RetryOn::Timeout,
+                RetryOn::Reset,
+            ],
+            10,
+            2000,
+        ),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn answers_with_routing_headers_and_the_upstream_body() {
+    let a = upstream("a", |_| Act::Ok).await;
+    let gw = gateway(
+        &config(&[("pa", &a.url)]),
+        policy(&[("model-a", "pa")], Protect::default()),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-a");
+    assert_eq!(header(&r, "x-routeplane-provider"), "pa");
+    assert_eq!(header(&r, "x-routeplane-policy"), "test1");
+    assert_eq!(header(&r, "x-routeplane-attempts"), "1");
+    assert!(!header(&r, "x-routeplane-decision").is_empty());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "hello from a");
+    // Only `model` is rewritten; the upstream got the provider key, not the tenant's.
+    let sent = a.bodies.lock().unwrap()[0].clone();
+    assert_eq!(sent["model"], "model-a");
+    assert_eq!(sent["messages"], hello()["messages"]);
+}
+
+#[tokio::test]
+async fn retries_a_5xx_then_succeeds_on_the_same_model() {
+    let a = upstream("a", |n| {
+        if n == 0 {
+            Act::Status(503, None)
+        } else {
+            Act::Ok
+        }
+    })
+    .await;
+    let gw = gateway(
+        &config(&[("pa", &a.url)]),
+        policy(&[("model-a", "pa")], protect_retry(2)),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-attempts"), "2");
+    assert_eq!(a.hits(), 2);
+}
+
+#[tokio::test]
+async fn honours_retry_after_on_429() {
+    let a = upstream("a", |n| {
+        if n == 0 {
+            Act::Status(429, Some(1))
+        } else {
+            Act::Ok
+        }
+    })
+    .await;
+    let gw = gateway(
+        &config(&[("pa", &a.url)]),
+        policy(&[("model-a", "pa")], protect_retry(1)),
+    )
+    .await;
+    let t = Instant::now();
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        t.elapsed() >= Duration::from_millis(950),
+        "waited only {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_retry_after_beyond_the_backoff_cap_falls_back_at_once() {
+    let a = upstream("a", |_| Act::Status(429, Some(60))).await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let gw = gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], protect_retry(3)),
+    )
+    .await;
+    let t = Instant::now();
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(a.hits(), 1);
+}
+
+#[tokio::test]
+async fn falls_back_when_retries_are_spent() {
+    let a = upstream("a", |_| Act::Status(500, None)).await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let gw = gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], protect_retry(2)),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    assert_eq!(header(&r, "x-routeplane-attempts"), "4");
+    assert_eq!(a.hits(), 3);
+}
+
+#[tokio::test]
+async fn a_status_outside_the_retry_filter_falls_back_without_retrying() {
+    let a = upstream("a", |_| Act::Status(401, None)).await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let gw = gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], protect_retry(2)),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    assert_eq!(a.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_connection_reset_falls_back() {
+    let a = upstream("a", |_| Act::Reset).await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let gw = gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], Protect::default()),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+}
+
+#[tokio::test]
+async fn every_upstream_failing_is_a_502_listing_the_attempts() {
+    let a = upstream("a", |_| Act::Status(500, None)).await;
+    let gw = gateway(
+        &config(&[("pa", &a.url)]),
+        policy(&[("model-a", "pa")], protect_retry(1)),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let v: Value = r.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("model-a (500), model-a (500)"), "{msg}");
+    assert_eq!(v["error"]["type"], "upstream_error");
+}
+
+#[tokio::test]
+async fn a_slow_upstream_times_out_with_504() {
+    let a = upstream("a", |_| Act::Slow(Duration::from_secs(5))).await;
+    let protect = Protect {
+        timeout: Timeouts {
+            first_token_ms: None,
+            total_ms: Some(200),
+            span: None,
+        },
+        ..Default::default()
+    };
+    let gw = gateway(
+        &config(&[("pa", &a.url)]),
+        policy(&[("model-a", "pa")], protect),
+    )
+    .await;
+    let t = Instant::now();
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn a_slow_first_token_falls_back_before_anything_reached_the_client() {
+    let a = upstream("a", |_| Act::SlowFirstChunk(Duration::from_secs(5))).await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let protect = Protect {
+        timeout: Timeouts {
+            first_token_ms: Some(200),
+            total_ms: Some(10_000),
+            span: None,
+        },
+        ..Default::default()
+    };
+    let gw = gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], protect),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello_stream()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("hello ") && body.contains("from ") && body.contains("\"b\""),
+        "{body}"
+    );
+    assert_eq!(sse_data(&body).last().unwrap(), "[DONE]");
+}
+
+#[tokio::test]
+async fn streams_pass_through_and_a_failure_before_the_first_byte_falls_back() {
+    let a = upstream("a", |_| Act::Status(503, None)).await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let gw = gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], Protect::default()),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello_stream()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-type"), "text/event-stream");
+    let body = r.text().await.unwrap();
+    let data = sse_data(&body);
+    assert_eq!(data.len(), 5, "{data:#?}");
+    assert_eq!(data[4], "[DONE]");
+    assert!(!body.contains("error"));
+}
+
+#[tokio::test]
+async fn a_stream_cut_halfway_ends_with_an_explicit_error_event() {
+    let a = upstream("a", |_| Act::CutAfter(2)).await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let gw = gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], protect_retry(2)),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello_stream()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-a");
+    let body = r.text().await.unwrap();
+    let data = sse_data(&body);
+    // Two chunks reached the client, so no fallback: the stream ends with an error.
+    assert_eq!(data.len(), 3, "{body}");
+    let last: Value = serde_json::from_str(&data[2]).unwrap();
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("mid-stream")
+            || last["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("before completion"),
+        "{last}"
+    );
+    assert!(!body.contains("[DONE]"));
+    assert_eq!(b.hits(), 0);
+}
+
+#[tokio::test]
+async fn the_model_breaker_opens_and_later_requests_skip_the_model() {
+    let a = upstream("a", |_| Act::Status(500, None)).await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let protect = Protect {
+        breakers: vec![Breaker {
+            scope: BreakerScope::Model,
+            failures: 2,
+            window_ms: 10_000,
+            cooldown_ms: 60_000,
+            span: Default::default(),
+        }],
+        ..Default::default()
+    };
+    let gw = gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], protect),
+    )
+    .await;
+    for _ in 0..5 {
+        let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+        assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    }
+    assert_eq!(a.hits(), 2, "the breaker opened after two failures");
+    let states = gw.gw.breaker_states();
+    assert!(
+        states
+            .iter()
+            .any(|(k, s)| k == "model:model-a"
+                && *s == routeplane::gateway::engine::BreakerState::Open),
+        "{states:?}"
+    );
+}
+
+#[tokio::test]
+async fn auth_errors_are_401_openai_errors() {
+    let a = upstream("a", |_| Act::Ok).await;
+    let gw = gateway(
+        &config(&[("pa", &a.url)]),
+        policy(&[("model-a", "pa")], Protect::default()),
+    )
+    .await;
+    let r = gw
+        .client
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .json(&hello())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "authentication_error");
+    let r = gw.chat("sk-wrong", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(a.hits(), 0);
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_4xx() {
+    let a = upstream("a", |_| Act::Ok).await;
+    let cfg = format!("{}max_body: 1KiB\n", config(&[("pa", &a.url)]));
+    let gw = gateway(&cfg, policy(&[("model-a", "pa")], Protect::default())).await;
+    let post = |body: &'static str| {
+        gw.client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth("sk-demo")
+            .body(body)
+            .send()
+    };
+    let r = post("{not json").await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = post("[]").await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = post("{\"model\": \"auto\"}").await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("missing `messages`"));
+    let big =
+        json!({ "model": "auto", "messages": [{ "role": "user", "content": "x".repeat(5000) }] });
+    let r = gw.chat("sk-demo", big).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    let r = gw
+        .chat(
+            "sk-demo",
+            json!({ "model": "model-x", "messages": [{ "role": "user", "content": "hi" }] }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did you mean `model-a`"),
+        "{v}"
+    );
+    let r = gw
+        .client
+        .get(format!("{}/v1/nothing", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(a.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_denied_model_is_403_naming_the_rule() {
+    use routeplane::ir::{Constraint, Effect, ModelId};
+    let a = upstream("a", |_| Act::Ok).await;
+    let mut p = policy(&[("model-a", "pa"), ("model-b", "pa")], Protect::default())
+        .policy()
+        .clone();
+    p.constraints.push(Constraint {
+        name: "no_b".into(),
+        effect: Effect::Deny,
+        removes: vec![ModelId(1)],
+        when: None,
+        span: Default::default(),
+    });
+    let gw = gateway(
+        &config(&[("pa", &a.url)]),
+        routeplane::gateway::engine::CompiledPolicy::from_policy(p, "t"),
+    )
+    .await;
+    let r = gw
+        .chat(
+            "sk-demo",
+            json!({ "model": "model-b", "messages": [{ "role": "user", "content": "hi" }] }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("by constraint `no_b`"),
+        "{v}"
+    );
+    let models: Value = gw
+        .client
+        .get(format!("{}/v1/models", gw.url))
+        .bearer_auth("sk-demo")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["model-a"]);
+}
+
+#[tokio::test]
+async fn healthz_answers() {
+    let a = upstream("a", |_| Act::Ok).await;
+    let gw = gateway(
+        &config(&[("pa", &a.url)]),
+        policy(&[("model-a", "pa")], Protect::default()),
+    )
+    .await;
+    let r = gw
+        .client
+        .get(format!("{}/healthz", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
