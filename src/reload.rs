@@ -15,6 +15,19 @@
 //! What is built from the files is the caller's business (`T`): the gateway
 //! builds the compiled policy plus the tenants resolved from its config; the
 //! store only knows how to read inputs, keep the last good value and report.
+//!
+//! How `serve` wires it:
+//!
+//! ```ignore
+//! let config = Arc::new(Config::load(path)?);
+//! let metrics = Arc::new(Metrics::new());
+//! let paths = Paths { policy: config.policy.clone(), config: Some(config.path.clone()) };
+//! let store = PolicyStore::load(paths, served_builder(config.clone()), Some(metrics.clone()))?;
+//! let _watch = store.watch(Debounce::default())?;   // keep alive while serving
+//! let _hup = store.listen_sighup()?;
+//! // per request, once: let served = store.current(); // Arc<Loaded<Served>>
+//! // GET /admin/policy: store.admin_policy_json()
+//! ```
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -993,6 +1006,49 @@ mod tests {
         .unwrap();
         let v = store.reload(Trigger::Manual).await.unwrap();
         assert_ne!(v, first.version);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_never_see_a_broken_or_torn_policy_through_50_reloads() {
+        let (_tmp, paths) = setup(&[("a.route", "v0")]);
+        let store = PolicyStore::load(paths.clone(), fake_builder(Arc::default()), None).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut readers = Vec::new();
+        for _ in 0..4 {
+            let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
+            readers.push(tokio::spawn(async move {
+                let mut seen = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let p = store.current();
+                    // One load per request: value and version always belong together.
+                    assert!(!p.value.contains("BROKEN"));
+                    assert_eq!(p.files.len(), 1);
+                    seen += 1;
+                    tokio::task::yield_now().await;
+                }
+                seen
+            }));
+        }
+        let (mut ok, mut refused) = (0, 0);
+        for i in 1..=50 {
+            let text = if i % 3 == 0 {
+                format!("BROKEN {i}")
+            } else {
+                format!("v{i}")
+            };
+            std::fs::write(paths.policy.join("a.route"), &text).unwrap();
+            match store.reload(Trigger::Manual).await {
+                Ok(_) => ok += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            assert!(r.await.unwrap() > 0);
+        }
+        assert_eq!((ok, refused), (34, 16));
+        assert_eq!(store.status().failed, 16);
+        assert!(store.current().value.starts_with("v50"));
     }
 
     #[test]
