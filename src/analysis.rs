@@ -57,12 +57,9 @@ pub fn analyze(sources: &Sources) -> Analysis {
         .iter()
         .flat_map(|f| f.items.iter())
         .any(|i| matches!(i, Item::Model(_)));
-    if has_models {
-        diagnostics.extend(check::check(
-            &lowered.policy,
-            &lowered.usage,
-            syntax_ok && lowered_ok,
-        ));
+    if has_models && syntax_ok {
+        // With a partial tree, checks would report consequences of the syntax errors.
+        diagnostics.extend(check::check(&lowered.policy, &lowered.usage, lowered_ok));
     } else if syntax_ok {
         let mut d = Diagnostic::error("empty-policy", "the policy declares no models")
             .with_help("declare at least one `provider` and one `model`, then route to it");

@@ -25,9 +25,11 @@
 //! - Fallback cycles are loops between default routes through `route X`
 //!   fallbacks; a refined route falling back to its own intent's default
 //!   route is fine.
-//! - The set-based checks (coverage, candidate-denied, shadowed-rule,
-//!   never-fires) run only when lowering had no errors: on a partial policy
-//!   they would report consequences of the first error.
+//! - After lowering errors only the checks that cannot be consequences of
+//!   those errors run (missing-default, missing-route, duplicate-route,
+//!   fallback-cycle); empty-route, the set-based checks (coverage,
+//!   candidate-denied) and the lints wait for a clean lowering. After syntax
+//!   errors `analyze` runs no check at all (the tree is partial).
 //! - `missing-default` is also reported when a policy has models but no
 //!   classify rule at all: every request needs an intent.
 
@@ -145,10 +147,10 @@ fn all_conds(p: &Policy) -> impl Iterator<Item = &Cond> {
 pub fn check(p: &Policy, usage: &Usage, lowered_ok: bool) -> Vec<Diagnostic> {
     let mut c = Checker { p, out: Vec::new() };
     c.classify();
-    c.routes();
+    c.routes(lowered_ok);
     c.fallback_cycles();
-    c.lints(usage);
     if lowered_ok {
+        c.lints(usage);
         c.shadowed();
         let classes = Classes::new(p);
         c.never_fires(&classes);
@@ -207,11 +209,12 @@ impl Checker<'_> {
         }
     }
 
-    fn routes(&mut self) {
+    fn routes(&mut self, lowered_ok: bool) {
         let mut default: Vec<Option<RouteId>> = vec![None; self.p.intents.len()];
         for (i, r) in self.p.routes.iter().enumerate() {
             let id = RouteId(i as u32);
-            if r.candidates.is_empty() && r.fallback.is_empty() {
+            // After lowering errors a route may be empty only because its names were dropped.
+            if lowered_ok && r.candidates.is_empty() && r.fallback.is_empty() {
                 self.out.push(
                     Diagnostic::error(
                         "empty-route",

@@ -130,6 +130,7 @@ const MODEL_FIELDS: [&str; 12] = [
 ];
 const PROVIDER_FIELDS: [&str; 2] = ["region", "labels"];
 const TIERS: [&str; 2] = ["standard", "premium"];
+const PRICE_UNITS: [&str; 3] = ["image", "second", "minute"];
 
 /// How a number literal is read for a field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -571,19 +572,28 @@ impl Lowerer {
     fn price(&mut self, pr: &ast::Price, out: &mut ir::Pricing) {
         match pr {
             ast::Price::InOut { input, output, per } => {
-                let ast::PricePer::Tokens(n) = per else {
-                    let span = match per {
-                        ast::PricePer::Unit(i) => i.span,
-                        ast::PricePer::Tokens(q) => q.span,
-                    };
-                    self.err(
-                        "unit-mismatch",
-                        "`in`/`out` prices are per tokens",
-                        span,
-                        "expected a token count",
-                        "write `per 1M` or `per 1k`; use `price $0.04 per image` for a flat price",
-                    );
-                    return;
+                let n = match per {
+                    ast::PricePer::Tokens(n) => n,
+                    ast::PricePer::Unit(u) if PRICE_UNITS.contains(&u.name.as_str()) => {
+                        self.err(
+                            "unit-mismatch",
+                            "`in`/`out` prices are per tokens",
+                            u.span,
+                            "expected a token count",
+                            "write `per 1M` or `per 1k`; use `price $0.04 per image` for a flat price",
+                        );
+                        return;
+                    }
+                    ast::PricePer::Unit(u) => {
+                        self.err(
+                            "unknown-word",
+                            format!("unknown price unit `{}`", u.name),
+                            u.span,
+                            "not a price unit",
+                            "token prices are `per 1M` or `per 1k` (a token count)",
+                        );
+                        return;
+                    }
                 };
                 let Some(tokens) = self.count(n, "a token count") else {
                     return;
@@ -1316,7 +1326,11 @@ impl Lowerer {
                 false
             }
             Vocab::Regions => {
-                if self.regions.contains(s) {
+                // Regions are an open vocabulary (a residency rule may name a
+                // region no model is in yet); only a near miss is a typo.
+                if self.regions.contains(s)
+                    || did_you_mean(s, self.regions.iter().map(String::as_str)).is_none()
+                {
                     return true;
                 }
                 let known: Vec<String> = self.regions.iter().cloned().collect();

@@ -92,7 +92,7 @@ fn layering_and_coverage() {
         // Premium models count only if premium is always allowed.
         ("classify { chat otherwise }\nroute chat { candidates [p, a] premium only when request.feature == \"x\" }", &[]),
         ("classify { chat otherwise }\nroute chat { candidates [p] fallback [p] premium only when request.feature == \"x\" }", &["coverage-hole@8"]),
-        ("classify { chat otherwise }\nroute chat { candidates [p, p] }", &["single-candidate@8", "duplicate-name@8"]),
+        ("classify { chat otherwise }\nroute chat { candidates [p, p] }", &["duplicate-name@8"]),
         ("classify { chat otherwise }\nroute chat { candidates [p] fallback [route chat] premium only when request.stream }", &["coverage-hole@8", "fallback-cycle@8"]),
         ("classify { chat otherwise }\nroute chat { candidates [p, a] premium only when tenant.plan == pro }", &[]),
         ("constraints { deny [a] when tenant.plan == free }\nclassify { chat otherwise }\nroute chat { candidates [p, a] premium only when tenant.plan == pro }", &["coverage-hole@9"]),
@@ -205,10 +205,15 @@ fn lints_can_be_allowed_inline() {
 
 #[test]
 fn set_checks_wait_for_a_clean_lowering() {
-    // The unknown model would otherwise also leave a hole.
+    // The unknown model would otherwise also leave the route empty.
     check(
         &format!("{H}classify {{ chat otherwise }}\nroute chat {{ candidates [zz] }}"),
-        &["empty-route@8", "unknown-model@8"],
+        &["unknown-model@8"],
+    );
+    // Structural errors that cannot come from the first error are still reported.
+    check(
+        &format!("{H}classify {{ chat otherwise }}\nroute chat {{ candidates [zz] }}\nroute chat {{ candidates [a, b] }}"),
+        &["unknown-model@8", "duplicate-route@9"],
     );
 }
 
