@@ -29,7 +29,9 @@ use crate::ir::{
     BudgetAction, BudgetAmount, BudgetPeriod, BudgetScope, Micros, ModelId, Policy, Threshold,
     Value,
 };
-use crate::state::{period, Balance, BudgetStore, Charge, Counter, LedgerEntry, Reservation, StateError};
+use crate::state::{
+    period, Balance, BudgetStore, Charge, Counter, LedgerEntry, Reservation, StateError,
+};
 
 /// How long a reservation lives if its gateway dies before settling it.
 pub const DEFAULT_RESERVATION_TTL_MS: i64 = 15 * 60 * 1000;
@@ -105,7 +107,11 @@ pub fn applicable(
     let mut out = Vec::new();
     for b in &p.protect.budgets {
         let (scope, value, who) = match (b.scope, feature) {
-            (BudgetScope::Tenant, _) => ("tenant", tenant.id.clone(), format!("tenant `{}`", tenant.id)),
+            (BudgetScope::Tenant, _) => (
+                "tenant",
+                tenant.id.clone(),
+                format!("tenant `{}`", tenant.id),
+            ),
             (BudgetScope::Feature, Some(f)) => ("feature", f.to_string(), format!("feature `{f}`")),
             (BudgetScope::TenantFeature, Some(f)) => (
                 "tenant-feature",
@@ -254,8 +260,15 @@ impl Budgets {
         amount: Micros,
         now_ms: i64,
     ) -> Result<Result<Reservation, Refused>, StateError> {
-        let charges: Vec<Charge> = check.budgets.iter().map(|(a, _)| a.charge.clone()).collect();
-        match self.store.reserve(id, &charges, amount, now_ms, self.ttl_ms) {
+        let charges: Vec<Charge> = check
+            .budgets
+            .iter()
+            .map(|(a, _)| a.charge.clone())
+            .collect();
+        match self
+            .store
+            .reserve(id, &charges, amount, now_ms, self.ttl_ms)
+        {
             Ok(r) => Ok(Ok(r)),
             Err(StateError::Refused(r)) => {
                 let a = check
@@ -303,7 +316,10 @@ mod tests {
         let mut sources = crate::source::Sources::default();
         sources.add("p.route", src.to_string());
         crate::compile::compile(&sources).unwrap_or_else(|a| {
-            panic!("{:?}", a.diagnostics.iter().map(|d| &d.message).collect::<Vec<_>>())
+            panic!(
+                "{:?}",
+                a.diagnostics.iter().map(|d| &d.message).collect::<Vec<_>>()
+            )
         })
     }
 
@@ -378,7 +394,10 @@ protect {
         assert_eq!(a.len(), 2);
         assert_eq!(a[1].charge.counter.key, "daily|tenant-feature|acme/chat");
         assert_eq!(a[1].charge.limit, 1_000_000);
-        assert_eq!(a[1].label, "the daily budget of tenant `acme` for feature `chat`");
+        assert_eq!(
+            a[1].label,
+            "the daily budget of tenant `acme` for feature `chat`"
+        );
     }
 
     #[test]

@@ -282,7 +282,7 @@ mod tests {
         let cases = [
             // (endpoint, input tokens, max_tokens, expected micros)
             (Endpoint::Chat, 1000, Some(100), 150 + 60),
-            (Endpoint::Chat, 1, Some(1), 1), // 0.75 micros rounds up
+            (Endpoint::Chat, 1, Some(1), 1),  // 0.75 micros rounds up
             (Endpoint::Chat, 0, None, 9_600), // the model's max_output
             (Endpoint::Embeddings, 1000, Some(100), 150),
             (Endpoint::Images, 0, Some(0), 40_000),

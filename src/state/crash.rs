@@ -76,7 +76,12 @@ fn crash_child() {
 /// Run the child until `acks` acknowledgements, kill -9 it, return every id it acknowledged.
 fn run_and_kill(path: &std::path::Path, acks: usize) -> Vec<String> {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["state::crash::crash_child", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "state::crash::crash_child",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(ENV, path)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -91,7 +96,7 @@ fn run_and_kill(path: &std::path::Path, acks: usize) -> Vec<String> {
         }
     }
     child.kill().unwrap(); // SIGKILL
-    // Whatever it acknowledged before dying is still in the pipe.
+                           // Whatever it acknowledged before dying is still in the pipe.
     for line in lines.map_while(Result::ok) {
         if let Some(id) = line.strip_prefix("ack ") {
             acked.push(id.to_string());
@@ -113,7 +118,10 @@ fn sqlite_ledger_survives_kill_9() {
     let ids: HashSet<&str> = ledger.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids.len(), ledger.len(), "an entry is recorded twice");
     for id in &acked {
-        assert!(ids.contains(id.as_str()), "acknowledged entry `{id}` was lost");
+        assert!(
+            ids.contains(id.as_str()),
+            "acknowledged entry `{id}` was lost"
+        );
     }
     // The counters agree with the ledger: nothing counted twice, nothing missing.
     for c in charges() {

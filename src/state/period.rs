@@ -11,7 +11,12 @@ pub fn bounds(p: BudgetPeriod, now_ms: i64) -> (i64, i64) {
     let now = OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH);
     let day = now.date();
-    let ms = |d: Date| (d.with_time(Time::MIDNIGHT).assume_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    let ms = |d: Date| {
+        (d.with_time(Time::MIDNIGHT)
+            .assume_utc()
+            .unix_timestamp_nanos()
+            / 1_000_000) as i64
+    };
     match p {
         BudgetPeriod::Daily => {
             let next = day.next_day().unwrap_or(day);
@@ -58,7 +63,12 @@ pub fn format_utc(ms: i64) -> String {
 pub fn parse_date(s: &str) -> Option<i64> {
     let fmt = time::macros::format_description!("[year]-[month]-[day]");
     let d = Date::parse(s.trim(), &fmt).ok()?;
-    Some((d.with_time(Time::MIDNIGHT).assume_utc().unix_timestamp_nanos() / 1_000_000) as i64)
+    Some(
+        (d.with_time(Time::MIDNIGHT)
+            .assume_utc()
+            .unix_timestamp_nanos()
+            / 1_000_000) as i64,
+    )
 }
 
 /// `YYYY-MM-DD` of a Unix ms time.
@@ -72,7 +82,9 @@ mod tests {
 
     fn at(s: &str) -> i64 {
         let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]");
-        let t = time::PrimitiveDateTime::parse(s, &fmt).unwrap().assume_utc();
+        let t = time::PrimitiveDateTime::parse(s, &fmt)
+            .unwrap()
+            .assume_utc();
         (t.unix_timestamp_nanos() / 1_000_000) as i64
     }
 
@@ -83,17 +95,67 @@ mod tests {
     #[test]
     fn periods_follow_the_utc_calendar() {
         use BudgetPeriod::*;
-        check(Daily, "2026-11-25 21:30", "2026-11-25 00:00", "2026-11-26 00:00");
-        check(Daily, "2026-11-25 00:00", "2026-11-25 00:00", "2026-11-26 00:00");
-        check(Daily, "2026-12-31 23:59", "2026-12-31 00:00", "2027-01-01 00:00");
+        check(
+            Daily,
+            "2026-11-25 21:30",
+            "2026-11-25 00:00",
+            "2026-11-26 00:00",
+        );
+        check(
+            Daily,
+            "2026-11-25 00:00",
+            "2026-11-25 00:00",
+            "2026-11-26 00:00",
+        );
+        check(
+            Daily,
+            "2026-12-31 23:59",
+            "2026-12-31 00:00",
+            "2027-01-01 00:00",
+        );
         // 2026-11-25 is a Wednesday.
-        check(Weekly, "2026-11-25 12:00", "2026-11-23 00:00", "2026-11-30 00:00");
-        check(Weekly, "2026-11-23 00:00", "2026-11-23 00:00", "2026-11-30 00:00");
-        check(Weekly, "2026-11-29 23:59", "2026-11-23 00:00", "2026-11-30 00:00");
-        check(Monthly, "2026-11-25 12:00", "2026-11-01 00:00", "2026-12-01 00:00");
-        check(Monthly, "2026-12-31 23:59", "2026-12-01 00:00", "2027-01-01 00:00");
-        check(Monthly, "2028-02-29 10:00", "2028-02-01 00:00", "2028-03-01 00:00");
-        check(Monthly, "2027-03-01 00:00", "2027-03-01 00:00", "2027-04-01 00:00");
+        check(
+            Weekly,
+            "2026-11-25 12:00",
+            "2026-11-23 00:00",
+            "2026-11-30 00:00",
+        );
+        check(
+            Weekly,
+            "2026-11-23 00:00",
+            "2026-11-23 00:00",
+            "2026-11-30 00:00",
+        );
+        check(
+            Weekly,
+            "2026-11-29 23:59",
+            "2026-11-23 00:00",
+            "2026-11-30 00:00",
+        );
+        check(
+            Monthly,
+            "2026-11-25 12:00",
+            "2026-11-01 00:00",
+            "2026-12-01 00:00",
+        );
+        check(
+            Monthly,
+            "2026-12-31 23:59",
+            "2026-12-01 00:00",
+            "2027-01-01 00:00",
+        );
+        check(
+            Monthly,
+            "2028-02-29 10:00",
+            "2028-02-01 00:00",
+            "2028-03-01 00:00",
+        );
+        check(
+            Monthly,
+            "2027-03-01 00:00",
+            "2027-03-01 00:00",
+            "2027-04-01 00:00",
+        );
         // every 14d from the epoch (1970-01-01 was a Thursday).
         let d14: i64 = 14 * 86_400_000;
         let (s, e) = bounds(Every(d14 as u64), at("2026-11-25 12:00"));

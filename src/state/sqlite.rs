@@ -73,9 +73,8 @@ impl SqliteStore {
                 })?;
             }
         }
-        let conn = Connection::open(path).map_err(|e| {
-            StateError::Backend(format!("cannot open `{}`: {e}", path.display()))
-        })?;
+        let conn = Connection::open(path)
+            .map_err(|e| StateError::Backend(format!("cannot open `{}`: {e}", path.display())))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;

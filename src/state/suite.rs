@@ -55,7 +55,13 @@ pub fn semantics(s: &dyn BudgetStore) {
         Err(StateError::Refused(r)) => {
             assert_eq!(r.counter, counter(f));
             assert_eq!(r.limit, 300);
-            assert_eq!(r.balance, Balance { spent: 0, reserved: 200 });
+            assert_eq!(
+                r.balance,
+                Balance {
+                    spent: 0,
+                    reserved: 200
+                }
+            );
             assert_eq!(r.amount, 150);
         }
         other => panic!("expected a refusal, got {other:?}"),
@@ -140,10 +146,7 @@ pub fn concurrent(stores: Vec<Arc<dyn BudgetStore>>) {
                         Ok(r) => {
                             granted.fetch_add(1, Ordering::Relaxed);
                             let b = s.balance(&counter(key), now).unwrap();
-                            assert!(
-                                b.spent + b.reserved <= limit,
-                                "over the limit: {b:?}"
-                            );
+                            assert!(b.spent + b.reserved <= limit, "over the limit: {b:?}");
                             if i % 3 == 0 {
                                 s.release(&r).unwrap();
                             } else {
@@ -170,7 +173,10 @@ pub fn concurrent(stores: Vec<Arc<dyn BudgetStore>>) {
     assert_eq!(b.spent, 9_000 + spent_total.load(Ordering::Relaxed));
     assert!(b.spent <= limit, "{b:?}");
     assert!(granted.load(Ordering::Relaxed) > 0);
-    assert!(refused.load(Ordering::Relaxed) > 0, "the budget never ran out");
+    assert!(
+        refused.load(Ordering::Relaxed) > 0,
+        "the budget never ran out"
+    );
 }
 
 #[cfg(test)]
@@ -188,18 +194,22 @@ pub mod redis_server {
 
     impl RedisServer {
         pub fn start() -> RedisServer {
-            let bin = ["redis-server", "/usr/bin/redis-server", "/usr/sbin/redis-server"]
-                .into_iter()
-                .find(|b| {
-                    Command::new(b)
-                        .arg("--version")
-                        .stdout(Stdio::null())
-                        .status()
-                        .is_ok()
-                })
-                .unwrap_or_else(|| {
-                    panic!("redis-server is not installed: run scripts/install-test-deps.sh")
-                });
+            let bin = [
+                "redis-server",
+                "/usr/bin/redis-server",
+                "/usr/sbin/redis-server",
+            ]
+            .into_iter()
+            .find(|b| {
+                Command::new(b)
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .status()
+                    .is_ok()
+            })
+            .unwrap_or_else(|| {
+                panic!("redis-server is not installed: run scripts/install-test-deps.sh")
+            });
             let dir = tempfile::tempdir().unwrap();
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -217,7 +227,10 @@ pub mod redis_server {
             let url = format!("redis://127.0.0.1:{port}/0");
             let t0 = Instant::now();
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(t0.elapsed() < Duration::from_secs(10), "redis-server did not start");
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "redis-server did not start"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
             RedisServer {
@@ -308,7 +321,10 @@ mod backends {
             Some(Err(w)) if w > 0 && w <= 60_000
         ));
         // The next window starts empty.
-        assert_eq!(a.charge_rate("tenant:x", 1, 3, 60_000, now + 60_000), Some(Ok(())));
+        assert_eq!(
+            a.charge_rate("tenant:x", 1, 3, 60_000, now + 60_000),
+            Some(Ok(()))
+        );
     }
 
     #[test]
