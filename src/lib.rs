@@ -22,6 +22,7 @@ pub mod load;
 pub mod lower;
 pub mod lsp;
 pub mod metrics;
+pub mod policytest;
 pub mod reload;
 pub mod render;
 pub mod source;

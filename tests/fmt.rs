@@ -1,6 +1,11 @@
 //! Formatter tests: snapshots of messy inputs, and the round-trip properties
 //! over those inputs, the example policies and generated trees.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use proptest::prelude::*;
 use routeplane::fmt::{format_ast, format_source};

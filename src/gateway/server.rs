@@ -331,32 +331,37 @@ fn window(ms: u64) -> String {
     }
 }
 
-/// A denial as an OpenAI error that names the rule.
+/// A denial as an OpenAI error; the engine's message names the rule and where it is.
 fn denial(rt: &Runtime, tenant: &str, d: &Denial) -> ApiError {
-    let p = rt.policy.policy();
+    let p = &rt.policy;
+    let msg = d.message(p);
+    let code = d.code().replace('-', "_");
     match d {
-        Denial::ModelDenied { model, rule } => {
-            let model = p.model(*model).map_or("?", |m| m.name.as_str());
-            let rule = p.constraints.get(rule.index()).map_or("?", |c| c.name.as_str());
-            ApiError::new(StatusCode::FORBIDDEN, "permission_denied", format!("model `{model}` is denied for tenant `{tenant}` by constraint `{rule}`")).code("model_denied")
-        }
-        Denial::UnknownModel(name) => {
-            let names = p.models.iter().map(|m| m.name.as_str()).chain(p.intents.iter().map(|i| i.name.as_str()));
-            let hint = crate::diag::did_you_mean(name, names).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
-            ApiError::not_found(format!("unknown model `{name}`: not a model or intent of policy {}{hint}", rt.policy.version())).code("model_not_found")
-        }
-        Denial::NoModelAvailable { intent } => {
-            let intent = p.intent(*intent).map_or("?", |i| i.name.as_str());
-            ApiError::new(StatusCode::FORBIDDEN, "permission_denied", format!("no model is allowed for intent `{intent}` for tenant `{tenant}`: the tenant's constraints remove every candidate"))
-                .code("no_model_allowed")
-        }
-        Denial::BudgetBlocked => ApiError::new(StatusCode::PAYMENT_REQUIRED, "budget_exceeded", format!("the budget of tenant `{tenant}` is spent")).code("budget_blocked"),
-        Denial::ConfirmationRequired => ApiError::new(
-            StatusCode::PAYMENT_REQUIRED,
-            "budget_confirmation_required",
-            format!("the budget of tenant `{tenant}` is nearly spent: premium models need confirmation; resend with `x-routeplane-confirm: true`"),
+        Denial::ModelDenied { .. } | Denial::NoModelAvailable { .. } => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            format!("tenant `{tenant}`: {msg}"),
         )
-        .code("confirmation_required"),
+        .code(code),
+        Denial::ModelDisabled { .. } => ApiError::not_found(msg).code(code),
+        Denial::UnknownModel(name) => {
+            let pol = p.policy();
+            let names = pol
+                .models
+                .iter()
+                .map(|m| m.name.as_str())
+                .chain(pol.intents.iter().map(|i| i.name.as_str()));
+            let hint = crate::diag::did_you_mean(name, names)
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+            ApiError::not_found(format!("{msg}{hint}")).code("model_not_found")
+        }
+        Denial::BudgetBlocked | Denial::ConfirmationRequired => ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "budget_exceeded",
+            format!("tenant `{tenant}`: {msg}"),
+        )
+        .code(code),
     }
 }
 

@@ -248,63 +248,29 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .collect()
 }
 
-/// A policy built directly as IR (until the text front end is in main):
-/// chat models `(name, provider)`, in candidate order, plus protection.
-pub fn policy(models: &[(&str, &str)], protect: routeplane::ir::Protect) -> CompiledPolicy {
-    use routeplane::ir::*;
-    let mut p = Policy::default();
-    for (_, prov) in models {
-        if !p.providers.iter().any(|x| x.name == *prov) {
-            p.providers.push(Provider {
-                name: prov.to_string(),
-                region: None,
-                labels: vec![],
-                span: Default::default(),
-            });
-        }
+/// A policy: chat models `(name, provider)` as the candidates of the one
+/// route, in order, plus `extra` (a `protect { }` block, constraints...).
+pub fn policy(models: &[(&str, &str)], extra: &str) -> CompiledPolicy {
+    let mut src = String::from("tenant { plan: enum(free, pro) = pro }\n");
+    let mut providers: Vec<&str> = models.iter().map(|(_, p)| *p).collect();
+    providers.dedup();
+    for p in providers {
+        src.push_str(&format!("provider {p} {{ region us }}\n"));
     }
-    for (name, prov) in models {
-        let provider = ProviderId(p.providers.iter().position(|x| x.name == *prov).unwrap() as u32);
-        p.models.push(Model {
-            name: name.to_string(),
-            provider,
-            kind: ModelKind::Chat,
-            context: 128_000,
-            max_output: None,
-            pricing: Pricing {
-                input_per_mtok: 1_000_000,
-                output_per_mtok: 2_000_000,
-                per_image: 0,
-                per_audio_second: 0,
-            },
-            caps: vec![],
-            region: None,
-            tier: Tier::Standard,
-            quality: 0.5,
-            tokenizer: None,
-            enabled: true,
-            labels: vec![],
-            span: Default::default(),
-            name_span: Default::default(),
-        });
+    for (m, p) in models {
+        src.push_str(&format!("model {m} {{ provider {p} kind chat context 128k price in $1 out $2 per 1M quality 0.5 }}\n"));
     }
-    p.protect = protect;
-    CompiledPolicy::from_policy(p, "test1")
-}
-
-pub fn retry(
-    count: u32,
-    on: &[routeplane::ir::RetryOn],
-    min_ms: u64,
-    max_ms: u64,
-) -> Option<routeplane::ir::Retry> {
-    Some(routeplane::ir::Retry {
-        count,
-        on: on.to_vec(),
-        backoff_min_ms: min_ms,
-        backoff_max_ms: max_ms,
-        span: Default::default(),
-    })
+    let names: Vec<&str> = models.iter().map(|(m, _)| *m).collect();
+    src.push_str(&format!("classify {{ chat otherwise }}\nroute chat {{ candidates [{}] score 1 * quality }}\n{extra}\n", names.join(", ")));
+    let mut sources = routeplane::source::Sources::new();
+    sources.add("test.route", src.clone());
+    match routeplane::gateway::engine::compile(&sources) {
+        Ok(p) => p,
+        Err(a) => panic!(
+            "{src}\n{:#?}",
+            a.errors().map(|d| d.message.clone()).collect::<Vec<_>>()
+        ),
+    }
 }
 
 /// A config with one `openai`-kind provider per upstream and tenant `demo` (key `sk-demo`).
