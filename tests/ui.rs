@@ -72,7 +72,6 @@ fn expected(sources: &Sources, path: &Path) -> BTreeSet<String> {
 }
 
 #[test]
-#[ignore = "needs the checker (lower + check) in main; snapshots are accepted after review"]
 fn ui() {
     let mut wrong = Vec::new();
     insta::glob!("ui/*", |path| {
