@@ -10,6 +10,7 @@
 )]
 
 pub mod analysis;
+pub mod check;
 pub mod compile;
 pub mod config;
 pub mod decide;
@@ -27,4 +28,3 @@ pub mod reload;
 pub mod render;
 pub mod source;
 pub mod syntax;
-pub mod check;
