@@ -769,7 +769,14 @@ pub fn sarif_log(checked: &[Checked<'_>]) -> serde_json::Value {
                     },
                 }))
             };
-            if let Some(loc) = d.span().and_then(|s| location(s, &artifacts)) {
+            // Code scanning drops results without a location, so one with no
+            // span is reported at the start of the policy's first file.
+            let first_file = c.sources.iter().next().map(|(id, _)| Span::new(id, 0, 0));
+            if let Some(loc) = d
+                .span()
+                .or(first_file)
+                .and_then(|s| location(s, &artifacts))
+            {
                 set(
                     &mut result,
                     "locations",
@@ -1044,6 +1051,9 @@ mod tests {
         let region = &v["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["region"];
         assert_eq!(region["startLine"], 2);
         assert_eq!(region["startColumn"], 15);
+        let unplaced = &v["runs"][0]["results"][2]["locations"][0]["physicalLocation"];
+        assert_eq!(unplaced["artifactLocation"]["uri"], "a.route");
+        assert_eq!(unplaced["region"]["startLine"], 1);
     }
 
     #[test]
