@@ -209,7 +209,7 @@ pub async fn gateway(config: &str, policy: CompiledPolicy) -> Gw {
         Some("test-key".into())
     })
     .unwrap();
-    let gw = Gateway::new(cfg, Arc::new(FixedPolicy::new(policy))).unwrap();
+    let gw = Gateway::new(cfg, Arc::new(FixedPolicy::new(policy)), Default::default()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(routeplane::gateway::server::serve(
