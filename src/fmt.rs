@@ -194,8 +194,18 @@ impl<'a> Printer<'a> {
         }
     }
 
+    /// One blank line, never two, never at the top of the file and never
+    /// right after a block's opening brace.
     fn blank_line(&mut self) {
-        if !self.out.is_empty() && !self.out.ends_with("\n\n") && !self.out.ends_with("{\n") {
+        let last = self
+            .out
+            .trim_end_matches('\n')
+            .rsplit('\n')
+            .next()
+            .unwrap_or("")
+            .trim_start();
+        let opens_block = last.ends_with('{') && !last.starts_with("//");
+        if !self.out.is_empty() && !self.out.ends_with("\n\n") && !opens_block {
             self.out.push('\n');
         }
     }
