@@ -1,7 +1,12 @@
 //! Provider translation end to end: the Anthropic Messages API behind the
 //! OpenAI-compatible front, the built-in mock on every endpoint, limits, and
 //! policy swaps under load.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod gateway_common;
 

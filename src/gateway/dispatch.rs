@@ -243,6 +243,7 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                     }
                     drop(slots);
                     if e.is_client_error() {
+                        let e = scrub(e, upstream.cfg.api_key.as_ref().map(|k| k.expose()));
                         return client_error(gw, ctx, e, out);
                     }
                     let retry_now = retry
@@ -690,6 +691,38 @@ async fn forward(
         last.error = Some(format!("failed mid-stream: {code}"));
     }
     log(&gw, &ctx, rec);
+}
+
+/// An upstream error body goes back to the client only without the
+/// provider's key in it (some APIs echo the key they were given).
+fn scrub(e: AttemptError, key: Option<&str>) -> AttemptError {
+    match (e, key) {
+        (
+            AttemptError::Status {
+                status,
+                retry_after,
+                body,
+            },
+            Some(key),
+        ) if !key.is_empty() => {
+            let text = String::from_utf8_lossy(&body);
+            if text.contains(key) {
+                let body = Bytes::from(text.replace(key, "[redacted]"));
+                AttemptError::Status {
+                    status,
+                    retry_after,
+                    body,
+                }
+            } else {
+                AttemptError::Status {
+                    status,
+                    retry_after,
+                    body,
+                }
+            }
+        }
+        (e, _) => e,
+    }
 }
 
 /// The upstream refused the request itself (400, 404, 422...): the client

@@ -252,8 +252,12 @@ pub fn sse_data(body: &str) -> Vec<String> {
 /// route, in order, plus `extra` (a `protect { }` block, constraints...).
 pub fn policy(models: &[(&str, &str)], extra: &str) -> CompiledPolicy {
     let mut src = String::from("tenant { plan: enum(free, pro) = pro }\n");
-    let mut providers: Vec<&str> = models.iter().map(|(_, p)| *p).collect();
-    providers.dedup();
+    let mut providers: Vec<&str> = Vec::new();
+    for (_, p) in models {
+        if !providers.contains(p) {
+            providers.push(p);
+        }
+    }
     for p in providers {
         src.push_str(&format!("provider {p} {{ region us }}\n"));
     }
