@@ -1,7 +1,12 @@
 //! Random policies, tenants, requests and stats for the engine's property
 //! tests and benchmarks. Everything is built from a seed so a failure prints
 //! a reproducible case.
-#![allow(dead_code, clippy::unwrap_used, clippy::indexing_slicing, reason = "test data generator")]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "test data generator"
+)]
 
 use std::collections::HashMap;
 
