@@ -73,7 +73,7 @@ pub const RULES: &[Rule] = &[
     error("unknown-variant", "a value is not a variant of the field's enum"),
     error("unknown-signal", "a score term names a signal other than price, latency, first_token, success, quality and health"),
     error("unknown-kind", "a model kind other than chat, embeddings, image, audio and video"),
-    error("unknown-capability", "a capability name that is not known"),
+    error("unknown-capability", "a capability that no model declares"),
     error("unknown-word", "a word outside the fixed vocabulary (protection words, tiers, price units, statuses)"),
     error("duplicate-name", "two declarations share one name"),
     error("duplicate-property", "a property is given twice in one declaration"),
@@ -90,7 +90,7 @@ pub const RULES: &[Rule] = &[
     error("missing-route", "an intent has no default route"),
     error("duplicate-route", "an intent has more than one default route"),
     error("empty-route", "a route has no candidates"),
-    error("empty-policy", "the policy declares no models or no routes"),
+    error("empty-policy", "the policy declares no models"),
     lint("unused-model", "a model is declared but never used"),
     lint("unused-provider", "a provider is declared but no model uses it"),
     lint("unused-attribute", "a tenant or request attribute is declared but never read"),
@@ -769,7 +769,14 @@ pub fn sarif_log(checked: &[Checked<'_>]) -> serde_json::Value {
                     },
                 }))
             };
-            if let Some(loc) = d.span().and_then(|s| location(s, &artifacts)) {
+            // Code scanning drops results without a location, so one with no
+            // span is reported at the start of the policy's first file.
+            let first_file = c.sources.iter().next().map(|(id, _)| Span::new(id, 0, 0));
+            if let Some(loc) = d
+                .span()
+                .or(first_file)
+                .and_then(|s| location(s, &artifacts))
+            {
                 set(
                     &mut result,
                     "locations",
@@ -1044,6 +1051,9 @@ mod tests {
         let region = &v["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["region"];
         assert_eq!(region["startLine"], 2);
         assert_eq!(region["startColumn"], 15);
+        let unplaced = &v["runs"][0]["results"][2]["locations"][0]["physicalLocation"];
+        assert_eq!(unplaced["artifactLocation"]["uri"], "a.route");
+        assert_eq!(unplaced["region"]["startLine"], 1);
     }
 
     #[test]

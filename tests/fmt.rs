@@ -217,7 +217,7 @@ fn quantity(texts: &'static [&'static str]) -> impl Strategy<Value = Quantity> +
 
 fn arb_literal() -> impl Strategy<Value = Literal> + Clone {
     let leaf = prop_oneof![
-        "[a-z ]{0,6}".prop_map(|s| Literal::Str(s, sp())),
+        r#"[a-z "\\\t\n]{0,6}"#.prop_map(|s| Literal::Str(s, sp())),
         "[a-z]{1,4}".prop_map(|s| Literal::Regex(s, sp())),
         any::<bool>().prop_map(|b| Literal::Bool(b, sp())),
         quantity(&["1", "0.5", "$2.50", "128k", "80%", "600/min"]).prop_map(Literal::Quantity),

@@ -408,3 +408,29 @@ async fn healthz_answers() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn an_upstream_400_reaches_the_client_without_the_provider_key() {
+    let a = raw_upstream(|_| {
+        http_json(400, r#"{"error":{"message":"invalid request for key test-key","type":"invalid_request_error"}}"#)
+    })
+    .await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let gw = gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], ""),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        400,
+        "the client's own mistake is not retried elsewhere"
+    );
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("invalid request for key [redacted]"),
+        "{body}"
+    );
+    assert_eq!(b.hits(), 0);
+}

@@ -208,6 +208,32 @@ impl Env<'_> {
     }
 }
 
+/// The models layer 1 allows: enabled, and removed by no firing constraint.
+pub fn allowed(
+    p: &CompiledPolicy,
+    tenant_id: &str,
+    tenant: &[Option<Value>],
+    r: &RequestFeatures,
+) -> Vec<ModelId> {
+    let policy = p.policy();
+    let env = Env {
+        policy,
+        tenant_id,
+        tenant,
+        req: r,
+    };
+    (0..policy.models.len())
+        .map(|i| ModelId(i as u32))
+        .filter(|m| policy.model(*m).is_some_and(|x| x.enabled))
+        .filter(|m| {
+            !policy
+                .constraints
+                .iter()
+                .any(|c| env.when(&c.when) && c.removes.contains(m))
+        })
+        .collect()
+}
+
 /// The reference decision, same contract as [`decide`](super::decide).
 pub fn decide(
     p: &CompiledPolicy,

@@ -3,7 +3,7 @@
 
 pub use crate::compile::{compile, compile_policy, CompiledPolicy, TenantView};
 pub use crate::decide::{
-    decide, BreakerState, Decision, Denial, ModelStats, RequestFeatures, Stats,
+    decide, explain, BreakerState, Decision, Denial, ModelStats, RequestFeatures, Stats, Trace,
 };
 pub use crate::ir::{
     BudgetAction, ConstraintId, Endpoint, IntentId, Micros, ModelId, ResponseFormat, RouteId,

@@ -209,7 +209,7 @@ pub async fn gateway(config: &str, policy: CompiledPolicy) -> Gw {
         Some("test-key".into())
     })
     .unwrap();
-    let gw = Gateway::new(cfg, Arc::new(FixedPolicy::new(policy))).unwrap();
+    let gw = Gateway::new(cfg, Arc::new(FixedPolicy::new(policy)), Default::default()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(routeplane::gateway::server::serve(
@@ -252,8 +252,12 @@ pub fn sse_data(body: &str) -> Vec<String> {
 /// route, in order, plus `extra` (a `protect { }` block, constraints...).
 pub fn policy(models: &[(&str, &str)], extra: &str) -> CompiledPolicy {
     let mut src = String::from("tenant { plan: enum(free, pro) = pro }\n");
-    let mut providers: Vec<&str> = models.iter().map(|(_, p)| *p).collect();
-    providers.dedup();
+    let mut providers: Vec<&str> = Vec::new();
+    for (_, p) in models {
+        if !providers.contains(p) {
+            providers.push(p);
+        }
+    }
     for p in providers {
         src.push_str(&format!("provider {p} {{ region us }}\n"));
     }
@@ -282,4 +286,51 @@ pub fn config(providers: &[(&str, &str)]) -> String {
         ));
     }
     s
+}
+
+/// An upstream that answers every request with `respond(request_body)`: a
+/// complete raw HTTP response (status line, headers, body).
+pub async fn raw_upstream(
+    respond: impl Fn(&serde_json::Value) -> String + Send + Sync + 'static,
+) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let respond = Arc::new(respond);
+    let (h, b) = (hits.clone(), bodies.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let (h, b, respond) = (h.clone(), b.clone(), respond.clone());
+            tokio::spawn(async move {
+                while let Some((_head, body)) = read_request(&mut sock).await {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    let out = respond(&json);
+                    b.lock().unwrap().push(json);
+                    if sock.write_all(out.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Upstream { url, hits, bodies }
+}
+
+pub fn http_json(status: u16, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+pub fn http_sse(events: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{events}",
+        events.len()
+    )
 }
