@@ -206,7 +206,10 @@ fn lints_can_be_allowed_inline() {
 #[test]
 fn set_checks_wait_for_a_clean_lowering() {
     // The unknown model would otherwise also leave the route empty.
-    check(&format!("{H}classify {{ chat otherwise }}\nroute chat {{ candidates [zz] }}"), &["unknown-model@8"]);
+    check(
+        &format!("{H}classify {{ chat otherwise }}\nroute chat {{ candidates [zz] }}"),
+        &["unknown-model@8"],
+    );
     // Structural errors that cannot come from the first error are still reported.
     check(
         &format!("{H}classify {{ chat otherwise }}\nroute chat {{ candidates [zz] }}\nroute chat {{ candidates [a, b] }}"),
