@@ -946,6 +946,10 @@ impl TenantView {
     pub fn policy_version(&self) -> &str {
         &self.policy_version
     }
+    /// Attribute values by `AttrId` (after defaults).
+    pub fn values(&self) -> &[Option<Value>] {
+        &self.values
+    }
     /// The attribute value (after defaults), if set.
     pub fn attr(&self, id: AttrId) -> Option<&Value> {
         self.values.get(id.index()).and_then(Option::as_ref)

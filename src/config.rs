@@ -425,7 +425,7 @@ impl Config {
                 SocketAddr::from(([127, 0, 0, 1], 8080))
             }
         };
-        let policy = base.join(&raw.policy);
+        let policy = normalize(&base.join(&raw.policy));
 
         let mut providers: Vec<ProviderConfig> = Vec::new();
         for p in raw.providers {
@@ -630,7 +630,7 @@ impl Config {
             providers,
             tenants,
             admin_token_sha256,
-            decision_log: raw.decision_log.map(|p| base.join(p)),
+            decision_log: raw.decision_log.map(|p| normalize(&base.join(p))),
             max_body_bytes,
             warnings: cx.warnings,
             text: text.to_string(),
@@ -664,6 +664,26 @@ impl Config {
     pub fn text(&self) -> &str {
         &self.text
     }
+}
+
+/// `examples/../policies/saas` -> `policies/saas`, without touching the disk
+/// (the path may not exist yet; errors should name it as the user thinks of it).
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component<'_>> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.is_empty() {
+        return PathBuf::from(".");
+    }
+    out.iter().collect()
 }
 
 fn parse_hash(h: &str) -> Option<KeyHash> {

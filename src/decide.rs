@@ -46,7 +46,7 @@ use crate::compile::{value_ref, FieldVal, MetaKind, ModelSet, Node, Slot, SIGNAL
 pub use crate::compile::{CompiledPolicy, TenantView};
 use crate::ir::{
     BudgetAction, ConstraintId, Endpoint, IntentId, Micros, ModelId, ResponseFormat, RouteId,
-    Signal,
+    Signal, Type, Value,
 };
 
 pub mod reference;
@@ -412,32 +412,47 @@ fn read<'a>(
                 .filter(|m| !m.is_empty())
                 .unwrap_or("auto"),
         ),
-        Slot::Feature => match &r.feature {
-            Some(v) => typed(
-                p.meta
-                    .iter()
-                    .find(|(n, _)| &**n == "feature")
-                    .map_or(MetaKind::Str, |(_, k)| *k),
-                v,
-            ),
-            None => FieldVal::Missing,
+        Slot::Feature => match p.meta.iter().position(|(n, _)| &**n == "feature") {
+            Some(i) => meta_value(p, r, i),
+            None => r
+                .feature
+                .as_deref()
+                .map_or(FieldVal::Missing, FieldVal::Str),
         },
-        Slot::Meta(i) => match p.meta.get(i as usize) {
-            Some((name, kind)) => match r.meta.iter().find(|(k, _)| k == &**name) {
-                Some((_, v)) => typed(*kind, v),
-                None => match p
-                    .policy()
-                    .request_attrs
-                    .get(i as usize)
-                    .and_then(|a| a.default.as_ref())
-                {
-                    Some(d) => value_ref(d),
-                    None => FieldVal::Missing,
-                },
-            },
-            None => FieldVal::Missing,
-        },
+        Slot::Meta(i) => meta_value(p, r, i as usize),
         Slot::TenantId | Slot::Tenant(_) => t.read(s).unwrap_or(FieldVal::Missing),
+    }
+}
+
+/// A declared request attribute: the value sent (`feature` is the feature
+/// tag), else the declared default. Request-side enums compare by variant name.
+fn meta_value<'a>(p: &'a CompiledPolicy, r: &'a RequestFeatures, i: usize) -> FieldVal<'a> {
+    let Some((name, kind)) = p.meta.get(i) else {
+        return FieldVal::Missing;
+    };
+    let sent = if &**name == "feature" {
+        r.feature.as_deref()
+    } else {
+        r.meta
+            .iter()
+            .find(|(k, _)| k == &**name)
+            .map(|(_, v)| v.as_str())
+    };
+    if let Some(v) = sent {
+        return typed(*kind, v);
+    }
+    match p.policy().request_attrs.get(i) {
+        Some(crate::ir::AttrDef {
+            default: Some(Value::Enum(v)),
+            ty: Type::Enum(names),
+            ..
+        }) => names
+            .get(*v as usize)
+            .map_or(FieldVal::Missing, |n| FieldVal::Str(n)),
+        Some(crate::ir::AttrDef {
+            default: Some(d), ..
+        }) => value_ref(d),
+        _ => FieldVal::Missing,
     }
 }
 

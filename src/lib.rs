@@ -10,6 +10,7 @@
 )]
 
 pub mod analysis;
+pub mod check;
 pub mod compile;
 pub mod config;
 pub mod decide;
@@ -22,8 +23,8 @@ pub mod load;
 pub mod lower;
 pub mod lsp;
 pub mod metrics;
+pub mod policytest;
 pub mod reload;
 pub mod render;
 pub mod source;
 pub mod syntax;
-pub mod check;

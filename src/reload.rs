@@ -15,6 +15,19 @@
 //! What is built from the files is the caller's business (`T`): the gateway
 //! builds the compiled policy plus the tenants resolved from its config; the
 //! store only knows how to read inputs, keep the last good value and report.
+//!
+//! How `serve` wires it:
+//!
+//! ```ignore
+//! let config = Arc::new(Config::load(path)?);
+//! let metrics = Arc::new(Metrics::new());
+//! let paths = Paths { policy: config.policy.clone(), config: Some(config.path.clone()) };
+//! let store = PolicyStore::load(paths, served_builder(config.clone()), Some(metrics.clone()))?;
+//! let _watch = store.watch(Debounce::default())?;   // keep alive while serving
+//! let _hup = store.listen_sighup()?;
+//! // per request, once: let served = store.current(); // Arc<Loaded<Served>>
+//! // GET /admin/policy: store.admin_policy_json()
+//! ```
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -25,6 +38,8 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use crate::analysis::{self, Analysis};
+use crate::compile::{self, CompiledPolicy, TenantView};
+use crate::config::Config;
 use crate::diag::Diagnostic;
 use crate::load::{self, PolicyDir};
 use crate::metrics::Metrics;
@@ -543,6 +558,112 @@ pub fn analysis_builder(inputs: &Inputs) -> Result<Built<Analysis>, Failure> {
     })
 }
 
+/// A builder for the real thing: the compiled policy, without the tenants.
+pub fn compiled_builder(inputs: &Inputs) -> Result<Built<Arc<CompiledPolicy>>, Failure> {
+    let sources = &inputs.policy.sources;
+    // `compile` itself, split in two to keep the warnings for the admin endpoint.
+    let analysis = analysis::analyze(sources);
+    if analysis.has_errors() {
+        return Err(Failure::from_diagnostics(sources, &analysis.diagnostics));
+    }
+    let warnings = analysis
+        .warnings()
+        .map(|d| render_one(sources, d))
+        .collect();
+    let compiled = compile::compile_policy(analysis.policy, sources.clone());
+    Ok(Built {
+        version: compiled.version().to_string(),
+        value: Arc::new(compiled),
+        warnings,
+    })
+}
+
+/// What `routeplane serve` serves: one policy and one config, loaded and
+/// checked together, so a reload never pairs a policy with tenants it rejects.
+#[derive(Debug)]
+pub struct Served {
+    pub policy: Arc<CompiledPolicy>,
+    pub config: Arc<Config>,
+    /// Every configured tenant resolved against this policy, in config order.
+    pub tenants: Vec<TenantView>,
+}
+
+/// A builder for [`Served`]: compiles the policy, parses the config file
+/// (environment variables resolved now, so an unset one fails the reload,
+/// not a request) and checks every tenant's attributes against the policy's
+/// tenant schema. `started` is the config the process started with: fields
+/// that need a restart (`listen`, `policy`) must not change.
+pub fn served_builder(
+    started: Arc<Config>,
+) -> impl Fn(&Inputs) -> Result<Built<Served>, Failure> + Send + Sync + 'static {
+    move |inputs: &Inputs| {
+        let compiled = compiled_builder(inputs)?;
+        let config = match &inputs.config {
+            None => Arc::clone(&started),
+            Some(file) => {
+                let base = file
+                    .path
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
+                let name = file.path.display().to_string();
+                let parsed = Config::parse(&name, &file.text, &base, &|v| std::env::var(v).ok())
+                    .map_err(|e| Failure {
+                        summary: format!("the config file `{name}` has errors"),
+                        diagnostics: e.0.iter().map(ToString::to_string).collect(),
+                        rendered: e.to_string(),
+                    })?;
+                let mut restart = Vec::new();
+                if parsed.listen != started.listen {
+                    restart.push(parsed.error_at(None, "changing `listen` needs a restart"));
+                }
+                if parsed.policy != started.policy {
+                    restart.push(parsed.error_at(None, "changing `policy` needs a restart"));
+                }
+                if !restart.is_empty() {
+                    let errors = crate::config::ConfigErrors(restart);
+                    return Err(Failure {
+                        summary: format!(
+                            "the config file `{name}` changed what only a restart can change"
+                        ),
+                        diagnostics: errors.0.iter().map(ToString::to_string).collect(),
+                        rendered: errors.to_string(),
+                    });
+                }
+                Arc::new(parsed)
+            }
+        };
+        let mut tenants = Vec::with_capacity(config.tenants.len());
+        let mut problems = Vec::new();
+        for t in &config.tenants {
+            match compiled.value.tenant(&t.id, &t.attrs) {
+                Ok(view) => tenants.push(view),
+                Err(errs) => problems.extend(errs.into_iter().map(|e| {
+                    config
+                        .error_at(t.line, format!("tenant `{}`: {e}", t.id))
+                        .to_string()
+                })),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Failure {
+                summary: "the tenants do not fit the policy's tenant schema".to_string(),
+                rendered: problems.join("\n"),
+                diagnostics: problems,
+            });
+        }
+        Ok(Built {
+            value: Served {
+                policy: compiled.value,
+                config,
+                tenants,
+            },
+            version: compiled.version,
+            warnings: compiled.warnings,
+        })
+    }
+}
+
 /// A short hex hash of the file names and texts.
 pub fn sources_version(sources: &Sources) -> String {
     let mut h = Sha256::new();
@@ -808,6 +929,126 @@ mod tests {
         assert!(!err.diagnostics.is_empty());
         assert!(err.rendered.contains("a.route"), "{}", err.rendered);
         assert!(err.diagnostics[0].starts_with("a.route:1:"), "{err}");
+    }
+
+    /// The SaaS example policy with a config whose tenant attributes it checks.
+    fn saas(dir: &Path, plan: &str, listen: &str) {
+        let policy = dir.join("policy");
+        std::fs::create_dir_all(&policy).unwrap();
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/saas");
+        for entry in std::fs::read_dir(example).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, policy.join(path.file_name().unwrap())).unwrap();
+        }
+        let providers: String = ["openai", "anthropic", "mistral", "google"]
+            .iter()
+            .map(|p| format!("  - {{ name: {p}, kind: mock }}\n"))
+            .collect();
+        std::fs::write(
+            dir.join("gateway.yaml"),
+            format!(
+                "listen: {listen}\npolicy: policy\nproviders:\n{providers}tenants:\n  - id: t1\n    key: sk-t1\n    attrs: {{ plan: {plan} }}\n"
+            ),
+        )
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_served_builder_checks_policy_config_and_tenants_together() {
+        let tmp = tempfile::tempdir().unwrap();
+        saas(tmp.path(), "pro", "127.0.0.1:9999");
+        let config = Arc::new(Config::load(&tmp.path().join("gateway.yaml")).unwrap());
+        let paths = Paths {
+            policy: config.policy.clone(),
+            config: Some(config.path.clone()),
+        };
+        let store = match PolicyStore::load(paths, served_builder(Arc::clone(&config)), None) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}\n{}", e.rendered),
+        };
+        let first = store.current();
+        assert_eq!(first.value.tenants.len(), 1);
+        assert_eq!(first.version, first.value.policy.version());
+
+        // A plan the tenant schema does not know: refused, located in the config.
+        saas(tmp.path(), "platinum", "127.0.0.1:9999");
+        let err = store.reload(Trigger::Manual).await.unwrap_err();
+        assert!(
+            err.diagnostics
+                .iter()
+                .any(|d| d.contains("gateway.yaml:") && d.contains("tenant `t1`")),
+            "{err}"
+        );
+        // Moving the listener needs a restart.
+        saas(tmp.path(), "pro", "127.0.0.1:9998");
+        let err = store.reload(Trigger::Manual).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("changing `listen` needs a restart"),
+            "{err}"
+        );
+        // A broken policy file: refused with the rendered report.
+        saas(tmp.path(), "pro", "127.0.0.1:9999");
+        std::fs::write(
+            tmp.path().join("policy/zz.route"),
+            "route chat { candidates [nope] }\n",
+        )
+        .unwrap();
+        let err = store.reload(Trigger::Manual).await.unwrap_err();
+        assert!(!err.rendered.is_empty(), "{err}");
+        assert!(Arc::ptr_eq(&store.current(), &first));
+        // Fixed: swapped.
+        std::fs::remove_file(tmp.path().join("policy/zz.route")).unwrap();
+        std::fs::write(
+            tmp.path().join("policy/zz.route"),
+            "// a comment changes the version\n",
+        )
+        .unwrap();
+        let v = store.reload(Trigger::Manual).await.unwrap();
+        assert_ne!(v, first.version);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_never_see_a_broken_or_torn_policy_through_50_reloads() {
+        let (_tmp, paths) = setup(&[("a.route", "v0")]);
+        let store = PolicyStore::load(paths.clone(), fake_builder(Arc::default()), None).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut readers = Vec::new();
+        for _ in 0..4 {
+            let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
+            readers.push(tokio::spawn(async move {
+                let mut seen = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let p = store.current();
+                    // One load per request: value and version always belong together.
+                    assert!(!p.value.contains("BROKEN"));
+                    assert_eq!(p.files.len(), 1);
+                    seen += 1;
+                    tokio::task::yield_now().await;
+                }
+                seen
+            }));
+        }
+        let (mut ok, mut refused) = (0, 0);
+        for i in 1..=50 {
+            let text = if i % 3 == 0 {
+                format!("BROKEN {i}")
+            } else {
+                format!("v{i}")
+            };
+            std::fs::write(paths.policy.join("a.route"), &text).unwrap();
+            match store.reload(Trigger::Manual).await {
+                Ok(_) => ok += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            assert!(r.await.unwrap() > 0);
+        }
+        assert_eq!((ok, refused), (34, 16));
+        assert_eq!(store.status().failed, 16);
+        assert!(store.current().value.starts_with("v50"));
     }
 
     #[test]

@@ -73,7 +73,7 @@ pub const RULES: &[Rule] = &[
     error("unknown-variant", "a value is not a variant of the field's enum"),
     error("unknown-signal", "a score term names a signal other than price, latency, first_token, success, quality and health"),
     error("unknown-kind", "a model kind other than chat, embeddings, image, audio and video"),
-    error("unknown-capability", "a capability name that is not known"),
+    error("unknown-capability", "a capability that no model declares"),
     error("unknown-word", "a word outside the fixed vocabulary (protection words, tiers, price units, statuses)"),
     error("duplicate-name", "two declarations share one name"),
     error("duplicate-property", "a property is given twice in one declaration"),
@@ -90,7 +90,7 @@ pub const RULES: &[Rule] = &[
     error("missing-route", "an intent has no default route"),
     error("duplicate-route", "an intent has more than one default route"),
     error("empty-route", "a route has no candidates"),
-    error("empty-policy", "the policy declares no models or no routes"),
+    error("empty-policy", "the policy declares no models"),
     lint("unused-model", "a model is declared but never used"),
     lint("unused-provider", "a provider is declared but no model uses it"),
     lint("unused-attribute", "a tenant or request attribute is declared but never read"),
@@ -174,6 +174,28 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 
 // ---------------------------------------------------------------- locations
 
+/// The byte range of a span as shown to users: clamped to the text and to
+/// character boundaries (a span from a buggy stage must not make a renderer
+/// panic), and without trailing whitespace, which a label never means to
+/// cover (a span that swallowed the line break would be drawn over two lines).
+fn bounds(src: &SourceFile, span: Span) -> (usize, usize) {
+    let text = &src.text;
+    let mut start = span.start().min(text.len());
+    while !text.is_char_boundary(start) {
+        start = start.saturating_sub(1);
+    }
+    let mut end = span.end().clamp(start, text.len());
+    while !text.is_char_boundary(end) {
+        end += 1;
+    }
+    let covered = text.get(start..end).unwrap_or("");
+    let trimmed = covered.trim_end();
+    if !trimmed.is_empty() {
+        end = start + trimmed.len();
+    }
+    (start, end)
+}
+
 /// A resolved span: file name and 1-based start and end positions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Place<'a> {
@@ -186,8 +208,9 @@ struct Place<'a> {
 
 fn place<'a>(sources: &'a Sources, span: Span) -> Option<Place<'a>> {
     let f = sources.get(span.file)?;
-    let (line, column) = f.line_col(span.start());
-    let (end_line, end_column) = f.line_col(span.end());
+    let (start, end) = bounds(f, span);
+    let (line, column) = f.line_col(start);
+    let (end_line, end_column) = f.line_col(end);
     Some(Place {
         file: &f.name,
         line,
@@ -391,21 +414,26 @@ fn header(severity: Severity, code: &str) -> String {
 }
 
 fn named(src: &SourceFile) -> NamedSource<String> {
-    NamedSource::new(src.name.clone(), src.text.clone()).with_language("route")
+    let mut text = src.text.clone();
+    if !text.ends_with('\n') {
+        // miette draws no label at the very end of a text; a final line
+        // break gives an "at end of file" label a place to stand.
+        text.push('\n');
+    }
+    NamedSource::new(src.name.clone(), text).with_language("route")
 }
 
 /// A miette label for a span, clamped to the text and to character boundaries
 /// (a span from a buggy stage must not make the renderer panic).
 fn labeled(src: &SourceFile, span: Span, message: &str, primary: bool) -> LabeledSpan {
     let text = &src.text;
-    let mut start = span.start().min(text.len());
-    while !text.is_char_boundary(start) {
-        start = start.saturating_sub(1);
+    let (mut start, end) = bounds(src, span);
+    if span.is_empty() && start >= text.trim_end().len() {
+        // "found end of file": miette cannot draw a label past the last line,
+        // so point just after the last token, as rustc does.
+        start = text.trim_end().len();
     }
-    let mut end = span.end().clamp(start, text.len());
-    while !text.is_char_boundary(end) {
-        end += 1;
-    }
+    let end = end.max(start);
     let label = if message.is_empty() {
         None
     } else {
@@ -741,7 +769,14 @@ pub fn sarif_log(checked: &[Checked<'_>]) -> serde_json::Value {
                     },
                 }))
             };
-            if let Some(loc) = d.span().and_then(|s| location(s, &artifacts)) {
+            // Code scanning drops results without a location, so one with no
+            // span is reported at the start of the policy's first file.
+            let first_file = c.sources.iter().next().map(|(id, _)| Span::new(id, 0, 0));
+            if let Some(loc) = d
+                .span()
+                .or(first_file)
+                .and_then(|s| location(s, &artifacts))
+            {
                 set(
                     &mut result,
                     "locations",
@@ -1016,6 +1051,9 @@ mod tests {
         let region = &v["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["region"];
         assert_eq!(region["startLine"], 2);
         assert_eq!(region["startColumn"], 15);
+        let unplaced = &v["runs"][0]["results"][2]["locations"][0]["physicalLocation"];
+        assert_eq!(unplaced["artifactLocation"]["uri"], "a.route");
+        assert_eq!(unplaced["region"]["startLine"], 1);
     }
 
     #[test]

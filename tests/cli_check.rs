@@ -57,7 +57,6 @@ fn json(args: &[&str]) -> (i32, Value) {
 // ---------------------------------------------------------------- exit codes
 
 #[test]
-#[ignore = "needs the checker (lower + check) in main"]
 fn a_clean_policy_exits_0() {
     let run = check(&[CLEAN, CLEAN_DIR]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
@@ -77,7 +76,6 @@ fn errors_exit_1() {
 }
 
 #[test]
-#[ignore = "needs the checker (lower + check) in main"]
 fn warnings_exit_0_unless_denied() {
     let run = check(&[WARNING]);
     assert_eq!(run.code, 0, "{}", run.stdout);
@@ -185,7 +183,6 @@ error: 1 error in 1 policy
 }
 
 #[test]
-#[ignore = "needs the checker (lower + check) in main"]
 fn human_output_covers_every_file() {
     let run = check(&["--color", "never", TWO_FILES]);
     assert_eq!(run.code, 1);
@@ -253,7 +250,6 @@ fn json_is_one_document_with_locations_and_a_summary() {
 }
 
 #[test]
-#[ignore = "needs the checker (lower + check) in main"]
 fn json_reports_lints_by_name() {
     let (code, v) = json(&["--format", "json", WARNING]);
     assert_eq!(code, 0);
@@ -279,7 +275,6 @@ fn json_of_a_clean_run() {
 // ---------------------------------------------------------------- github
 
 #[test]
-#[ignore = "needs the checker (lower + check) in main"]
 fn github_prints_workflow_commands() {
     let run = check(&["--format", "github", SYNTAX]);
     assert_eq!(run.code, 1);
@@ -360,7 +355,6 @@ fn assert_valid_sarif(v: &Value) {
 }
 
 #[test]
-#[ignore = "needs the checker (lower + check) in main"]
 fn sarif_is_valid_and_lists_every_rule() {
     let (code, v) = json(&["--format", "sarif", SYNTAX, WARNING, TWO_FILES]);
     assert_eq!(code, 1);

@@ -1,6 +1,11 @@
 //! Formatter tests: snapshots of messy inputs, and the round-trip properties
 //! over those inputs, the example policies and generated trees.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use proptest::prelude::*;
 use routeplane::fmt::{format_ast, format_source};
@@ -212,7 +217,7 @@ fn quantity(texts: &'static [&'static str]) -> impl Strategy<Value = Quantity> +
 
 fn arb_literal() -> impl Strategy<Value = Literal> + Clone {
     let leaf = prop_oneof![
-        "[a-z ]{0,6}".prop_map(|s| Literal::Str(s, sp())),
+        r#"[a-z "\\\t\n]{0,6}"#.prop_map(|s| Literal::Str(s, sp())),
         "[a-z]{1,4}".prop_map(|s| Literal::Regex(s, sp())),
         any::<bool>().prop_map(|b| Literal::Bool(b, sp())),
         quantity(&["1", "0.5", "$2.50", "128k", "80%", "600/min"]).prop_map(Literal::Quantity),

@@ -114,3 +114,35 @@ fn the_example_policies_are_formatted() {
     let (code, stdout, stderr) = fmt(root, &["--check", "policies"]);
     assert_eq!(code, 0, "{stdout}{stderr}");
 }
+
+#[test]
+fn a_layout_change_that_would_unsilence_a_lint_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The lint points at `b` inside the one-line route; the comment above it
+    // silences that line, but formatting would move `b` two lines down.
+    let text = "provider p {\n  region us\n}\n\nmodel a {\n  provider p\n  kind chat\n}\n\nmodel b {\n  provider p\n  kind chat\n  disabled\n}\n\nclassify {\n  chat otherwise\n}\n\n// allow(disabled-candidate)\nroute chat { candidates [a, b] }\n";
+    std::fs::write(tmp.path().join("p.route"), text).unwrap();
+    let check = Command::new(env!("CARGO_BIN_EXE_routeplane"))
+        .args(["check", "--deny-warnings", "."])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
+    let (code, _, stderr) = fmt(tmp.path(), &["."]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("would change what `routeplane check` reports"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("disabled-candidate"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("p.route")).unwrap(),
+        text
+    );
+}

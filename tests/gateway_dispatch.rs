@@ -11,7 +11,6 @@ mod gateway_common;
 use std::time::{Duration, Instant};
 
 use gateway_common::*;
-use routeplane::ir::{Breaker, BreakerScope, Protect, RetryOn, Timeouts};
 use serde_json::{json, Value};
 
 fn hello() -> Value {
@@ -22,36 +21,23 @@ fn hello_stream() -> Value {
     json!({ "model": "auto", "stream": true, "messages": [{ "role": "user", "content": "hi" }] })
 }
 
-fn protect_retry(count: u32) -> Protect {
-    Protect {
-        retry: retry(
-            count,
-            &[
-                RetryOn::Status(429),
-                RetryOn::StatusClass(5),
-                RetryOn::Timeout,
-                RetryOn::Reset,
-            ],
-            10,
-            2000,
-        ),
-        ..Default::default()
-    }
+fn protect_retry(count: u32) -> String {
+    format!("protect {{ retry {count} on [429, 5xx, timeout, reset] backoff 10ms..2s }}")
 }
 
 #[tokio::test]
 async fn answers_with_routing_headers_and_the_upstream_body() {
     let a = upstream("a", |_| Act::Ok).await;
-    let gw = gateway(
-        &config(&[("pa", &a.url)]),
-        policy(&[("model-a", "pa")], Protect::default()),
-    )
-    .await;
+    let gw = gateway(&config(&[("pa", &a.url)]), policy(&[("model-a", "pa")], "")).await;
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-routeplane-model"), "model-a");
     assert_eq!(header(&r, "x-routeplane-provider"), "pa");
-    assert_eq!(header(&r, "x-routeplane-policy"), "test1");
+    assert_eq!(
+        header(&r, "x-routeplane-policy"),
+        gw.gw.runtime().policy.version()
+    );
+    assert_eq!(header(&r, "x-routeplane-intent"), "chat");
     assert_eq!(header(&r, "x-routeplane-attempts"), "1");
     assert!(!header(&r, "x-routeplane-decision").is_empty());
     let v: Value = r.json().await.unwrap();
@@ -74,7 +60,7 @@ async fn retries_a_5xx_then_succeeds_on_the_same_model() {
     .await;
     let gw = gateway(
         &config(&[("pa", &a.url)]),
-        policy(&[("model-a", "pa")], protect_retry(2)),
+        policy(&[("model-a", "pa")], &protect_retry(2)),
     )
     .await;
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
@@ -95,7 +81,7 @@ async fn honours_retry_after_on_429() {
     .await;
     let gw = gateway(
         &config(&[("pa", &a.url)]),
-        policy(&[("model-a", "pa")], protect_retry(1)),
+        policy(&[("model-a", "pa")], &protect_retry(1)),
     )
     .await;
     let t = Instant::now();
@@ -114,7 +100,7 @@ async fn a_retry_after_beyond_the_backoff_cap_falls_back_at_once() {
     let b = upstream("b", |_| Act::Ok).await;
     let gw = gateway(
         &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], protect_retry(3)),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], &protect_retry(3)),
     )
     .await;
     let t = Instant::now();
@@ -131,7 +117,7 @@ async fn falls_back_when_retries_are_spent() {
     let b = upstream("b", |_| Act::Ok).await;
     let gw = gateway(
         &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], protect_retry(2)),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], &protect_retry(2)),
     )
     .await;
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
@@ -147,7 +133,7 @@ async fn a_status_outside_the_retry_filter_falls_back_without_retrying() {
     let b = upstream("b", |_| Act::Ok).await;
     let gw = gateway(
         &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], protect_retry(2)),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], &protect_retry(2)),
     )
     .await;
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
@@ -161,7 +147,7 @@ async fn a_connection_reset_falls_back() {
     let b = upstream("b", |_| Act::Ok).await;
     let gw = gateway(
         &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], Protect::default()),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], ""),
     )
     .await;
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
@@ -174,7 +160,7 @@ async fn every_upstream_failing_is_a_502_listing_the_attempts() {
     let a = upstream("a", |_| Act::Status(500, None)).await;
     let gw = gateway(
         &config(&[("pa", &a.url)]),
-        policy(&[("model-a", "pa")], protect_retry(1)),
+        policy(&[("model-a", "pa")], &protect_retry(1)),
     )
     .await;
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
@@ -188,14 +174,7 @@ async fn every_upstream_failing_is_a_502_listing_the_attempts() {
 #[tokio::test]
 async fn a_slow_upstream_times_out_with_504() {
     let a = upstream("a", |_| Act::Slow(Duration::from_secs(5))).await;
-    let protect = Protect {
-        timeout: Timeouts {
-            first_token_ms: None,
-            total_ms: Some(200),
-            span: None,
-        },
-        ..Default::default()
-    };
+    let protect = "protect { timeout total 200ms }";
     let gw = gateway(
         &config(&[("pa", &a.url)]),
         policy(&[("model-a", "pa")], protect),
@@ -211,14 +190,7 @@ async fn a_slow_upstream_times_out_with_504() {
 async fn a_slow_first_token_falls_back_before_anything_reached_the_client() {
     let a = upstream("a", |_| Act::SlowFirstChunk(Duration::from_secs(5))).await;
     let b = upstream("b", |_| Act::Ok).await;
-    let protect = Protect {
-        timeout: Timeouts {
-            first_token_ms: Some(200),
-            total_ms: Some(10_000),
-            span: None,
-        },
-        ..Default::default()
-    };
+    let protect = "protect { timeout first_token 200ms total 10s }";
     let gw = gateway(
         &config(&[("pa", &a.url), ("pb", &b.url)]),
         policy(&[("model-a", "pa"), ("model-b", "pb")], protect),
@@ -241,7 +213,7 @@ async fn streams_pass_through_and_a_failure_before_the_first_byte_falls_back() {
     let b = upstream("b", |_| Act::Ok).await;
     let gw = gateway(
         &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], Protect::default()),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], ""),
     )
     .await;
     let r = gw.chat("sk-demo", hello_stream()).send().await.unwrap();
@@ -260,7 +232,7 @@ async fn a_stream_cut_halfway_ends_with_an_explicit_error_event() {
     let b = upstream("b", |_| Act::Ok).await;
     let gw = gateway(
         &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], protect_retry(2)),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], &protect_retry(2)),
     )
     .await;
     let r = gw.chat("sk-demo", hello_stream()).send().await.unwrap();
@@ -290,16 +262,7 @@ async fn a_stream_cut_halfway_ends_with_an_explicit_error_event() {
 async fn the_model_breaker_opens_and_later_requests_skip_the_model() {
     let a = upstream("a", |_| Act::Status(500, None)).await;
     let b = upstream("b", |_| Act::Ok).await;
-    let protect = Protect {
-        breakers: vec![Breaker {
-            scope: BreakerScope::Model,
-            failures: 2,
-            window_ms: 10_000,
-            cooldown_ms: 60_000,
-            span: Default::default(),
-        }],
-        ..Default::default()
-    };
+    let protect = "protect { breaker per model open after 2 failures within 10s, probe after 60s }";
     let gw = gateway(
         &config(&[("pa", &a.url), ("pb", &b.url)]),
         policy(&[("model-a", "pa"), ("model-b", "pb")], protect),
@@ -323,11 +286,7 @@ async fn the_model_breaker_opens_and_later_requests_skip_the_model() {
 #[tokio::test]
 async fn auth_errors_are_401_openai_errors() {
     let a = upstream("a", |_| Act::Ok).await;
-    let gw = gateway(
-        &config(&[("pa", &a.url)]),
-        policy(&[("model-a", "pa")], Protect::default()),
-    )
-    .await;
+    let gw = gateway(&config(&[("pa", &a.url)]), policy(&[("model-a", "pa")], "")).await;
     let r = gw
         .client
         .post(format!("{}/v1/chat/completions", gw.url))
@@ -347,7 +306,7 @@ async fn auth_errors_are_401_openai_errors() {
 async fn bad_requests_get_clear_4xx() {
     let a = upstream("a", |_| Act::Ok).await;
     let cfg = format!("{}max_body: 1KiB\n", config(&[("pa", &a.url)]));
-    let gw = gateway(&cfg, policy(&[("model-a", "pa")], Protect::default())).await;
+    let gw = gateway(&cfg, policy(&[("model-a", "pa")], "")).await;
     let post = |body: &'static str| {
         gw.client
             .post(format!("{}/v1/chat/completions", gw.url))
@@ -395,23 +354,12 @@ async fn bad_requests_get_clear_4xx() {
 
 #[tokio::test]
 async fn a_denied_model_is_403_naming_the_rule() {
-    use routeplane::ir::{Constraint, Effect, ModelId};
     let a = upstream("a", |_| Act::Ok).await;
-    let mut p = policy(&[("model-a", "pa"), ("model-b", "pa")], Protect::default())
-        .policy()
-        .clone();
-    p.constraints.push(Constraint {
-        name: "no_b".into(),
-        effect: Effect::Deny,
-        removes: vec![ModelId(1)],
-        when: None,
-        span: Default::default(),
-    });
-    let gw = gateway(
-        &config(&[("pa", &a.url)]),
-        routeplane::gateway::engine::CompiledPolicy::from_policy(p, "t"),
-    )
-    .await;
+    let p = policy(
+        &[("model-a", "pa"), ("model-b", "pa")],
+        "constraints { no_b: deny [model-b] when tenant.plan == pro }",
+    );
+    let gw = gateway(&config(&[("pa", &a.url)]), p).await;
     let r = gw
         .chat(
             "sk-demo",
@@ -426,7 +374,7 @@ async fn a_denied_model_is_403_naming_the_rule() {
         v["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("by constraint `no_b`"),
+            .contains("denied by rule `no_b` (test.route:7)"),
         "{v}"
     );
     let models: Value = gw
@@ -451,11 +399,7 @@ async fn a_denied_model_is_403_naming_the_rule() {
 #[tokio::test]
 async fn healthz_answers() {
     let a = upstream("a", |_| Act::Ok).await;
-    let gw = gateway(
-        &config(&[("pa", &a.url)]),
-        policy(&[("model-a", "pa")], Protect::default()),
-    )
-    .await;
+    let gw = gateway(&config(&[("pa", &a.url)]), policy(&[("model-a", "pa")], "")).await;
     let r = gw
         .client
         .get(format!("{}/healthz", gw.url))
@@ -463,4 +407,30 @@ async fn healthz_answers() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn an_upstream_400_reaches_the_client_without_the_provider_key() {
+    let a = raw_upstream(|_| {
+        http_json(400, r#"{"error":{"message":"invalid request for key test-key","type":"invalid_request_error"}}"#)
+    })
+    .await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let gw = gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], ""),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        400,
+        "the client's own mistake is not retried elsewhere"
+    );
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("invalid request for key [redacted]"),
+        "{body}"
+    );
+    assert_eq!(b.hits(), 0);
 }

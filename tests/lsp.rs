@@ -267,3 +267,33 @@ fn half_typed_input_and_unknown_requests_never_stop_the_server() {
     assert!(r.get("error").is_none());
     c.shutdown();
 }
+
+#[test]
+fn formatting_matches_routeplane_fmt_and_refuses_broken_files() {
+    let dir = policy_dir();
+    let path = dir.path().join("routing.route");
+    let u = uri(&path);
+    let mut c = Client::start(BIN);
+    let messy = "classify {   chat    otherwise }\nroute chat{candidates [gpt-4o-mini,gpt-4o]  fallback [gpt-4o-mini]}\n";
+    c.open(&u, messy);
+    let _ = c.diagnostics_for(&u);
+    let r = c.request(
+        "textDocument/formatting",
+        json!({"textDocument": {"uri": u}, "options": {"tabSize": 2, "insertSpaces": true}}),
+    );
+    let edits = r["result"].as_array().unwrap();
+    assert_eq!(edits.len(), 1, "{r}");
+    let expected = routeplane::fmt::format_source(routeplane::source::FileId(0), messy).unwrap();
+    assert_eq!(edits[0]["newText"], expected);
+    c.change(&u, 2, "route chat {");
+    let _ = c.diagnostics_for(&u);
+    let r = c.request(
+        "textDocument/formatting",
+        json!({"textDocument": {"uri": u}, "options": {"tabSize": 2, "insertSpaces": true}}),
+    );
+    assert!(
+        r["result"].is_null(),
+        "a broken file must not be formatted: {r}"
+    );
+    c.shutdown();
+}

@@ -4,11 +4,17 @@
 //! Exit codes: 0 all files formatted (or already were), 1 with `--check` when
 //! some file would change (they are listed on stdout), 2 when a file cannot be
 //! read or written or has syntax errors (those files are left untouched).
+//!
+//! INVARIANT: `fmt` never changes what `check` reports: a policy whose
+//! diagnostics would differ after formatting (an `// allow(..)` comment that
+//! no longer sits on or above its line) is left untouched and reported.
 
 use std::path::{Path, PathBuf};
 
+use routeplane::analysis::analyze;
 use routeplane::diag::Diagnostic;
 use routeplane::fmt::format_source;
+use routeplane::load::read_policy;
 use routeplane::render::Human;
 use routeplane::source::{FileId, Sources};
 
@@ -31,47 +37,124 @@ pub fn run(args: Args) -> u8 {
             failed = true;
         }
     }
-    let mut changed = false;
+    // Format everything in memory first: a file is written only once its
+    // whole policy is known to mean the same after formatting.
+    let mut changes = Vec::new();
     for file in &files {
-        match format_file(file, args.check) {
-            Ok(true) => {
-                changed = true;
-                if args.check {
-                    println!("{}", file.display());
-                }
-            }
-            Ok(false) => {}
+        match format_file(file) {
+            Ok(Some(change)) => changes.push(change),
+            Ok(None) => {}
             Err(msg) => {
                 eprint!("{msg}");
                 failed = true;
             }
         }
     }
+    if let Err(msgs) = same_diagnostics(&mut changes) {
+        eprint!("{msgs}");
+        failed = true;
+    }
+    for change in &changes {
+        if args.check {
+            println!("{}", change.path.display());
+        } else if let Err(e) = write_atomically(&change.path, &change.text) {
+            eprintln!("error: cannot write `{}`: {e}", change.path.display());
+            failed = true;
+        }
+    }
     if failed {
         2
-    } else if args.check && changed {
+    } else if args.check && !changes.is_empty() {
         1
     } else {
         0
     }
 }
 
-/// Format one file; `Ok(true)` when its text changes (and, unless `check`, was rewritten).
-fn format_file(path: &Path, check: bool) -> Result<bool, String> {
+/// A file whose formatted text differs from what is on disk.
+struct Change {
+    path: PathBuf,
+    text: String,
+}
+
+/// Format one file in memory; `Ok(None)` when it is already formatted.
+fn format_file(path: &Path) -> Result<Option<Change>, String> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| format!("error: cannot read `{shown}`: {e}\n"))?;
     // Never rewrite a file we could not read exactly: lossy decoding would drop bytes.
     let text = String::from_utf8(bytes)
         .map_err(|_| format!("error: `{shown}` is not valid UTF-8; it was left unchanged\n"))?;
     let out = format_source(FileId(0), &text).map_err(|diags| render(&shown, &text, &diags))?;
-    if out == text {
-        return Ok(false);
+    Ok((out != text).then(|| Change {
+        path: path.to_path_buf(),
+        text: out,
+    }))
+}
+
+/// Formatting keeps the tree, but `// allow(lint)` comments work by line, so a
+/// layout change could make one stop applying. Check each changed policy (the
+/// `.route` files of a directory) before and after, and keep out of `changes`
+/// the files of a policy whose diagnostics would differ.
+fn same_diagnostics(changes: &mut Vec<Change>) -> Result<(), String> {
+    let mut dirs: Vec<PathBuf> = changes
+        .iter()
+        .filter_map(|c| c.path.parent().map(Path::to_path_buf))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    let mut msgs = String::new();
+    for dir in dirs {
+        let dir_for_read = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir.as_path()
+        };
+        let Ok(policy) = read_policy(dir_for_read) else {
+            continue;
+        };
+        let mut after = Sources::new();
+        for (_, f) in policy.sources.iter() {
+            let name = Path::new(&f.name).file_name();
+            let changed = changes
+                .iter()
+                .find(|c| c.path.parent() == Some(dir.as_path()) && c.path.file_name() == name);
+            after.add(
+                f.name.clone(),
+                changed.map_or(f.text.as_str(), |c| c.text.as_str()),
+            );
+        }
+        let summary = |sources: &Sources| {
+            let mut v: Vec<(String, String)> = analyze(sources)
+                .diagnostics
+                .into_iter()
+                .map(|d| (d.code, d.message))
+                .collect();
+            v.sort();
+            v
+        };
+        let (before, now) = (summary(&policy.sources), summary(&after));
+        if before == now {
+            continue;
+        }
+        let new: Vec<String> = now
+            .iter()
+            .filter(|d| !before.contains(d))
+            .map(|(c, m)| format!("{c}: {m}"))
+            .collect();
+        msgs.push_str(&format!(
+            "error: formatting `{}` would change what `routeplane check` reports{}{}\n  \
+             help: an `// allow(lint)` comment silences its own line and the next; move it onto the line of the warning\n",
+            dir_for_read.display(),
+            if new.is_empty() { "" } else { ": " },
+            new.join("; "),
+        ));
+        changes.retain(|c| c.path.parent() != Some(dir.as_path()));
     }
-    if !check {
-        write_atomically(path, &out)
-            .map_err(|e| format!("error: cannot write `{shown}`: {e}\n"))?;
+    if msgs.is_empty() {
+        Ok(())
+    } else {
+        Err(msgs)
     }
-    Ok(true)
 }
 
 /// Write to a temporary file next to `path`, then rename it over `path`, so a

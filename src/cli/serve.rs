@@ -1,10 +1,18 @@
 //! `routeplane serve --config gateway.yaml`: run the OpenAI-compatible gateway.
+//!
+//! Wiring: the config is read once (`listen` and `policy` need a restart);
+//! the policy and the config file are served through the reload store, which
+//! watches both, reloads on SIGHUP and keeps the last good version when a
+//! reload fails.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use routeplane::config::Config;
-use routeplane::gateway::{self, engine, FixedPolicy, Gateway};
+use routeplane::decision_log::{DecisionLog, Sink, DEFAULT_CAPACITY};
+use routeplane::gateway::{self, Gateway, Options};
+use routeplane::metrics::Metrics;
+use routeplane::reload::{served_builder, Debounce, Paths, PolicyStore};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -14,6 +22,9 @@ pub struct Args {
     /// Listen on this address instead of the config's `listen`
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
+    /// Do not watch the policy and config files (SIGHUP still reloads)
+    #[arg(long)]
+    pub no_watch: bool,
 }
 
 pub fn run(args: Args) -> u8 {
@@ -24,26 +35,16 @@ pub fn run(args: Args) -> u8 {
         )
         .with_writer(std::io::stderr)
         .try_init();
-    let mut config = match Config::load(&args.config) {
+    let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return 1;
         }
     };
-    if let Some(l) = args.listen {
-        config.listen = l;
-    }
     for w in &config.warnings {
         eprintln!("warning: {w}");
     }
-    let policy = match load_policy(&config) {
-        Ok(p) => p,
-        Err(msg) => {
-            eprintln!("{msg}");
-            return 1;
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -54,54 +55,92 @@ pub fn run(args: Args) -> u8 {
             return 2;
         }
     };
-    runtime.block_on(async move {
-        let version = policy.version().to_string();
-        let gw = match Gateway::new(config, Arc::new(FixedPolicy::new(policy))) {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("{e}");
-                return 1;
-            }
-        };
-        let listener = match tokio::net::TcpListener::bind(gw.config.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("routeplane: cannot listen on `{}`: {e}", gw.config.listen);
-                return 2;
-            }
-        };
-        let addr = listener
-            .local_addr()
-            .map_or_else(|_| gw.config.listen.to_string(), |a| a.to_string());
-        eprintln!(
-            "routeplane: serving policy {version} from `{}` on http://{addr}",
-            gw.config.policy.display()
-        );
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-            eprintln!("routeplane: shutting down");
-        };
-        gateway::server::serve(listener, gw, shutdown).await;
-        0
-    })
+    runtime.block_on(serve(config, args))
 }
 
-/// Read and compile the policy the config names; errors rendered with their locations.
-pub fn load_policy(config: &Config) -> Result<engine::CompiledPolicy, String> {
-    let dir = routeplane::load::read_policy(&config.policy)
-        .map_err(|e| format!("{}: {e}", config.path.display()))?;
-    engine::compile(&dir.sources).map_err(|analysis| {
-        let mut out = format!(
-            "routeplane: the policy `{}` has errors:",
-            config.policy.display()
-        );
-        for d in analysis.errors() {
-            let loc = d
-                .span()
-                .map(|s| dir.sources.location(s))
-                .unwrap_or_default();
-            out.push_str(&format!("\n  {loc}: error[{}]: {}", d.code, d.message));
+async fn serve(config: Config, args: Args) -> u8 {
+    let listen = args.listen.unwrap_or(config.listen);
+    let metrics = Arc::new(Metrics::new());
+    let started = Arc::new(config.clone());
+    let paths = Paths {
+        policy: config.policy.clone(),
+        config: Some(config.path.clone()),
+    };
+    let store = match PolicyStore::load(paths, served_builder(started), Some(metrics.clone())) {
+        Ok(s) => s,
+        Err(failure) => {
+            eprintln!(
+                "routeplane: cannot serve `{}`:\n{failure}",
+                config.policy.display()
+            );
+            return 1;
         }
-        out
-    })
+    };
+    let loaded = store.current();
+    for w in &loaded.warnings {
+        eprintln!("{w}");
+    }
+    let sink = Sink::from_config(config.decision_log.as_deref());
+    let (log, writer) = match DecisionLog::start(sink, DEFAULT_CAPACITY, Some(metrics.clone())) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("routeplane: cannot open the decision log: {e}");
+            return 2;
+        }
+    };
+    let decision_log = config.decision_log.is_some().then_some(log);
+    let opts = Options {
+        metrics: Some(metrics),
+        decision_log,
+    };
+    let gw = match Gateway::new(config, store.clone(), opts) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let _watch = if args.no_watch {
+        None
+    } else {
+        match store.watch(Debounce::default()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!("routeplane: cannot watch the policy files, reload with SIGHUP: {e}");
+                None
+            }
+        }
+    };
+    let _hup = store.listen_sighup();
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("routeplane: cannot listen on `{listen}`: {e}");
+            return 2;
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| listen.to_string(), |a| a.to_string());
+    eprintln!(
+        "routeplane: serving policy {} from `{}` on http://{addr}",
+        loaded.version,
+        gw.config.policy.display()
+    );
+    drop(loaded);
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("routeplane: shutting down");
+    };
+    gateway::server::serve(listener, gw.clone(), shutdown).await;
+    // Flush the decision log: drop every sender, then wait for the writer.
+    // Connections still draining hold clones; wait a little, not forever.
+    drop(gw);
+    drop(store);
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::task::spawn_blocking(move || writer.join()),
+    )
+    .await;
+    0
 }

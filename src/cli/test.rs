@@ -1,9 +1,47 @@
-//! `routeplane test` (being built; see the issue tracker).
+//! `routeplane test [PATH...]`: run the decision tests (`*.test.yaml`) next to
+//! each policy. Output like `cargo test`; `--format json|junit` for machines.
+//!
+//! Exit codes: 0 every case passed, 1 a case failed (or none were found),
+//! 2 usage or I/O error.
+
+use std::path::PathBuf;
+
+use routeplane::policytest;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Policy directories; each directory of `.route` files is one policy
+    #[arg(default_value = "policies/")]
+    paths: Vec<PathBuf>,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
+}
 
-pub fn run(_args: Args) -> u8 {
-    eprintln!("routeplane: `test` is not built yet");
-    2
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Human,
+    Json,
+    Junit,
+}
+
+pub fn run(args: Args) -> u8 {
+    let results = match policytest::run_paths(&args.paths) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("routeplane: {e}");
+            return 2;
+        }
+    };
+    let out = match args.format {
+        Format::Human => policytest::render_human(&results),
+        Format::Json => policytest::render_json(&results),
+        Format::Junit => policytest::render_junit(&results),
+    };
+    print!("{out}");
+    if results.is_empty() {
+        eprintln!("routeplane: no `*.test.yaml` files found next to the policies");
+        return 1;
+    }
+    u8::from(results.iter().any(|r| !r.passed()))
 }

@@ -266,6 +266,23 @@ pub fn explain(p: &CompiledPolicy, t: &TenantView, r: &RequestFeatures, s: &dyn 
     }
 }
 
+fn action_name(a: BudgetAction) -> &'static str {
+    match a {
+        BudgetAction::Warn => "warn",
+        BudgetAction::ConfirmPremium => "confirm premium",
+        BudgetAction::Downgrade => "downgrade",
+        BudgetAction::Block => "block",
+    }
+}
+
+fn scope_name(s: crate::ir::BudgetScope) -> &'static str {
+    match s {
+        crate::ir::BudgetScope::Tenant => "tenant",
+        crate::ir::BudgetScope::Feature => "feature",
+        crate::ir::BudgetScope::TenantFeature => "tenant and feature",
+    }
+}
+
 /// The layer-4 settings, one line each with `file:line`.
 fn protection(p: &CompiledPolicy) -> Vec<String> {
     let pr = &p.policy().protect;
@@ -306,8 +323,8 @@ fn protection(p: &CompiledPolicy) -> Vec<String> {
     }
     for b in &pr.breakers {
         out.push(format!(
-            "breaker per {:?} open after {} failures within {}ms, probe after {}ms ({})",
-            b.scope,
+            "breaker per {} open after {} failures within {}ms, probe after {}ms ({})",
+            format!("{:?}", b.scope).to_lowercase(),
             b.failures,
             b.window_ms,
             b.cooldown_ms,
@@ -324,8 +341,8 @@ fn protection(p: &CompiledPolicy) -> Vec<String> {
             LimitKind::Tokens { tokens, window_ms } => format!("tokens {tokens} per {window_ms}ms"),
         };
         out.push(format!(
-            "limit {what} per {:?} ({})",
-            l.scope,
+            "limit {what} per {} ({})",
+            format!("{:?}", l.scope).to_lowercase(),
             p.location(l.span)
         ));
     }
@@ -349,11 +366,11 @@ fn protection(p: &CompiledPolicy) -> Vec<String> {
         let th: Vec<String> = b
             .thresholds
             .iter()
-            .map(|t| format!("{:?} at {}%", t.action, t.percent))
+            .map(|t| format!("{} at {}%", action_name(t.action), t.percent))
             .collect();
         out.push(format!(
-            "budget {period} per {:?} {amount} {{ {} }} ({})",
-            b.scope,
+            "budget {period} per {} {amount} {{ {} }} ({})",
+            scope_name(b.scope),
             th.join(", "),
             p.location(b.span)
         ));
@@ -463,7 +480,7 @@ impl fmt::Display for Trace {
             }
         }
         if let Some(a) = self.budget_action {
-            writeln!(f, "\nbudget action: {a:?}")?;
+            writeln!(f, "\nbudget action: {}", action_name(a))?;
         }
         writeln!(
             f,

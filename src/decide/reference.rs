@@ -125,14 +125,19 @@ impl Env<'_> {
                         .filter(|m| !m.is_empty())
                         .unwrap_or_else(|| "auto".into()),
                 )),
-                RequestField::Feature => r
-                    .feature
-                    .as_deref()
-                    .and_then(|s| from_text(self.field_type(f), s)),
+                RequestField::Feature => match self.policy.request_attr("feature") {
+                    Some(a) => self.get(&Field::Request(RequestField::Meta(a))),
+                    None => r.feature.as_ref().map(|s| Scalar::Str(s.clone())),
+                },
                 RequestField::Meta(a) => {
                     let def = self.policy.request_attrs.get(a.index())?;
-                    match r.meta.iter().find(|(k, _)| *k == def.name) {
-                        Some((_, v)) => from_text(Some(def.ty.clone()), v),
+                    let sent = if def.name == "feature" {
+                        r.feature.as_ref()
+                    } else {
+                        r.meta.iter().find(|(k, _)| *k == def.name).map(|(_, v)| v)
+                    };
+                    match sent {
+                        Some(v) => from_text(Some(def.ty.clone()), v),
                         None => def.default.as_ref().map(|d| scalar(Some(&def.ty), d)),
                     }
                 }
@@ -201,6 +206,32 @@ impl Env<'_> {
     fn when(&self, w: &Option<crate::ir::When>) -> bool {
         w.as_ref().is_none_or(|w| self.holds(&w.cond))
     }
+}
+
+/// The models layer 1 allows: enabled, and removed by no firing constraint.
+pub fn allowed(
+    p: &CompiledPolicy,
+    tenant_id: &str,
+    tenant: &[Option<Value>],
+    r: &RequestFeatures,
+) -> Vec<ModelId> {
+    let policy = p.policy();
+    let env = Env {
+        policy,
+        tenant_id,
+        tenant,
+        req: r,
+    };
+    (0..policy.models.len())
+        .map(|i| ModelId(i as u32))
+        .filter(|m| policy.model(*m).is_some_and(|x| x.enabled))
+        .filter(|m| {
+            !policy
+                .constraints
+                .iter()
+                .any(|c| env.when(&c.when) && c.removes.contains(m))
+        })
+        .collect()
 }
 
 /// The reference decision, same contract as [`decide`](super::decide).

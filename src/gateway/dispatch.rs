@@ -5,8 +5,6 @@
 //! the client. After that a failure ends the stream with an SSE error event.
 
 use std::convert::Infallible;
-use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +14,6 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
-use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::breaker::Permit;
@@ -26,6 +23,7 @@ use super::limits::Slot;
 use super::providers::{AttemptError, ByteStream, ClientBody, Reply, UpstreamRequest, Usage};
 use super::{sse, Gateway, ModelRt, Runtime};
 use crate::ir::{LimitKind, LimitScope, Micros, RetryOn};
+use crate::metrics::{BreakerGauge, BreakerScope, RequestDone};
 
 /// Everything one request carries through dispatch.
 pub struct RequestCtx {
@@ -38,97 +36,26 @@ pub struct RequestCtx {
     pub started: Instant,
     /// Tenant and feature concurrency slots, held until the answer is complete.
     pub slots: Vec<Slot>,
+    /// What each firing constraint removed, when the decision log wants it.
+    pub removed: Vec<crate::decision_log::Removed>,
 }
 
-/// One attempt in the decision log.
-#[derive(Clone, Debug, Serialize)]
-pub struct AttemptRecord {
-    pub model: String,
-    pub provider: String,
-    /// `ok`, `skipped: ...`, or the failure code (`503`, `timeout`, `reset`, ...).
-    pub outcome: String,
-    pub ms: u64,
-}
+pub use crate::decision_log::{Attempt as AttemptRecord, DecisionRecord};
 
-/// One line of the decision log.
-#[derive(Clone, Debug, Serialize)]
-pub struct DecisionRecord {
-    pub id: String,
-    pub ts_ms: u64,
-    pub policy: String,
-    pub tenant: String,
-    pub feature: Option<String>,
-    pub endpoint: &'static str,
-    pub requested_model: Option<String>,
-    pub intent: Option<String>,
-    pub candidates: Vec<String>,
-    pub model: Option<String>,
-    pub attempts: Vec<AttemptRecord>,
-    pub status: u16,
-    pub error: Option<String>,
-    pub stream: bool,
-    pub usage: Option<Usage>,
-    pub estimated_cost_micros: Micros,
-    pub actual_cost_micros: Option<Micros>,
-    pub first_token_ms: Option<u64>,
-    pub total_ms: u64,
-}
-
-/// Appends decision records as JSON lines from a background thread, so the
-/// request path never waits on the disk.
-#[derive(Clone)]
-pub struct DecisionSink {
-    tx: std::sync::mpsc::SyncSender<DecisionRecord>,
-}
-
-impl DecisionSink {
-    pub fn open(path: &Path) -> std::io::Result<DecisionSink> {
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)?;
-            }
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<DecisionRecord>(4096);
-        std::thread::Builder::new()
-            .name("decision-log".into())
-            .spawn(move || {
-                let mut w = std::io::BufWriter::new(file);
-                while let Ok(first) = rx.recv() {
-                    let mut write = |r: &DecisionRecord| {
-                        if let Ok(line) = serde_json::to_string(r) {
-                            let _ = writeln!(w, "{line}");
-                        }
-                    };
-                    write(&first);
-                    while let Ok(more) = rx.try_recv() {
-                        write(&more);
-                    }
-                    let _ = w.flush();
-                }
-            })?;
-        Ok(DecisionSink { tx })
-    }
-
-    pub fn record(&self, r: DecisionRecord) {
-        // A full queue drops the line rather than stall requests; counted by the caller's metrics.
-        if self.tx.try_send(r).is_err() {
-            tracing::warn!("decision log queue full, dropping a record");
-        }
+fn att(m: &ModelRt, outcome: String, retry: u32, ms: u64) -> AttemptRecord {
+    AttemptRecord {
+        model: m.name.clone(),
+        provider: m.provider.clone(),
+        outcome,
+        retry,
+        latency_ms: ms as f64,
+        first_token_ms: None,
+        error: None,
     }
 }
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, ms)
 }
 
 /// What one attempt produced before anything reached the client.
@@ -246,17 +173,17 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
         breaker_open: false,
     };
 
+    let mut previous: Option<&str> = None;
     for &model_id in &ctx.decision.attempts {
         let Some(m) = rt.model(model_id) else {
             continue;
         };
+        if let (Some(prev), Some(metrics)) = (previous, &gw.metrics) {
+            metrics.fallback(prev, &m.name);
+        }
+        previous = Some(&m.name);
         let Some(upstream) = m.upstream.clone() else {
-            out.attempts.push(AttemptRecord {
-                model: m.name.clone(),
-                provider: m.provider.clone(),
-                outcome: "skipped: no provider configured".into(),
-                ms: 0,
-            });
+            out.attempts.push(att(m, "no_provider".into(), 0, 0));
             continue;
         };
         let mut tries: u32 = 0;
@@ -265,12 +192,7 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
             // Breakers are checked again for every attempt, retries included.
             let Some(mp) = m.model_breaker.try_acquire(now) else {
                 out.breaker_open = true;
-                out.attempts.push(AttemptRecord {
-                    model: m.name.clone(),
-                    provider: m.provider.clone(),
-                    outcome: "skipped: model breaker open".into(),
-                    ms: 0,
-                });
+                out.attempts.push(att(m, "breaker_open".into(), tries, 0));
                 break;
             };
             let Some(pp) = m.provider_breaker.try_acquire(now) else {
@@ -278,12 +200,8 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                     m.model_breaker.release_probe();
                 }
                 out.breaker_open = true;
-                out.attempts.push(AttemptRecord {
-                    model: m.name.clone(),
-                    provider: m.provider.clone(),
-                    outcome: "skipped: provider breaker open".into(),
-                    ms: 0,
-                });
+                out.attempts
+                    .push(att(m, "provider_breaker_open".into(), tries, 0));
                 break;
             };
             let slots = match take_limits(&gw, &rt, m, ctx.features.input_tokens, now) {
@@ -296,12 +214,7 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                         m.provider_breaker.release_probe();
                     }
                     out.limited = Some(out.limited.map_or(wait, |w| w.min(wait)));
-                    out.attempts.push(AttemptRecord {
-                        model: m.name.clone(),
-                        provider: m.provider.clone(),
-                        outcome: "skipped: limit reached".into(),
-                        ms: 0,
-                    });
+                    out.attempts.push(att(m, "limited".into(), tries, 0));
                     break;
                 }
             };
@@ -316,25 +229,21 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
             let elapsed = t0.elapsed();
             match res {
                 Ok(started) => {
-                    let record = AttemptRecord {
-                        model: m.name.clone(),
-                        provider: m.provider.clone(),
-                        outcome: "ok".into(),
-                        ms: ms(elapsed),
-                    };
+                    let record = att(m, "ok".into(), tries, ms(elapsed));
                     out.attempts.push(record);
                     return respond(gw, ctx, model_id.index(), started, out, t0, total, slots);
                 }
                 Err(e) => {
-                    record_result(&rt, m, false, None, None);
-                    out.attempts.push(AttemptRecord {
-                        model: m.name.clone(),
-                        provider: m.provider.clone(),
-                        outcome: e.code(),
-                        ms: ms(elapsed),
-                    });
+                    record_result(&gw, &rt, m, false, None, None);
+                    let mut a = att(m, e.code(), tries, ms(elapsed));
+                    a.error = Some(crate::decision_log::redact(&e.to_string()));
+                    out.attempts.push(a);
+                    if let Some(metrics) = &gw.metrics {
+                        metrics.attempt_failed(&m.name, &m.provider, &e.code());
+                    }
                     drop(slots);
                     if e.is_client_error() {
+                        let e = scrub(e, upstream.cfg.api_key.as_ref().map(|k| k.expose()));
                         return client_error(gw, ctx, e, out);
                     }
                     let retry_now = retry
@@ -364,6 +273,9 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                     match wait {
                         Some(w) => {
                             tries += 1;
+                            if let Some(metrics) = &gw.metrics {
+                                metrics.retry(&m.name, &m.provider);
+                            }
                             tokio::time::sleep(w).await;
                         }
                         None => break,
@@ -375,7 +287,17 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
     failed(gw, ctx, out)
 }
 
+fn gauge(s: super::engine::BreakerState) -> BreakerGauge {
+    match s {
+        super::engine::BreakerState::Closed => BreakerGauge::Closed,
+        super::engine::BreakerState::HalfOpen => BreakerGauge::HalfOpen,
+        super::engine::BreakerState::Open => BreakerGauge::Open,
+    }
+}
+
+/// Feed one attempt's result to the live stats and the breakers; export breaker changes.
 fn record_result(
+    gw: &Gateway,
     rt: &Runtime,
     m: &ModelRt,
     ok: bool,
@@ -391,13 +313,31 @@ fn record_result(
     } else {
         m.live.record_failure();
     }
-    if let Some(cfg) = &rt.model_breaker {
-        m.model_breaker.record(cfg, ok, now);
-    } else if ok {
-        // Without a configured breaker a granted probe cannot exist; nothing to do.
-    }
-    if let Some(cfg) = &rt.provider_breaker {
-        m.provider_breaker.record(cfg, ok, now);
+    let breakers = [
+        (
+            &rt.model_breaker,
+            &m.model_breaker,
+            BreakerScope::Model,
+            &m.name,
+        ),
+        (
+            &rt.provider_breaker,
+            &m.provider_breaker,
+            BreakerScope::Provider,
+            &m.provider,
+        ),
+    ];
+    for (cfg, breaker, scope, name) in breakers {
+        let Some(cfg) = cfg else { continue };
+        let before = breaker.state(now);
+        breaker.record(cfg, ok, now);
+        let after = breaker.state(now);
+        if before != after {
+            tracing::info!(scope = ?scope, name = %name, state = ?after, "circuit breaker changed");
+            if let Some(metrics) = &gw.metrics {
+                metrics.breaker_state(scope, name, gauge(after));
+            }
+        }
     }
 }
 
@@ -468,50 +408,104 @@ fn routing_headers(
     set_header(r, "x-routeplane-decision", &ctx.decision_id);
 }
 
-fn base_record(ctx: &RequestCtx, out: &Outcome) -> DecisionRecord {
+/// How a dispatched request ended, before it becomes a log line and metrics.
+struct Summary {
+    model: Option<String>,
+    status: u16,
+    usage: Option<Usage>,
+    actual_cost_micros: Option<Micros>,
+    error: Option<String>,
+    first_token_ms: Option<u64>,
+    attempts: Vec<AttemptRecord>,
+}
+
+fn base_record(_ctx: &RequestCtx, out: &Outcome) -> Summary {
+    Summary {
+        model: None,
+        status: 0,
+        usage: None,
+        actual_cost_micros: None,
+        error: None,
+        first_token_ms: None,
+        attempts: out.attempts.clone(),
+    }
+}
+
+/// The one exit of every dispatched request: metrics and the decision log.
+fn log(gw: &Gateway, ctx: &RequestCtx, mut s: Summary) {
     let p = ctx.rt.policy.policy();
-    DecisionRecord {
-        id: ctx.decision_id.clone(),
-        ts_ms: now_ms(),
-        policy: ctx.rt.policy.version().to_string(),
-        tenant: ctx
-            .rt
-            .tenants
-            .get(ctx.tenant)
-            .map(|t| t.id.clone())
-            .unwrap_or_default(),
+    let tenant = ctx.rt.tenants.get(ctx.tenant).map_or("", |t| t.id.as_str());
+    let intent = ctx
+        .decision
+        .intent
+        .and_then(|i| p.intent(i))
+        .map(|i| i.name.as_str());
+    let provider = s
+        .model
+        .as_deref()
+        .and_then(|m| s.attempts.iter().rev().find(|a| a.model == m))
+        .map(|a| a.provider.clone());
+    let total = ctx.started.elapsed();
+    if let Some(metrics) = &gw.metrics {
+        metrics.request_done(&RequestDone {
+            tenant,
+            feature: ctx.features.feature.as_deref(),
+            intent,
+            model: s
+                .model
+                .as_deref()
+                .or(s.attempts.last().map(|a| a.model.as_str())),
+            provider: provider
+                .as_deref()
+                .or(s.attempts.last().map(|a| a.provider.as_str())),
+            status: s.status,
+            total,
+            first_token: s.first_token_ms.map(Duration::from_millis),
+            input_tokens: s.usage.map_or(0, |u| u.prompt_tokens),
+            output_tokens: s.usage.map_or(0, |u| u.completion_tokens),
+            estimated_cost: ctx.decision.estimated_cost,
+            actual_cost: s.actual_cost_micros.unwrap_or(0),
+        });
+    }
+    let Some(sink) = &gw.decision_log else { return };
+    if let (Some(err), Some(last)) = (&s.error, s.attempts.last_mut()) {
+        if last.error.is_none() {
+            last.error = Some(crate::decision_log::redact(err));
+        }
+    }
+    sink.log(DecisionRecord {
+        ts: String::new(),
+        decision_id: ctx.decision_id.clone(),
+        policy_version: ctx.rt.policy.version().to_string(),
+        tenant: tenant.to_string(),
         feature: ctx.features.feature.clone(),
-        endpoint: super::providers::endpoint_name(ctx.features.endpoint),
+        endpoint: super::providers::endpoint_name(ctx.features.endpoint).to_string(),
         requested_model: ctx.features.model.clone(),
-        intent: ctx
-            .decision
-            .intent
-            .and_then(|i| p.intent(i))
-            .map(|i| i.name.clone()),
-        candidates: ctx
+        stream: ctx.features.stream,
+        intent: intent.map(str::to_string),
+        route: None,
+        removed: ctx.removed.clone(),
+        plan: ctx
             .decision
             .attempts
             .iter()
             .filter_map(|m| p.model(*m))
             .map(|m| m.name.clone())
             .collect(),
-        model: None,
-        attempts: out.attempts.clone(),
-        status: 0,
-        error: None,
-        stream: ctx.features.stream,
-        usage: None,
+        chosen_model: s.model,
+        provider,
+        attempts: s.attempts,
+        status: s.status,
+        denial: None,
+        input_tokens: s
+            .usage
+            .map_or(ctx.features.input_tokens, |u| u.prompt_tokens),
+        output_tokens: s.usage.map_or(0, |u| u.completion_tokens),
         estimated_cost_micros: ctx.decision.estimated_cost,
-        actual_cost_micros: None,
-        first_token_ms: None,
-        total_ms: ms(ctx.started.elapsed()),
-    }
-}
-
-fn log(gw: &Gateway, r: DecisionRecord) {
-    if let Some(sink) = &gw.decision_log {
-        sink.record(r);
-    }
+        actual_cost_micros: s.actual_cost_micros.unwrap_or(0),
+        first_token_ms: s.first_token_ms.map(|m| m as f64),
+        total_ms: total.as_secs_f64() * 1000.0,
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -542,7 +536,7 @@ fn respond(
             usage,
         } => {
             let elapsed = t0.elapsed();
-            record_result(&rt, m, true, Some(elapsed), None);
+            record_result(&gw, &rt, m, true, Some(elapsed), None);
             let mut r = Response::new(full(body));
             if let Ok(v) = HeaderValue::from_str(&content_type) {
                 r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
@@ -553,7 +547,7 @@ fn respond(
             rec.status = 200;
             rec.usage = usage;
             rec.actual_cost_micros = usage.map(|u| cost(&rt, model, &u));
-            log(&gw, rec);
+            log(&gw, &ctx, rec);
             r
         }
         Started::Stream { first, rest } => {
@@ -677,9 +671,9 @@ async fn forward(
     };
     let ok = error.is_none() && !client_gone;
     if error.is_some() {
-        record_result(&rt, m, false, None, None);
+        record_result(&gw, &rt, m, false, None, None);
     } else if ok {
-        record_result(&rt, m, true, Some(t0.elapsed()), Some(first_token));
+        record_result(&gw, &rt, m, true, Some(t0.elapsed()), Some(first_token));
     }
     let mut rec = base_record(&ctx, &out);
     rec.model = Some(m.name.clone());
@@ -693,9 +687,42 @@ async fn forward(
         _ => None,
     };
     if let (Some((_, code)), Some(last)) = (&error, rec.attempts.last_mut()) {
-        last.outcome = format!("failed mid-stream: {code}");
+        last.outcome = "stream_cut".into();
+        last.error = Some(format!("failed mid-stream: {code}"));
     }
-    log(&gw, rec);
+    log(&gw, &ctx, rec);
+}
+
+/// An upstream error body goes back to the client only without the
+/// provider's key in it (some APIs echo the key they were given).
+fn scrub(e: AttemptError, key: Option<&str>) -> AttemptError {
+    match (e, key) {
+        (
+            AttemptError::Status {
+                status,
+                retry_after,
+                body,
+            },
+            Some(key),
+        ) if !key.is_empty() => {
+            let text = String::from_utf8_lossy(&body);
+            if text.contains(key) {
+                let body = Bytes::from(text.replace(key, "[redacted]"));
+                AttemptError::Status {
+                    status,
+                    retry_after,
+                    body,
+                }
+            } else {
+                AttemptError::Status {
+                    status,
+                    retry_after,
+                    body,
+                }
+            }
+        }
+        (e, _) => e,
+    }
 }
 
 /// The upstream refused the request itself (400, 404, 422...): the client
@@ -723,7 +750,7 @@ fn client_error(
     let mut rec = base_record(&ctx, &out);
     rec.status = *status;
     rec.error = Some(format!("the upstream refused the request: {status}"));
-    log(&gw, rec);
+    log(&gw, &ctx, rec);
     r
 }
 
@@ -774,7 +801,7 @@ fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
     let mut rec = base_record(&ctx, &out);
     rec.status = err.status.as_u16();
     rec.error = Some(err.message.clone());
-    log(&gw, rec);
+    log(&gw, &ctx, rec);
     let attempts = out.attempts.len();
     let mut r = err.into_response();
     routing_headers(&mut r, &ctx, None, attempts);

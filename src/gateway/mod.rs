@@ -31,10 +31,23 @@ use engine::{BreakerState, CompiledPolicy, ModelId, ModelStats, Stats, TenantVie
 use providers::Upstream;
 use stats::ModelLive;
 
+/// One consistent view of what to serve: a policy and, when the source
+/// reloads the config file too, the config that goes with it.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub policy: Arc<CompiledPolicy>,
+    pub config: Option<Arc<Config>>,
+}
+
 /// Where the gateway gets the current policy. The reload module's store
-/// implements it; tests and `serve` without a watcher use [`FixedPolicy`].
+/// implements it; tests use [`FixedPolicy`].
 pub trait PolicySource: Send + Sync {
-    fn current(&self) -> Arc<CompiledPolicy>;
+    /// Called once per request.
+    fn current(&self) -> Snapshot;
+    /// The body of `GET /admin/policy`, when the source can say more than the version.
+    fn admin_json(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// A policy that changes only when someone calls [`FixedPolicy::set`].
@@ -50,8 +63,24 @@ impl FixedPolicy {
 }
 
 impl PolicySource for FixedPolicy {
-    fn current(&self) -> Arc<CompiledPolicy> {
-        self.0.load_full()
+    fn current(&self) -> Snapshot {
+        Snapshot {
+            policy: self.0.load_full(),
+            config: None,
+        }
+    }
+}
+
+impl PolicySource for crate::reload::PolicyStore<crate::reload::Served> {
+    fn current(&self) -> Snapshot {
+        let loaded = crate::reload::PolicyStore::current(self);
+        Snapshot {
+            policy: loaded.value.policy.clone(),
+            config: Some(loaded.value.config.clone()),
+        }
+    }
+    fn admin_json(&self) -> Option<serde_json::Value> {
+        Some(self.admin_policy_json())
     }
 }
 
@@ -79,6 +108,8 @@ pub struct ModelRt {
 /// the hot path, so a request does index lookups only.
 pub struct Runtime {
     pub policy: Arc<CompiledPolicy>,
+    /// The config this runtime was built from (reloaded with the policy when the store watches it).
+    pub config: Arc<Config>,
     pub tenants: Vec<TenantRt>,
     /// Indexed by `ModelId`.
     pub models: Vec<ModelRt>,
@@ -87,6 +118,15 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// Whether this runtime was built from exactly this snapshot.
+    fn matches(&self, snap: &Snapshot) -> bool {
+        Arc::ptr_eq(&self.policy, &snap.policy)
+            && snap
+                .config
+                .as_ref()
+                .is_none_or(|c| Arc::ptr_eq(&self.config, c))
+    }
+
     pub fn model(&self, id: ModelId) -> Option<&ModelRt> {
         self.models.get(id.index())
     }
@@ -124,21 +164,30 @@ impl Stats for LiveStats<'_> {
     }
 }
 
+/// Optional parts of the gateway.
+#[derive(Clone, Default)]
+pub struct Options {
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    pub decision_log: Option<crate::decision_log::DecisionLog>,
+}
+
 /// The gateway's shared state.
 pub struct Gateway {
-    pub config: Config,
+    /// The config the process started with (listen address, policy path).
+    pub config: Arc<Config>,
     pub policies: Arc<dyn PolicySource>,
+    client: reqwest::Client,
     runtime: ArcSwap<Runtime>,
     /// Serializes runtime rebuilds; remembers the last version that failed.
     rebuild: Mutex<Option<String>>,
-    upstreams: HashMap<String, Arc<Upstream>>,
     breakers: Mutex<HashMap<String, Arc<Breaker>>>,
     live: Mutex<HashMap<String, Arc<ModelLive>>>,
     pub limiters: limits::Limiters,
     decision_seq: AtomicU64,
     /// A per-process prefix, so decision ids from two runs never collide.
     boot: u64,
-    pub decision_log: Option<dispatch::DecisionSink>,
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    pub decision_log: Option<crate::decision_log::DecisionLog>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +200,7 @@ impl Gateway {
     pub fn new(
         config: Config,
         policies: Arc<dyn PolicySource>,
+        opts: Options,
     ) -> Result<Arc<Gateway>, StartError> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -158,32 +208,15 @@ impl Gateway {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| StartError(vec![format!("cannot build the HTTP client: {e}")]))?;
-        let upstreams = config
-            .providers
-            .iter()
-            .map(|p| {
-                (
-                    p.name.clone(),
-                    Arc::new(Upstream::new(p.clone(), client.clone())),
-                )
-            })
-            .collect();
-        let decision_log = match &config.decision_log {
-            Some(path) => Some(dispatch::DecisionSink::open(path).map_err(|e| {
-                StartError(vec![format!(
-                    "cannot open the decision log `{}`: {e}",
-                    path.display()
-                )])
-            })?),
-            None => None,
-        };
         let boot = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let policy = policies.current();
+        let config = Arc::new(config);
+        let snap = policies.current();
         // A placeholder runtime; replaced below before anyone can see it.
         let empty = Runtime {
-            policy: policy.clone(),
+            policy: snap.policy.clone(),
+            config: config.clone(),
             tenants: Vec::new(),
             models: Vec::new(),
             model_breaker: None,
@@ -192,17 +225,18 @@ impl Gateway {
         let gw = Gateway {
             config,
             policies,
+            client,
             runtime: ArcSwap::from_pointee(empty),
             rebuild: Mutex::new(None),
-            upstreams,
             breakers: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
             limiters: limits::Limiters::default(),
             decision_seq: AtomicU64::new(0),
             boot,
-            decision_log,
+            metrics: opts.metrics,
+            decision_log: opts.decision_log,
         };
-        let rt = gw.build_runtime(policy).map_err(StartError)?;
+        let rt = gw.build_runtime(&snap).map_err(StartError)?;
         gw.runtime.store(Arc::new(rt));
         Ok(Arc::new(gw))
     }
@@ -211,8 +245,8 @@ impl Gateway {
     /// uses the result throughout, so no decision mixes two versions.
     pub fn runtime(&self) -> Arc<Runtime> {
         let rt = self.runtime.load_full();
-        let current = self.policies.current();
-        if Arc::ptr_eq(&rt.policy, &current) {
+        let snap = self.policies.current();
+        if rt.matches(&snap) {
             return rt;
         }
         let Ok(mut failed) = self.rebuild.lock() else {
@@ -220,63 +254,66 @@ impl Gateway {
         };
         // Someone else may have rebuilt while we waited.
         let rt = self.runtime.load_full();
-        if Arc::ptr_eq(&rt.policy, &current) || failed.as_deref() == Some(current.version()) {
+        let version = snap.policy.version().to_string();
+        if rt.matches(&snap) || failed.as_deref() == Some(version.as_str()) {
             return rt;
         }
-        match self.build_runtime(current.clone()) {
+        match self.build_runtime(&snap) {
             Ok(new) => {
                 let new = Arc::new(new);
                 self.runtime.store(new.clone());
                 *failed = None;
-                tracing::info!(version = current.version(), "policy runtime rebuilt");
+                tracing::info!(version, "serving a new policy");
                 new
             }
             Err(errors) => {
                 // The policy compiled but does not fit this config: keep the last good one.
                 for e in &errors {
-                    tracing::error!(version = current.version(), "{e}");
+                    tracing::error!(version, "{e}");
                 }
-                *failed = Some(current.version().to_string());
+                *failed = Some(version);
                 rt
             }
         }
     }
 
-    fn build_runtime(&self, policy: Arc<CompiledPolicy>) -> Result<Runtime, Vec<String>> {
+    fn build_runtime(&self, snap: &Snapshot) -> Result<Runtime, Vec<String>> {
+        let policy = snap.policy.clone();
+        let config = snap.config.clone().unwrap_or_else(|| self.config.clone());
+        let upstreams: HashMap<String, Arc<Upstream>> = config
+            .providers
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    Arc::new(Upstream::new(p.clone(), self.client.clone())),
+                )
+            })
+            .collect();
         let mut errors = Vec::new();
         let p = policy.policy();
         let mut tenants = Vec::new();
-        for t in &self.config.tenants {
+        for t in &config.tenants {
             match policy.tenant(&t.id, &t.attrs) {
                 Ok(view) => tenants.push(TenantRt {
                     id: t.id.clone(),
                     key_sha256: t.key_sha256,
                     view,
                 }),
-                Err(problems) => {
-                    for problem in problems {
-                        errors.push(
-                            self.config
-                                .error_at(t.line, format!("tenant `{}`: {problem}", t.id))
-                                .to_string(),
-                        );
-                    }
-                }
+                Err(problems) => errors.extend(
+                    problems
+                        .into_iter()
+                        .map(|pr| config.error_at(t.line, pr).to_string()),
+                ),
             }
         }
         for prov in &p.providers {
-            if !self.upstreams.contains_key(&prov.name) {
-                errors.push(
-                    self.config
-                        .error_at(
-                            None,
-                            format!(
-                                "the policy's provider `{}` has no entry under `providers:`",
-                                prov.name
-                            ),
-                        )
-                        .to_string(),
+            if !upstreams.contains_key(&prov.name) {
+                let msg = format!(
+                    "the policy's provider `{}` has no entry under `providers:`",
+                    prov.name
                 );
+                errors.push(config.error_at(None, msg).to_string());
             }
         }
         let mut models = Vec::new();
@@ -285,7 +322,7 @@ impl Gateway {
                 .provider(m.provider)
                 .map(|pr| pr.name.clone())
                 .unwrap_or_default();
-            let upstream = self.upstreams.get(&provider).cloned();
+            let upstream = upstreams.get(&provider).cloned();
             let upstream_model = upstream
                 .as_ref()
                 .map_or(m.name.as_str(), |u| u.cfg.upstream_model(&m.name))
@@ -318,6 +355,7 @@ impl Gateway {
             model_breaker: breaker_cfg(crate::ir::BreakerScope::Model),
             provider_breaker: breaker_cfg(crate::ir::BreakerScope::Provider),
             policy,
+            config,
             tenants,
             models,
         })

@@ -65,6 +65,8 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> 
     let endpoint = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/v1/models") => return models(&gw, &req),
+        (&Method::GET, "/metrics") => return metrics(&gw),
+        (&Method::GET, "/admin/policy") => return admin_policy(&gw, &req),
         (&Method::POST, "/v1/chat/completions") => Endpoint::Chat,
         (&Method::POST, "/v1/embeddings") => Endpoint::Embeddings,
         (&Method::POST, "/v1/images/generations") => Endpoint::Images,
@@ -79,6 +81,8 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> 
                 "/v1/audio/speech",
                 "/v1/models",
                 "/healthz",
+                "/metrics",
+                "/admin/policy",
             ];
             return if known.contains(&path) {
                 ApiError::new(
@@ -149,10 +153,10 @@ fn authenticate<'a>(
 }
 
 async fn read_body(
-    gw: &Gateway,
+    rt: &Runtime,
     req: Request<Incoming>,
 ) -> Result<(hyper::http::request::Parts, Bytes), ApiError> {
-    let limit = gw.config.max_body_bytes;
+    let limit = rt.config.max_body_bytes;
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -331,32 +335,37 @@ fn window(ms: u64) -> String {
     }
 }
 
-/// A denial as an OpenAI error that names the rule.
+/// A denial as an OpenAI error; the engine's message names the rule and where it is.
 fn denial(rt: &Runtime, tenant: &str, d: &Denial) -> ApiError {
-    let p = rt.policy.policy();
+    let p = &rt.policy;
+    let msg = d.message(p);
+    let code = d.code().replace('-', "_");
     match d {
-        Denial::ModelDenied { model, rule } => {
-            let model = p.model(*model).map_or("?", |m| m.name.as_str());
-            let rule = p.constraints.get(rule.index()).map_or("?", |c| c.name.as_str());
-            ApiError::new(StatusCode::FORBIDDEN, "permission_denied", format!("model `{model}` is denied for tenant `{tenant}` by constraint `{rule}`")).code("model_denied")
-        }
-        Denial::UnknownModel(name) => {
-            let names = p.models.iter().map(|m| m.name.as_str()).chain(p.intents.iter().map(|i| i.name.as_str()));
-            let hint = crate::diag::did_you_mean(name, names).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
-            ApiError::not_found(format!("unknown model `{name}`: not a model or intent of policy {}{hint}", rt.policy.version())).code("model_not_found")
-        }
-        Denial::NoModelAvailable { intent } => {
-            let intent = p.intent(*intent).map_or("?", |i| i.name.as_str());
-            ApiError::new(StatusCode::FORBIDDEN, "permission_denied", format!("no model is allowed for intent `{intent}` for tenant `{tenant}`: the tenant's constraints remove every candidate"))
-                .code("no_model_allowed")
-        }
-        Denial::BudgetBlocked => ApiError::new(StatusCode::PAYMENT_REQUIRED, "budget_exceeded", format!("the budget of tenant `{tenant}` is spent")).code("budget_blocked"),
-        Denial::ConfirmationRequired => ApiError::new(
-            StatusCode::PAYMENT_REQUIRED,
-            "budget_confirmation_required",
-            format!("the budget of tenant `{tenant}` is nearly spent: premium models need confirmation; resend with `x-routeplane-confirm: true`"),
+        Denial::ModelDenied { .. } | Denial::NoModelAvailable { .. } => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            format!("tenant `{tenant}`: {msg}"),
         )
-        .code("confirmation_required"),
+        .code(code),
+        Denial::ModelDisabled { .. } => ApiError::not_found(msg).code(code),
+        Denial::UnknownModel(name) => {
+            let pol = p.policy();
+            let names = pol
+                .models
+                .iter()
+                .map(|m| m.name.as_str())
+                .chain(pol.intents.iter().map(|i| i.name.as_str()));
+            let hint = crate::diag::did_you_mean(name, names)
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+            ApiError::not_found(format!("{msg}{hint}")).code("model_not_found")
+        }
+        Denial::BudgetBlocked | Denial::ConfirmationRequired => ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "budget_exceeded",
+            format!("tenant `{tenant}`: {msg}"),
+        )
+        .code(code),
     }
 }
 
@@ -369,25 +378,31 @@ async fn proxy(
     // The policy is loaded once; the whole request uses this version.
     let rt = gw.runtime();
     let (tenant_idx, tenant) = authenticate(&rt, &req)?;
-    let (parts, body) = read_body(&gw, req).await?;
-    let (features, body) = features(endpoint, &parts, body)?;
-    let slots = request_limits(&gw, &rt, &tenant.id, &features, started)?;
-    let decision = decide(
-        &rt.policy,
-        &tenant.view,
-        &features,
-        &LiveStats {
-            rt: &rt,
-            now: started,
-        },
-    );
-    if let Err(d) = &decision.outcome {
-        let mut r = denial(&rt, &tenant.id, d).into_response();
-        if let Ok(v) = HeaderValue::from_str(rt.policy.version()) {
-            r.headers_mut().insert("x-routeplane-policy", v);
+    let feature_header = req
+        .headers()
+        .get("x-routeplane-feature")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let prepared = prepare(&gw, &rt, tenant, req, endpoint, started).await;
+    let (features, body, slots, decision, removed) = match prepared {
+        Ok(p) => p,
+        Err((e, denial_message)) => {
+            refused(
+                &gw,
+                &rt,
+                &tenant.id,
+                feature_header.as_deref(),
+                &e,
+                denial_message,
+                started,
+            );
+            let mut r = e.into_response();
+            if let Ok(v) = HeaderValue::from_str(rt.policy.version()) {
+                r.headers_mut().insert("x-routeplane-policy", v);
+            }
+            return Ok(r);
         }
-        return Ok(r);
-    }
+    };
     let ctx = RequestCtx {
         rt: rt.clone(),
         tenant: tenant_idx,
@@ -397,8 +412,89 @@ async fn proxy(
         decision_id: gw.next_decision_id(),
         started,
         slots,
+        removed,
     };
     Ok(dispatch::run(gw, ctx).await)
+}
+
+type Prepared = (
+    RequestFeatures,
+    ClientBody,
+    Vec<super::limits::Slot>,
+    super::engine::Decision,
+    Vec<crate::decision_log::Removed>,
+);
+
+/// Everything between authentication and dispatch; an error carries the
+/// denial message when the policy refused the request.
+async fn prepare(
+    gw: &Gateway,
+    rt: &Runtime,
+    tenant: &super::TenantRt,
+    req: Request<Incoming>,
+    endpoint: Endpoint,
+    started: Instant,
+) -> Result<Prepared, (ApiError, Option<String>)> {
+    let (parts, body) = read_body(rt, req).await.map_err(|e| (e, None))?;
+    let (features, body) = features(endpoint, &parts, body).map_err(|e| (e, None))?;
+    let slots = request_limits(gw, rt, &tenant.id, &features, started).map_err(|e| (e, None))?;
+    let stats = LiveStats { rt, now: started };
+    // The decision log wants what each constraint removed: `explain` runs the
+    // same evaluation with a recorder; without a log the plain path is used.
+    let (decision, removed) = if gw.decision_log.is_some() {
+        let trace = super::engine::explain(&rt.policy, &tenant.view, &features, &stats);
+        let removed = trace
+            .constraints
+            .iter()
+            .map(|c| crate::decision_log::Removed {
+                constraint: c.name.clone(),
+                models: c.removed.clone(),
+            })
+            .collect();
+        (trace.decision, removed)
+    } else {
+        (
+            decide(&rt.policy, &tenant.view, &features, &stats),
+            Vec::new(),
+        )
+    };
+    if let Err(d) = &decision.outcome {
+        return Err((denial(rt, &tenant.id, d), Some(d.message(&rt.policy))));
+    }
+    Ok((features, body, slots, decision, removed))
+}
+
+/// A request refused before dispatch still counts, and a policy denial is logged.
+fn refused(
+    gw: &Gateway,
+    rt: &Runtime,
+    tenant: &str,
+    feature: Option<&str>,
+    e: &ApiError,
+    denial: Option<String>,
+    started: Instant,
+) {
+    if let Some(metrics) = &gw.metrics {
+        metrics.request_done(&crate::metrics::RequestDone {
+            tenant,
+            feature,
+            status: e.status.as_u16(),
+            total: started.elapsed(),
+            ..Default::default()
+        });
+    }
+    if let (Some(sink), Some(denial)) = (&gw.decision_log, denial) {
+        sink.log(crate::decision_log::DecisionRecord {
+            decision_id: gw.next_decision_id(),
+            policy_version: rt.policy.version().to_string(),
+            tenant: tenant.to_string(),
+            feature: feature.map(str::to_string),
+            status: e.status.as_u16(),
+            denial: Some(denial),
+            total_ms: started.elapsed().as_secs_f64() * 1000.0,
+            ..Default::default()
+        });
+    }
 }
 
 fn kind_endpoint(k: ModelKind) -> Option<Endpoint> {
@@ -451,4 +547,171 @@ fn models(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
         r.headers_mut().insert("x-routeplane-policy", v);
     }
     r
+}
+
+/// `GET /metrics`: Prometheus text. Breaker gauges are refreshed at scrape
+/// time, since an open breaker turns half-open by the clock alone.
+fn metrics(gw: &Gateway) -> Response<Body> {
+    let Some(m) = &gw.metrics else {
+        return ApiError::not_found("metrics are disabled").into_response();
+    };
+    for (key, state) in gw.breaker_states() {
+        let (scope, name) = match key.split_once(':') {
+            Some(("model", n)) => (crate::metrics::BreakerScope::Model, n),
+            Some(("provider", n)) => (crate::metrics::BreakerScope::Provider, n),
+            _ => continue,
+        };
+        let gauge = match state {
+            super::engine::BreakerState::Closed => crate::metrics::BreakerGauge::Closed,
+            super::engine::BreakerState::HalfOpen => crate::metrics::BreakerGauge::HalfOpen,
+            super::engine::BreakerState::Open => crate::metrics::BreakerGauge::Open,
+        };
+        m.breaker_state(scope, name, gauge);
+    }
+    let mut r = Response::new(full(m.encode()));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    r
+}
+
+/// `GET /admin/policy`: the serving version, reload history and the last
+/// failure's diagnostics. Needs the admin token.
+fn admin_policy(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
+    let rt = gw.runtime();
+    let Some(expected) = rt.config.admin_token_sha256 else {
+        return ApiError::not_found(
+            "admin endpoints are disabled: set `admin:` in the gateway config",
+        )
+        .into_response();
+    };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|k| sha256(k.trim()));
+    let ok = given.is_some_and(|h| bool::from(h.ct_eq(&expected)));
+    if !ok {
+        return ApiError::unauthorized(
+            "the admin endpoints need `Authorization: Bearer <admin token>`",
+        )
+        .into_response();
+    }
+    let mut body = gw
+        .policies
+        .admin_json()
+        .unwrap_or_else(|| serde_json::json!({ "version": rt.policy.version() }));
+    if let Some(obj) = body.as_object_mut() {
+        let breakers: serde_json::Map<String, serde_json::Value> = gw
+            .breaker_states()
+            .into_iter()
+            .map(|(k, s)| (k, serde_json::to_value(s).unwrap_or_default()))
+            .collect();
+        obj.insert("breakers".into(), serde_json::Value::Object(breakers));
+        obj.insert("serving".into(), serde_json::json!(rt.policy.version()));
+    }
+    let mut r = Response::new(full(body.to_string()));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(headers: &[(&str, &str)]) -> hyper::http::request::Parts {
+        let mut b = Request::builder()
+            .method("POST")
+            .uri("/v1/chat/completions");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    /// `(endpoint, body)` -> `Ok(())` or the start of the 400 message.
+    fn check(endpoint: Endpoint, body: &str, expect: Result<(), &str>) {
+        let got = features(endpoint, &parts(&[]), Bytes::from(body.to_string()))
+            .map(|_| ())
+            .map_err(|e| e.message);
+        match (&got, expect) {
+            (Ok(()), Ok(())) => {}
+            (Err(msg), Err(want)) => assert!(
+                msg.starts_with(want),
+                "{body}: got `{msg}`, want `{want}...`"
+            ),
+            _ => panic!("{body}: got {got:?}, want {expect:?}"),
+        }
+    }
+
+    #[test]
+    fn request_shapes() {
+        use Endpoint::*;
+        check(
+            Chat,
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            Ok(()),
+        );
+        check(
+            Chat,
+            r#"{"model":"auto","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+            Ok(()),
+        );
+        check(Chat, "", Err("the body is not valid JSON"));
+        check(Chat, "{", Err("the body is not valid JSON"));
+        check(Chat, "[1]", Err("the body must be a JSON object"));
+        check(Chat, "null", Err("the body must be a JSON object"));
+        check(Chat, "{}", Err("missing `messages`"));
+        check(
+            Chat,
+            r#"{"messages":[]}"#,
+            Err("`messages` must not be empty"),
+        );
+        check(
+            Chat,
+            r#"{"messages":"hi"}"#,
+            Err("`messages` must be an array"),
+        );
+        check(
+            Chat,
+            r#"{"model":5,"messages":[{}]}"#,
+            Err("`model` must be a string"),
+        );
+        check(
+            Chat,
+            r#"{"stream":"yes","messages":[{}]}"#,
+            Err("`stream` must be true or false"),
+        );
+        check(Embeddings, r#"{"input":"x"}"#, Ok(()));
+        check(Embeddings, "{}", Err("missing `input`"));
+        check(Images, r#"{"prompt":"a cat"}"#, Ok(()));
+        check(Images, "{}", Err("missing `prompt`"));
+        check(AudioSpeech, "{}", Err("missing `input`"));
+        check(
+            AudioTranscription,
+            "{}",
+            Err("audio transcription expects a `multipart/form-data` body"),
+        );
+    }
+
+    #[test]
+    fn headers_set_feature_confirmation_and_metadata() {
+        let p = parts(&[
+            ("x-routeplane-feature", "code-review"),
+            ("x-routeplane-confirm", "true"),
+            ("x-routeplane-meta-priority", "low"),
+        ]);
+        let body = Bytes::from_static(br#"{"messages":[{"role":"user","content":"hi"}]}"#);
+        let (f, _) = features(Endpoint::Chat, &p, body).unwrap();
+        assert_eq!(f.feature.as_deref(), Some("code-review"));
+        assert!(f.confirmed);
+        assert!(f
+            .meta
+            .contains(&("priority".to_string(), "low".to_string())));
+    }
 }

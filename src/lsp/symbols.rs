@@ -179,7 +179,7 @@ pub fn formatting(
     let enc = server.encoding;
     let (view, id) = server.view_for(&params.text_document.uri)?;
     let file = view.file(id)?;
-    let formatted = format_text(&file.text)?;
+    let formatted = crate::fmt::format_source(id, &file.text).ok()?;
     if formatted == file.text {
         return Some(Vec::new());
     }
@@ -188,9 +188,4 @@ pub fn formatting(
         range: convert::range(file, whole, enc),
         new_text: formatted,
     }])
-}
-
-/// The formatter's output for a file, `None` when it cannot be formatted.
-fn format_text(_text: &str) -> Option<String> {
-    None // wired to crate::fmt once the formatter lands
 }

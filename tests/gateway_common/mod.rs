@@ -209,7 +209,7 @@ pub async fn gateway(config: &str, policy: CompiledPolicy) -> Gw {
         Some("test-key".into())
     })
     .unwrap();
-    let gw = Gateway::new(cfg, Arc::new(FixedPolicy::new(policy))).unwrap();
+    let gw = Gateway::new(cfg, Arc::new(FixedPolicy::new(policy)), Default::default()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(routeplane::gateway::server::serve(
@@ -248,63 +248,33 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .collect()
 }
 
-/// A policy built directly as IR (until the text front end is in main):
-/// chat models `(name, provider)`, in candidate order, plus protection.
-pub fn policy(models: &[(&str, &str)], protect: routeplane::ir::Protect) -> CompiledPolicy {
-    use routeplane::ir::*;
-    let mut p = Policy::default();
-    for (_, prov) in models {
-        if !p.providers.iter().any(|x| x.name == *prov) {
-            p.providers.push(Provider {
-                name: prov.to_string(),
-                region: None,
-                labels: vec![],
-                span: Default::default(),
-            });
+/// A policy: chat models `(name, provider)` as the candidates of the one
+/// route, in order, plus `extra` (a `protect { }` block, constraints...).
+pub fn policy(models: &[(&str, &str)], extra: &str) -> CompiledPolicy {
+    let mut src = String::from("tenant { plan: enum(free, pro) = pro }\n");
+    let mut providers: Vec<&str> = Vec::new();
+    for (_, p) in models {
+        if !providers.contains(p) {
+            providers.push(p);
         }
     }
-    for (name, prov) in models {
-        let provider = ProviderId(p.providers.iter().position(|x| x.name == *prov).unwrap() as u32);
-        p.models.push(Model {
-            name: name.to_string(),
-            provider,
-            kind: ModelKind::Chat,
-            context: 128_000,
-            max_output: None,
-            pricing: Pricing {
-                input_per_mtok: 1_000_000,
-                output_per_mtok: 2_000_000,
-                per_image: 0,
-                per_audio_second: 0,
-            },
-            caps: vec![],
-            region: None,
-            tier: Tier::Standard,
-            quality: 0.5,
-            tokenizer: None,
-            enabled: true,
-            labels: vec![],
-            span: Default::default(),
-            name_span: Default::default(),
-        });
+    for p in providers {
+        src.push_str(&format!("provider {p} {{ region us }}\n"));
     }
-    p.protect = protect;
-    CompiledPolicy::from_policy(p, "test1")
-}
-
-pub fn retry(
-    count: u32,
-    on: &[routeplane::ir::RetryOn],
-    min_ms: u64,
-    max_ms: u64,
-) -> Option<routeplane::ir::Retry> {
-    Some(routeplane::ir::Retry {
-        count,
-        on: on.to_vec(),
-        backoff_min_ms: min_ms,
-        backoff_max_ms: max_ms,
-        span: Default::default(),
-    })
+    for (m, p) in models {
+        src.push_str(&format!("model {m} {{ provider {p} kind chat context 128k price in $1 out $2 per 1M quality 0.5 }}\n"));
+    }
+    let names: Vec<&str> = models.iter().map(|(m, _)| *m).collect();
+    src.push_str(&format!("classify {{ chat otherwise }}\nroute chat {{ candidates [{}] score 1 * quality }}\n{extra}\n", names.join(", ")));
+    let mut sources = routeplane::source::Sources::new();
+    sources.add("test.route", src.clone());
+    match routeplane::gateway::engine::compile(&sources) {
+        Ok(p) => p,
+        Err(a) => panic!(
+            "{src}\n{:#?}",
+            a.errors().map(|d| d.message.clone()).collect::<Vec<_>>()
+        ),
+    }
 }
 
 /// A config with one `openai`-kind provider per upstream and tenant `demo` (key `sk-demo`).
@@ -316,4 +286,51 @@ pub fn config(providers: &[(&str, &str)]) -> String {
         ));
     }
     s
+}
+
+/// An upstream that answers every request with `respond(request_body)`: a
+/// complete raw HTTP response (status line, headers, body).
+pub async fn raw_upstream(
+    respond: impl Fn(&serde_json::Value) -> String + Send + Sync + 'static,
+) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let respond = Arc::new(respond);
+    let (h, b) = (hits.clone(), bodies.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let (h, b, respond) = (h.clone(), b.clone(), respond.clone());
+            tokio::spawn(async move {
+                while let Some((_head, body)) = read_request(&mut sock).await {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    let out = respond(&json);
+                    b.lock().unwrap().push(json);
+                    if sock.write_all(out.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Upstream { url, hits, bodies }
+}
+
+pub fn http_json(status: u16, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+pub fn http_sse(events: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{events}",
+        events.len()
+    )
 }

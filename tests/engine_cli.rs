@@ -1,0 +1,141 @@
+//! Golden tests of `routeplane test` and `routeplane explain` on the example policies.
+#![allow(clippy::unwrap_used, reason = "test helpers")]
+
+use std::process::Command;
+
+fn routeplane(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_routeplane"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn example_policy_decision_tests_pass() {
+    let (code, out, err) = routeplane(&["test", "policies/"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("test saas::free_never_premium ... ok"),
+        "{out}"
+    );
+    assert!(out.contains("test result: ok."), "{out}");
+    for policy in ["startup", "saas", "enterprise"] {
+        let n = out
+            .lines()
+            .filter(|l| l.starts_with(&format!("test {policy}::")))
+            .count();
+        assert!(n >= 10, "{policy} has {n} cases");
+    }
+}
+
+#[test]
+fn failing_cases_exit_1_and_render_as_junit() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    std::fs::create_dir(&p).unwrap();
+    let policy = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/policies/startup/policy.route"
+    ))
+    .unwrap();
+    std::fs::write(p.join("policy.route"), policy).unwrap();
+    std::fs::write(
+        p.join("x.test.yaml"),
+        "cases:\n  - name: wrong\n    tenant: { attrs: {} }\n    expect: { first: claude-haiku-4-5 }\n",
+    )
+    .unwrap();
+    let path = p.to_str().unwrap();
+    let (code, out, _) = routeplane(&["test", path]);
+    assert_eq!(code, 1);
+    assert!(out.contains("test p::wrong ... FAILED"), "{out}");
+    assert!(
+        out.contains("first: expected `claude-haiku-4-5`, got `gpt-4o-mini`"),
+        "{out}"
+    );
+    assert!(
+        out.contains("test result: FAILED. 0 passed; 1 failed"),
+        "{out}"
+    );
+    let (code, out, _) = routeplane(&["test", path, "--format", "junit"]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("<testcase classname=\"p\" name=\"p::wrong\""),
+        "{out}"
+    );
+    let (_, out, _) = routeplane(&["test", path, "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["summary"]["failed"], 1);
+}
+
+#[test]
+fn explain_names_the_rule_and_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let req = dir.path().join("req.json");
+    std::fs::write(
+        &req,
+        r#"{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}"#,
+    )
+    .unwrap();
+    let req = req.to_str().unwrap();
+    let attrs = r#"{"plan": "enterprise", "region": "eu", "data_residency": true}"#;
+    let (code, out, err) = routeplane(&[
+        "explain",
+        "--policy",
+        "policies/saas",
+        "--tenant",
+        "acme-eu",
+        "--tenant-attrs",
+        attrs,
+        "--request",
+        req,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("`eu_residency` (policies/saas/constraints.route:"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "outcome: denied (model-denied): model `gpt-4o-mini` is denied by rule `eu_residency`"
+        ),
+        "{out}"
+    );
+    let (code, out, err) = routeplane(&[
+        "explain",
+        "--config",
+        "examples/gateway.yaml",
+        "--policy",
+        "policies/saas",
+        "--tenant",
+        "hobby",
+        "--request",
+        req,
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["outcome"], "ok");
+    assert_eq!(v["tenant"], "hobby");
+    assert_eq!(v["attempts"][0], "gpt-4o-mini");
+    assert_eq!(v["constraints"][1]["name"], "free_plan");
+    let (code, _, err) = routeplane(&[
+        "explain",
+        "--policy",
+        "policies/saas",
+        "--tenant",
+        "x",
+        "--tenant-attrs",
+        r#"{"plan": "gold"}"#,
+        "--request",
+        req,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`gold`"), "{err}");
+}

@@ -1,0 +1,89 @@
+//! The gateway driven by the official `openai` Python SDK, streaming and not,
+//! including a denial and a stream cut halfway. Needs `.venv` with `openai`
+//! (scripts/install-test-deps.sh); skipped with a note when it is missing.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod gateway_common;
+
+use std::path::PathBuf;
+
+use gateway_common::*;
+
+const SCRIPT: &str = r#"
+import json, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1], api_key="sk-demo", max_retries=0)
+out = {}
+r = c.chat.completions.create(model="model-a", messages=[{"role": "user", "content": "hi"}])
+out["plain"] = r.choices[0].message.content
+out["usage"] = r.usage.completion_tokens
+raw = c.chat.completions.with_raw_response.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+out["header_model"] = raw.headers.get("x-routeplane-model")
+s = c.chat.completions.create(model="model-a", stream=True, messages=[{"role": "user", "content": "hi"}])
+out["stream"] = "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices)
+try:
+    c.chat.completions.create(model="model-c", messages=[{"role": "user", "content": "hi"}])
+except openai.PermissionDeniedError as e:
+    out["denied"] = e.message
+try:
+    s = c.chat.completions.create(model="model-b", stream=True, messages=[{"role": "user", "content": "hi"}])
+    got = "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices)
+    out["cut"] = "no error, got " + got
+except openai.APIError as e:
+    out["cut"] = "error: " + e.message
+print(json.dumps(out))
+"#;
+
+fn python() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let ok = std::process::Command::new(&p)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(p)
+}
+
+#[tokio::test]
+async fn the_official_openai_sdk_works_through_the_gateway() {
+    let Some(py) = python() else {
+        eprintln!("skipped: no .venv with the openai SDK (run scripts/install-test-deps.sh)");
+        return;
+    };
+    let a = upstream("a", |_| Act::Ok).await;
+    let b = upstream("b", |_| Act::CutAfter(2)).await;
+    let p = policy(
+        &[("model-a", "pa"), ("model-b", "pb"), ("model-c", "pa")],
+        "constraints { no_c: deny [model-c] when tenant.plan == pro }",
+    );
+    let gw = gateway(&config(&[("pa", &a.url), ("pb", &b.url)]), p).await;
+    let base = format!("{}/v1", gw.url);
+    let out = tokio::process::Command::new(py)
+        .args(["-c", SCRIPT, &base])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["plain"], "hello from a");
+    assert_eq!(v["usage"], 5);
+    assert_eq!(v["header_model"], "model-a");
+    assert_eq!(v["stream"], "hello from a!");
+    assert!(
+        v["denied"]
+            .as_str()
+            .unwrap()
+            .contains("denied by rule `no_c`"),
+        "{v}"
+    );
+    let cut = v["cut"].as_str().unwrap();
+    let explained = cut.contains("before completion") || cut.contains("mid-stream");
+    assert!(cut.starts_with("error: ") && explained, "{cut}");
+}
