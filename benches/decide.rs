@@ -1,7 +1,12 @@
 //! `decide` on the example policies and on generated policies of growing size.
 //!
 //! cargo bench --bench decide -- --warm-up-time 1 --measurement-time 3
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, reason = "benchmark setup")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "benchmark setup"
+)]
 
 #[path = "../tests/support/gen.rs"]
 mod gen;
@@ -16,7 +21,11 @@ use routeplane::ir::Endpoint;
 fn examples(c: &mut Criterion) {
     let mut group = c.benchmark_group("decide/example");
     let cases: [(&str, serde_json::Value, serde_json::Value); 3] = [
-        ("startup", serde_json::json!({}), serde_json::json!({"metadata": {"feature": "email-draft"}})),
+        (
+            "startup",
+            serde_json::json!({}),
+            serde_json::json!({"metadata": {"feature": "email-draft"}}),
+        ),
         (
             "saas",
             serde_json::json!({"plan": "enterprise", "region": "eu", "data_residency": true}),
@@ -29,9 +38,14 @@ fn examples(c: &mut Criterion) {
         ),
     ];
     for (name, attrs, extra) in cases {
-        let dir = routeplane::load::read_policy(std::path::Path::new(&format!("policies/{name}"))).unwrap();
-        let p = compile(&dir.sources).map_err(|a| format!("{:?}", a.diagnostics)).unwrap();
-        let serde_json::Value::Object(attrs) = attrs else { unreachable!() };
+        let dir = routeplane::load::read_policy(std::path::Path::new(&format!("policies/{name}")))
+            .unwrap();
+        let p = compile(&dir.sources)
+            .map_err(|a| format!("{:?}", a.diagnostics))
+            .unwrap();
+        let serde_json::Value::Object(attrs) = attrs else {
+            unreachable!()
+        };
         let t = p.tenant("bench", &attrs).unwrap();
         let mut body = serde_json::json!({
             "model": "auto",
@@ -42,7 +56,9 @@ fn examples(c: &mut Criterion) {
         }
         let r = RequestFeatures::from_openai_json(Endpoint::Chat, &body);
         assert!(decide(&p, &t, &r, &NoStats).outcome.is_ok());
-        group.bench_function(name, |b| b.iter(|| decide(black_box(&p), black_box(&t), black_box(&r), &NoStats)));
+        group.bench_function(name, |b| {
+            b.iter(|| decide(black_box(&p), black_box(&t), black_box(&r), &NoStats))
+        });
     }
     group.finish();
 }
