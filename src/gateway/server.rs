@@ -247,38 +247,10 @@ fn features(
     Ok((f, body))
 }
 
-/// The few shape checks that turn a certain upstream 400 into our own clear one.
+/// Shape checks on the fields the gateway reads (see `validate`): a wrong type
+/// is our own clear 400 instead of a wrong decision or an upstream's 400.
 fn check_shape(endpoint: Endpoint, v: &serde_json::Value) -> Result<(), ApiError> {
-    if let Some(m) = v.get("model") {
-        if !m.is_string() {
-            return Err(ApiError::bad_request("`model` must be a string"));
-        }
-    }
-    if let Some(s) = v.get("stream") {
-        if !s.is_boolean() {
-            return Err(ApiError::bad_request("`stream` must be true or false"));
-        }
-    }
-    match endpoint {
-        Endpoint::Chat => match v.get("messages") {
-            Some(serde_json::Value::Array(a)) if !a.is_empty() => Ok(()),
-            Some(serde_json::Value::Array(_)) => {
-                Err(ApiError::bad_request("`messages` must not be empty"))
-            }
-            Some(_) => Err(ApiError::bad_request("`messages` must be an array")),
-            None => Err(ApiError::bad_request("missing `messages`")),
-        },
-        Endpoint::Embeddings if v.get("input").is_none() => {
-            Err(ApiError::bad_request("missing `input`"))
-        }
-        Endpoint::Images if v.get("prompt").is_none() => {
-            Err(ApiError::bad_request("missing `prompt`"))
-        }
-        Endpoint::AudioSpeech if v.get("input").is_none() => {
-            Err(ApiError::bad_request("missing `input`"))
-        }
-        _ => Ok(()),
-    }
+    super::validate::body(endpoint, v).map_err(ApiError::bad_request)
 }
 
 /// Tenant and feature limits, taken before the decision.
