@@ -60,9 +60,10 @@ chunk() { printf 'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk",
 stream_body="$(chunk Hello)$(chunk ' from')$(chunk ' the')$(chunk ' fixed')$(chunk ' upstream.')"
 stream_body+='data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,"model":"bench-model","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}\n\ndata: [DONE]\n\n'
 
+# nginx_common PREFIX WORKERS
 nginx_common() {
     cat <<EOF
-worker_processes 1;
+worker_processes $2;
 pid $1/nginx.pid;
 error_log $1/error.log warn;
 events { worker_connections 4096; }
@@ -81,7 +82,7 @@ EOF
 
 mkdir -p "$work/up" "$work/px"
 {
-    nginx_common "$work/up"
+    nginx_common "$work/up" 1
     cat <<EOF
     server {
         listen 127.0.0.1:$port_up;
@@ -99,7 +100,8 @@ EOF
 } >"$work/up/nginx.conf"
 
 {
-    nginx_common "$work/px"
+    # As many workers as cores, like routeplane's runtime: the fair throughput floor.
+    nginx_common "$work/px" auto
     cat <<EOF
     upstream fixed {
         server 127.0.0.1:$port_up;

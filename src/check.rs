@@ -160,7 +160,7 @@ pub fn check(p: &Policy, usage: &Usage, lowered_ok: bool) -> Vec<Diagnostic> {
 }
 
 /// A rule for the shadowing check: its condition (`None` = otherwise), span and name.
-type RuleRef<'a> = (Option<&'a Cond>, Span, String);
+type RuleRef<'a> = (Option<&'a Cond>, Span, IntentId, &'static str);
 
 struct Checker<'a> {
     p: &'a Policy,
@@ -273,23 +273,25 @@ impl Checker<'_> {
         }
     }
 
-    fn default_route(&self, intent: IntentId) -> Option<&crate::ir::Route> {
-        self.p
-            .routes
-            .iter()
-            .find(|r| r.intent == intent && r.when.is_none())
-    }
-
     fn fallback_cycles(&mut self) {
         // Edges between intents through their default routes' `route X` fallbacks.
         let n = self.p.intents.len();
         let mut edges: Vec<Vec<(IntentId, Span)>> = vec![Vec::new(); n];
-        for (i, e) in edges.iter_mut().enumerate() {
-            if let Some(r) = self.default_route(IntentId(i as u32)) {
-                for f in &r.fallback {
-                    if let FallbackTarget::Route(t) = f.target {
-                        e.push((t, f.span));
-                    }
+        let mut seen = vec![false; n];
+        for r in self.p.routes.iter().filter(|r| r.when.is_none()) {
+            // Only the first default route of an intent counts (duplicate-route says the rest).
+            let (Some(e), Some(s)) = (
+                edges.get_mut(r.intent.index()),
+                seen.get_mut(r.intent.index()),
+            ) else {
+                continue;
+            };
+            if std::mem::replace(s, true) {
+                continue;
+            }
+            for f in &r.fallback {
+                if let FallbackTarget::Route(t) = f.target {
+                    e.push((t, f.span));
                 }
             }
         }
@@ -488,18 +490,19 @@ impl Checker<'_> {
                 (
                     r.when.as_ref().map(|w| &w.cond),
                     r.span,
-                    format!("classify rule `{}`", self.intent_name(r.intent)),
+                    r.intent,
+                    "classify rule",
                 )
             })
             .collect();
         self.shadowed_in(&rules);
         let mut per_intent: HashMap<IntentId, Vec<RuleRef>> = HashMap::new();
         for r in self.p.routes.iter().filter(|r| r.when.is_some()) {
-            let name = format!("route `{}`", self.intent_name(r.intent));
             per_intent.entry(r.intent).or_default().push((
                 r.when.as_ref().map(|w| &w.cond),
                 r.name_span,
-                name,
+                r.intent,
+                "route",
             ));
         }
         let mut groups: Vec<_> = per_intent.into_values().collect();
@@ -511,37 +514,40 @@ impl Checker<'_> {
 
     fn shadowed_in(&mut self, rules: &[RuleRef]) {
         let mut otherwise: Option<Span> = None;
-        // Keys of earlier rules' disjuncts, with the rule's span.
-        let mut seen: HashMap<String, Span> = HashMap::new();
+        // Earlier rules' disjuncts by structural hash, with the rule's span.
+        let mut seen: HashMap<u64, Vec<(&Cond, Span)>> = HashMap::new();
         // Per field: the values earlier single `==`/`in` disjuncts cover.
-        let mut covered: HashMap<String, (Vec<Value>, Span)> = HashMap::new();
-        for (cond, span, what) in rules {
+        let mut covered: HashMap<&Field, (Vec<&Value>, Span)> = HashMap::new();
+        for &(cond, span, intent, kind) in rules {
+            let what = || format!("{kind} `{}`", self.intent_name(intent));
             if let Some(o) = otherwise {
-                self.out.push(
-                    Diagnostic::lint("shadowed-rule", format!("{what} can never match"))
-                        .with_label(*span, "never reached")
-                        .with_label(o, "this `otherwise` matches every request first")
-                        .with_help("move it before the `otherwise` rule, or remove it"),
-                );
+                let d = Diagnostic::lint("shadowed-rule", format!("{} can never match", what()))
+                    .with_label(span, "never reached")
+                    .with_label(o, "this `otherwise` matches every request first")
+                    .with_help("move it before the `otherwise` rule, or remove it");
+                self.out.push(d);
                 continue;
             }
             let Some(cond) = cond else {
-                otherwise = Some(*span);
+                otherwise = Some(span);
                 continue;
             };
-            let conjuncts: Vec<&Cond> = match cond {
-                Cond::And(xs) => xs.iter().collect(),
-                c => vec![c],
+            let conjuncts: &[Cond] = match cond {
+                Cond::And(xs) => xs,
+                c => std::slice::from_ref(c),
             };
             let mut by: Option<Span> = None;
-            for c in &conjuncts {
-                if let Some(s) = seen.get(&key(c)) {
+            for c in conjuncts {
+                let same = seen
+                    .get(&cond_hash(c))
+                    .and_then(|v| v.iter().find(|(x, _)| cond_eq(x, c)));
+                if let Some((_, s)) = same {
                     by = Some(*s);
                     break;
                 }
                 if let Some((f, vs)) = eq_values(c) {
-                    if let Some((cov, s)) = covered.get(&format!("{f:?}")) {
-                        if vs.iter().all(|v| cov.contains(v)) {
+                    if let Some((cov, s)) = covered.get(f) {
+                        if vs.iter().all(|v| cov.contains(&v)) {
                             by = Some(*s);
                             break;
                         }
@@ -549,26 +555,23 @@ impl Checker<'_> {
                 }
             }
             if let Some(b) = by {
-                self.out.push(
-                    Diagnostic::lint("shadowed-rule", format!("{what} can never match"))
-                        .with_label(*span, "never reached")
-                        .with_label(b, "this earlier rule matches whenever it would")
-                        .with_help("make the condition more specific than the earlier rule, move it first, or remove it"),
-                );
+                let d = Diagnostic::lint("shadowed-rule", format!("{} can never match", what()))
+                    .with_label(span, "never reached")
+                    .with_label(b, "this earlier rule matches whenever it would")
+                    .with_help("make the condition more specific than the earlier rule, move it first, or remove it");
+                self.out.push(d);
                 continue;
             }
-            let disjuncts: Vec<&Cond> = match cond {
-                Cond::Or(xs) => xs.iter().collect(),
-                c => vec![c],
+            let disjuncts: &[Cond] = match cond {
+                Cond::Or(xs) => xs,
+                c => std::slice::from_ref(c),
             };
             for d in disjuncts {
-                seen.entry(key(d)).or_insert(*span);
+                seen.entry(cond_hash(d)).or_default().push((d, span));
                 if let Some((f, vs)) = eq_values(d) {
-                    let e = covered
-                        .entry(format!("{f:?}"))
-                        .or_insert_with(|| (Vec::new(), *span));
-                    e.0.extend(vs.iter().cloned());
-                    e.1 = *span;
+                    let e = covered.entry(f).or_insert_with(|| (Vec::new(), span));
+                    e.0.extend(vs.iter());
+                    e.1 = span;
                 }
             }
         }
@@ -707,11 +710,10 @@ impl Checker<'_> {
                     };
                     // Layering: entries removed in every applicable class.
                     let states = entry_state.get_mut(ri);
-                    let entries = route_entries(route);
                     if let Some(states) = states {
-                        for ((m, _), st) in entries.iter().zip(states.iter_mut()) {
+                        for ((m, _), st) in route_entries(route).zip(states.iter_mut()) {
                             st.applies = true;
-                            match status(*m) {
+                            match status(m) {
                                 Status::Removed(c) => {
                                     st.remover.get_or_insert(c);
                                 }
@@ -722,7 +724,8 @@ impl Checker<'_> {
                     // Coverage: some candidate or fallback must survive.
                     let mut why: Vec<(ModelId, Span, Why)> = Vec::new();
                     let mut ok = false;
-                    let mut visited = vec![false; ni];
+                    // Few routes fall back to routes: a short list beats a bitset per route.
+                    let mut visited: Vec<IntentId> = Vec::new();
                     let mut pending: Vec<(&crate::ir::Route, Option<Span>)> = vec![(route, None)];
                     while let Some((r, via)) = pending.pop() {
                         let prem = if std::ptr::eq(r, route) {
@@ -760,9 +763,9 @@ impl Checker<'_> {
                         }
                         for f in &r.fallback {
                             if let FallbackTarget::Route(t) = f.target {
-                                if let Some(v) = visited.get_mut(t.index()) {
-                                    if !*v {
-                                        *v = true;
+                                {
+                                    if !visited.contains(&t) {
+                                        visited.push(t);
                                         if let Some(d) = default
                                             .get(t.index())
                                             .copied()
@@ -788,14 +791,14 @@ impl Checker<'_> {
             }
         }
         for (ri, (route, states)) in p.routes.iter().zip(entry_state.iter()).enumerate() {
-            for ((m, span), st) in route_entries(route).iter().zip(states) {
+            for ((m, span), st) in route_entries(route).zip(states) {
                 if st.applies && !st.survives {
                     if let Some(c) = st.remover.and_then(|c| p.constraints.get(c.index())) {
-                        let mname = self.model_name(*m).to_string();
+                        let mname = self.model_name(m).to_string();
                         let iname = self.intent_name(route.intent).to_string();
                         self.out.push(
                             Diagnostic::error("candidate-denied", format!("model `{mname}` in route `{iname}` is removed by constraint `{}` wherever the route applies", c.name))
-                                .with_label(*span, "never allowed here")
+                                .with_label(span, "never allowed here")
                                 .with_label(c.span, format!("`{}` removes `{mname}`", c.name))
                                 .with_help("constraints always win over routes: remove the model from the route, or narrow the constraint"),
                         );
@@ -868,7 +871,7 @@ fn set(v: &mut [bool], id: AttrId) {
 }
 
 /// The models a route names: candidates, model fallbacks, downgrades.
-fn route_entries(r: &crate::ir::Route) -> Vec<(ModelId, Span)> {
+fn route_entries(r: &crate::ir::Route) -> impl Iterator<Item = (ModelId, Span)> + '_ {
     r.candidates
         .iter()
         .map(|c| (c.model, c.span))
@@ -877,7 +880,6 @@ fn route_entries(r: &crate::ir::Route) -> Vec<(ModelId, Span)> {
             FallbackTarget::Route(_) => None,
         }))
         .chain(r.downgrade.iter().map(|c| (c.model, c.span)))
-        .collect()
 }
 
 #[derive(Clone, Copy)]
@@ -907,9 +909,70 @@ struct EntryState {
     remover: Option<ConstraintId>,
 }
 
-/// A structural key for a condition: equal keys, equal conditions.
-fn key(c: &Cond) -> String {
-    format!("{c:?}")
+/// A structural hash of a condition: equal conditions hash equal.
+fn cond_hash(c: &Cond) -> u64 {
+    use std::hash::{Hash, Hasher};
+    fn value(v: &Value, h: &mut impl Hasher) {
+        match v {
+            Value::Bool(b) => (0u8, b).hash(h),
+            Value::Number(n) => (1u8, n.to_bits()).hash(h),
+            Value::Str(s) => (2u8, s).hash(h),
+            Value::Enum(i) => (3u8, i).hash(h),
+            Value::List(vs) => {
+                (4u8, vs.len()).hash(h);
+                vs.iter().for_each(|v| value(v, h));
+            }
+        }
+    }
+    fn go(c: &Cond, h: &mut impl Hasher) {
+        std::mem::discriminant(c).hash(h);
+        match c {
+            Cond::True | Cond::False => {}
+            Cond::Not(x) => go(x, h),
+            Cond::And(xs) | Cond::Or(xs) => {
+                xs.len().hash(h);
+                xs.iter().for_each(|x| go(x, h));
+            }
+            Cond::Bool(f) => f.hash(h),
+            Cond::Cmp(f, op, v) => {
+                f.hash(h);
+                op.hash(h);
+                value(v, h);
+            }
+            Cond::In(f, vs) => {
+                f.hash(h);
+                vs.iter().for_each(|v| value(v, h));
+            }
+            Cond::Has(f, v) => {
+                f.hash(h);
+                value(v, h);
+            }
+            Cond::Matches(f, re) => (f, re.0.as_str()).hash(h),
+            Cond::Contains(f, ws) => (f, ws).hash(h),
+        }
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    go(c, &mut h);
+    h.finish()
+}
+
+/// Structural equality of conditions (`Cond` has no `PartialEq`: regexes).
+fn cond_eq(a: &Cond, b: &Cond) -> bool {
+    let all = |xs: &[Cond], ys: &[Cond]| {
+        xs.len() == ys.len() && xs.iter().zip(ys).all(|(x, y)| cond_eq(x, y))
+    };
+    match (a, b) {
+        (Cond::True, Cond::True) | (Cond::False, Cond::False) => true,
+        (Cond::Not(x), Cond::Not(y)) => cond_eq(x, y),
+        (Cond::And(xs), Cond::And(ys)) | (Cond::Or(xs), Cond::Or(ys)) => all(xs, ys),
+        (Cond::Bool(f), Cond::Bool(g)) => f == g,
+        (Cond::Cmp(f, o, v), Cond::Cmp(g, p, w)) => f == g && o == p && v == w,
+        (Cond::In(f, vs), Cond::In(g, ws)) => f == g && vs == ws,
+        (Cond::Has(f, v), Cond::Has(g, w)) => f == g && v == w,
+        (Cond::Matches(f, r), Cond::Matches(g, s)) => f == g && r.0.as_str() == s.0.as_str(),
+        (Cond::Contains(f, v), Cond::Contains(g, w)) => f == g && v == w,
+        _ => false,
+    }
 }
 
 /// `f == v` or `f in [..]`: the field and the values.

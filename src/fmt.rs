@@ -12,9 +12,10 @@
 //! - `provider x` for one name, `providers [a, b]` for several (same for models).
 //!
 //! Comments stay where they were: before an item or a rule, at the end of a
-//! line, at the end of a block or of the file. A comment written inside a rule
-//! (say in a list broken over several lines) moves to its own line just before
-//! the rule: its text is never lost.
+//! line, at the end of a block or of the file. A list with comments between
+//! its items is printed one item per line, each comment next to its item. A
+//! comment anywhere else inside a rule moves to its own line just before the
+//! rule: its text is never lost.
 //!
 //! INVARIANT: [`format_source`] returns text whose AST equals the input's (spans
 //! ignored) and that holds every comment of the input, or it refuses. Files with
@@ -84,9 +85,12 @@ pub fn format_ast(ast: &FileAst, text: &str) -> String {
 
 /// What gets printed: a line, or a block `header {` children `}`.
 enum Node {
+    /// One line; `list` is how to print it over several lines when comments
+    /// sit between the items of its list.
     Line {
         text: String,
         span: Span,
+        list: Option<ListForm>,
     },
     Block {
         header: String,
@@ -104,7 +108,42 @@ impl Node {
 }
 
 fn line(text: String, span: Span) -> Node {
-    Node::Line { text, span }
+    Node::Line {
+        text,
+        span,
+        list: None,
+    }
+}
+
+/// A line that ends in (or contains) a list: `head` then the items, one per
+/// line, then `close` and `tail`. `candidates [a, b] ` is head `candidates [`,
+/// close `]`, tail ``.
+struct ListForm {
+    head: String,
+    items: Vec<(String, Span)>,
+    close: char,
+    tail: String,
+}
+
+fn list_line(
+    text: String,
+    span: Span,
+    head: String,
+    items: Vec<(String, Span)>,
+    close: char,
+    tail: String,
+) -> Node {
+    let list = (!items.is_empty()).then_some(ListForm {
+        head,
+        items,
+        close,
+        tail,
+    });
+    Node::Line { text, span, list }
+}
+
+fn ident_items(ns: &[Ident]) -> Vec<(String, Span)> {
+    ns.iter().map(|n| (n.name.clone(), n.span)).collect()
 }
 
 // ------------------------------------------------------------------ printer
@@ -274,7 +313,12 @@ impl<'a> Printer<'a> {
             self.blank_line();
         }
         match n {
-            Node::Line { text, .. } => {
+            Node::Line { text, list, .. } => {
+                if let Some(l) = list {
+                    if self.list_lines(l, level, span, end, first && !top, next) {
+                        return;
+                    }
+                }
                 // Comments inside the line's span move to just before it.
                 self.leading(level, end, span.start(), first && !top);
                 self.indent(level);
@@ -320,6 +364,71 @@ impl<'a> Printer<'a> {
         }
     }
 
+    /// Print a line whose list holds comments with one item per line, so each
+    /// comment stays next to its item. Returns false (printing nothing) when
+    /// the list has no comment inside, or when a comment sits after the list
+    /// but inside the line (then the plain layout moves all of them up).
+    fn list_lines(
+        &mut self,
+        l: &ListForm,
+        level: usize,
+        span: Span,
+        end: usize,
+        first: bool,
+        next: Option<usize>,
+    ) -> bool {
+        let (Some(first_item), Some(last_item)) = (l.items.first(), l.items.last()) else {
+            return false;
+        };
+        let Some(close) = self.closing(last_item.1.end(), l.close) else {
+            return false;
+        };
+        let inside = |c: &Comment| c.span.start() >= first_item.1.start() && c.span.start() < close;
+        let after = |c: &Comment| c.span.start() > close && c.span.start() < end;
+        let pending = self.comments.get(self.next..).unwrap_or(&[]);
+        if !pending.iter().any(|c| inside(c)) || pending.iter().any(|c| after(c)) {
+            return false;
+        }
+        self.leading(level, first_item.1.start(), span.start(), first);
+        self.indent(level);
+        self.out.push_str(&l.head);
+        self.out.push('\n');
+        for (i, (item, ispan)) in l.items.iter().enumerate() {
+            self.rest(level + 1, ispan.start(), i == 0);
+            self.indent(level + 1);
+            self.out.push_str(item);
+            self.out.push(',');
+            let limit = l.items.get(i + 1).map_or(close, |n| n.1.start());
+            self.finish_line(ispan.end(), Some(limit));
+        }
+        self.rest(level + 1, close, false);
+        self.indent(level);
+        self.out.push(l.close);
+        self.out.push_str(&l.tail);
+        self.finish_line(end, next);
+        true
+    }
+
+    /// The offset of the `close` character that ends a list whose last item
+    /// ends at `from`: only spaces, commas and comments may come between.
+    fn closing(&self, from: usize, close: char) -> Option<usize> {
+        let mut i = from;
+        loop {
+            let rest = self.text.get(i..)?;
+            let c = rest.chars().next()?;
+            if c == close {
+                return Some(i);
+            }
+            if c.is_whitespace() || c == ',' {
+                i += c.len_utf8();
+            } else if rest.starts_with("//") {
+                i += rest.find('\n').unwrap_or(rest.len());
+            } else {
+                return None;
+            }
+        }
+    }
+
     fn has_comment_before(&self, limit: usize) -> bool {
         self.peek().is_some_and(|c| c.span.start() < limit)
     }
@@ -350,11 +459,7 @@ fn item(it: &Item, text: &str) -> Node {
                 SchemaScope::Tenant => "tenant",
                 SchemaScope::Request => "request",
             };
-            let children = s
-                .attrs
-                .iter()
-                .map(|a| line(attr(a, text), a.span))
-                .collect();
+            let children = s.attrs.iter().map(|a| attr_node(a, text)).collect();
             Node::Block {
                 header: header.into(),
                 span: s.span,
@@ -364,29 +469,17 @@ fn item(it: &Item, text: &str) -> Node {
         Item::Provider(x) => Node::Block {
             header: format!("provider {}", x.name.name),
             span: x.span,
-            children: x
-                .props
-                .iter()
-                .map(|p| line(prop(&p.kind), p.span))
-                .collect(),
+            children: x.props.iter().map(prop_node).collect(),
         },
         Item::Model(x) => Node::Block {
             header: format!("model {}", x.name.name),
             span: x.span,
-            children: x
-                .props
-                .iter()
-                .map(|p| line(prop(&p.kind), p.span))
-                .collect(),
+            children: x.props.iter().map(prop_node).collect(),
         },
         Item::Constraints(c) => Node::Block {
             header: "constraints".into(),
             span: c.span,
-            children: c
-                .rules
-                .iter()
-                .map(|r| line(constraint(r, text), r.span))
-                .collect(),
+            children: c.rules.iter().map(|r| constraint_node(r, text)).collect(),
         },
         Item::Classify(c) => Node::Block {
             header: "classify".into(),
@@ -403,11 +496,7 @@ fn item(it: &Item, text: &str) -> Node {
                 header.push_str(" when ");
                 header.push_str(&expr(w, text));
             }
-            let children = r
-                .props
-                .iter()
-                .map(|p| line(route_prop(&p.kind, text), p.span))
-                .collect();
+            let children = r.props.iter().map(|p| route_prop_node(p, text)).collect();
             Node::Block {
                 header,
                 span: r.span,
@@ -420,6 +509,98 @@ fn item(it: &Item, text: &str) -> Node {
             children: p.rules.iter().map(protect_rule).collect(),
         },
     }
+}
+
+// The `*_node` functions give lines that hold a list the multi-line form used
+// when comments sit between the list's items.
+
+fn attr_node(a: &AttrDecl, text: &str) -> Node {
+    let TypeExpr::Enum(vs, _) = &a.ty else {
+        return line(attr(a, text), a.span);
+    };
+    let tail = a
+        .default
+        .as_ref()
+        .map(|d| format!(" = {}", literal(d, text)))
+        .unwrap_or_default();
+    list_line(
+        attr(a, text),
+        a.span,
+        format!("{}: enum(", a.name.name),
+        ident_items(vs),
+        ')',
+        tail,
+    )
+}
+
+fn prop_node(p: &Prop) -> Node {
+    match &p.kind {
+        PropKind::Caps(ns) | PropKind::Labels(ns) => {
+            let head = format!("{} [", p.kind.keyword());
+            list_line(
+                prop(&p.kind),
+                p.span,
+                head,
+                ident_items(ns),
+                ']',
+                String::new(),
+            )
+        }
+        k => line(prop(k), p.span),
+    }
+}
+
+fn constraint_node(c: &Constraint, text: &str) -> Node {
+    let (effect, target) = match &c.effect {
+        Effect::Deny(t) => ("deny", t),
+        Effect::AllowOnly(t) => ("allow only", t),
+        Effect::Require(_) => return line(constraint(c, text), c.span),
+    };
+    let (word, ns) = match target {
+        Target::Providers(ns, _) => ("providers", ns),
+        Target::Models(ns, _) => ("models", ns),
+        Target::Where(..) => return line(constraint(c, text), c.span),
+    };
+    if ns.len() == 1 {
+        return line(constraint(c, text), c.span);
+    }
+    let label = c
+        .label
+        .as_ref()
+        .map(|l| format!("{}: ", l.name))
+        .unwrap_or_default();
+    let head = format!("{label}{effect} {word} [");
+    list_line(
+        constraint(c, text),
+        c.span,
+        head,
+        ident_items(ns),
+        ']',
+        when(&c.when, text),
+    )
+}
+
+fn route_prop_node(p: &RouteProp, text: &str) -> Node {
+    let items = match &p.kind {
+        RoutePropKind::Candidates(ns) | RoutePropKind::Downgrade(ns) => ident_items(ns),
+        RoutePropKind::Fallback(items) => items
+            .iter()
+            .map(|i| match i {
+                FallbackItem::Model(n) => (n.name.clone(), n.span),
+                FallbackItem::Route(n) => (format!("route {}", n.name), n.span),
+            })
+            .collect(),
+        k => return line(route_prop(k, text), p.span),
+    };
+    let head = format!("{} [", p.kind.keyword());
+    list_line(
+        route_prop(&p.kind, text),
+        p.span,
+        head,
+        items,
+        ']',
+        String::new(),
+    )
 }
 
 fn attr(a: &AttrDecl, text: &str) -> String {
@@ -672,10 +853,13 @@ fn protect_rule(r: &ProtectRule) -> Node {
             if !on.is_empty() {
                 s.push_str(&format!(" on {}", names(on)));
             }
-            if let Some((lo, hi)) = backoff {
-                s.push_str(&format!(" backoff {}..{}", lo.text, hi.text));
-            }
-            s
+            let tail = backoff
+                .as_ref()
+                .map(|(lo, hi)| format!(" backoff {}..{}", lo.text, hi.text))
+                .unwrap_or_default();
+            s.push_str(&tail);
+            let head = format!("retry {} on [", count.text);
+            return list_line(s, r.span, head, ident_items(on), ']', tail);
         }
         ProtectKind::Timeout { parts } => {
             let mut s = String::from("timeout");

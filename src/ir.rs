@@ -222,7 +222,7 @@ pub struct Model {
 // ------------------------------------------------------------------ conditions
 
 /// A typed reference to something a condition can read.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Field {
     TenantId,
     Tenant(AttrId),

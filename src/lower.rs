@@ -1034,7 +1034,7 @@ impl Lowerer {
 
     fn test(&mut self, t: &ast::Test, scope: Scope) -> Option<Cond> {
         let fi = self.field(&t.path, scope)?;
-        let full = format!("{}.{}", t.path.scope.as_str(), t.path.field.name);
+        let full = PathName(&t.path);
         let f = fi.field.clone();
         match &t.op {
             None => {
@@ -1187,7 +1187,7 @@ impl Lowerer {
         ty: &Type,
         unit: Unit,
         vocab: Vocab,
-        field: &str,
+        field: &dyn std::fmt::Display,
     ) -> Option<Value> {
         let found = match lit {
             Literal::Str(..) => "a string",
@@ -2087,6 +2087,15 @@ impl Lowerer {
     }
 }
 
+/// `scope.field`, formatted only when a message needs it.
+struct PathName<'a>(&'a ast::Path);
+
+impl std::fmt::Display for PathName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.0.scope.as_str(), self.0.field.name)
+    }
+}
+
 fn micros(dollars: f64) -> ir::Micros {
     // `as` saturates on overflow and maps NaN to 0: no panic on odd input.
     (dollars * 1_000_000.0).round() as ir::Micros
@@ -2121,32 +2130,66 @@ fn lower_cmp(op: ast::CmpOp) -> ir::CmpOp {
     }
 }
 
+/// The value of a static model field, borrowed from the model (evaluating
+/// `models where` over every model must not allocate).
+#[derive(Clone, Copy, Debug)]
+pub enum ModelValue<'a> {
+    Str(&'a str),
+    Number(f64),
+    Bool(bool),
+    Enum(u32),
+    List(&'a [String]),
+}
+
 /// The value of a static model field, as conditions see it.
-pub fn model_value(f: ModelField, m: &ir::Model, p: &ir::Policy) -> Value {
-    let strs = |v: &[String]| Value::List(v.iter().map(|s| Value::Str(s.clone())).collect());
+pub fn model_value<'a>(f: ModelField, m: &'a ir::Model, p: &'a ir::Policy) -> ModelValue<'a> {
     let prov = p.provider(m.provider);
     match f {
-        ModelField::Name => Value::Str(m.name.clone()),
-        ModelField::Provider => Value::Str(prov.map(|p| p.name.clone()).unwrap_or_default()),
-        ModelField::Kind => Value::Enum(
+        ModelField::Name => ModelValue::Str(&m.name),
+        ModelField::Provider => ModelValue::Str(prov.map_or("", |p| p.name.as_str())),
+        ModelField::Kind => ModelValue::Enum(
             ir::ModelKind::ALL
                 .iter()
                 .position(|(_, k)| *k == m.kind)
                 .unwrap_or(0) as u32,
         ),
-        ModelField::Region => Value::Str(m.region.clone().unwrap_or_default()),
-        ModelField::Tier => Value::Enum(if m.tier == ir::Tier::Premium { 1 } else { 0 }),
-        ModelField::Caps => strs(&m.caps),
-        ModelField::Labels => strs(&m.labels),
-        ModelField::Context => Value::Number(m.context as f64),
-        ModelField::Quality => Value::Number(m.quality),
-        ModelField::PriceIn => Value::Number(m.pricing.input_per_mtok as f64 / 1_000_000.0),
-        ModelField::PriceOut => Value::Number(m.pricing.output_per_mtok as f64 / 1_000_000.0),
-        ModelField::Enabled => Value::Bool(m.enabled),
+        ModelField::Region => ModelValue::Str(m.region.as_deref().unwrap_or("")),
+        ModelField::Tier => ModelValue::Enum(if m.tier == ir::Tier::Premium { 1 } else { 0 }),
+        ModelField::Caps => ModelValue::List(&m.caps),
+        ModelField::Labels => ModelValue::List(&m.labels),
+        ModelField::Context => ModelValue::Number(m.context as f64),
+        ModelField::Quality => ModelValue::Number(m.quality),
+        ModelField::PriceIn => ModelValue::Number(m.pricing.input_per_mtok as f64 / 1_000_000.0),
+        ModelField::PriceOut => ModelValue::Number(m.pricing.output_per_mtok as f64 / 1_000_000.0),
+        ModelField::Enabled => ModelValue::Bool(m.enabled),
         ModelField::ProviderRegion => {
-            Value::Str(prov.and_then(|p| p.region.clone()).unwrap_or_default())
+            ModelValue::Str(prov.and_then(|p| p.region.as_deref()).unwrap_or(""))
         }
-        ModelField::ProviderLabels => strs(prov.map_or(&[][..], |p| &p.labels[..])),
+        ModelField::ProviderLabels => ModelValue::List(prov.map_or(&[][..], |p| &p.labels[..])),
+    }
+}
+
+impl ModelValue<'_> {
+    fn eq(&self, v: &Value) -> bool {
+        match (self, v) {
+            (ModelValue::Str(a), Value::Str(b)) => *a == b,
+            (ModelValue::Number(a), Value::Number(b)) => a == b,
+            (ModelValue::Bool(a), Value::Bool(b)) => a == b,
+            (ModelValue::Enum(a), Value::Enum(b)) => a == b,
+            _ => false,
+        }
+    }
+    fn cmp(&self, op: ir::CmpOp, v: &Value) -> bool {
+        match (self, v) {
+            (ModelValue::Number(a), Value::Number(b)) => {
+                compare(&Value::Number(*a), op, &Value::Number(*b))
+            }
+            _ => match op {
+                ir::CmpOp::Eq => self.eq(v),
+                ir::CmpOp::Ne => !self.eq(v),
+                _ => false,
+            },
+        }
     }
 }
 
@@ -2182,13 +2225,15 @@ pub fn eval_model(c: &Cond, m: &ir::Model, p: &ir::Policy) -> bool {
         Cond::Not(x) => !eval_model(x, m, p),
         Cond::And(xs) => xs.iter().all(|x| eval_model(x, m, p)),
         Cond::Or(xs) => xs.iter().any(|x| eval_model(x, m, p)),
-        Cond::Bool(f) => get(f) == Some(Value::Bool(true)),
-        Cond::Cmp(f, op, v) => get(f).is_some_and(|x| compare(&x, *op, v)),
-        Cond::In(f, vs) => get(f).is_some_and(|x| vs.contains(&x)),
-        Cond::Has(f, v) => matches!(get(f), Some(Value::List(xs)) if xs.contains(v)),
-        Cond::Matches(f, re) => matches!(get(f), Some(Value::Str(s)) if re.0.is_match(&s)),
+        Cond::Bool(f) => matches!(get(f), Some(ModelValue::Bool(true))),
+        Cond::Cmp(f, op, v) => get(f).is_some_and(|x| x.cmp(*op, v)),
+        Cond::In(f, vs) => get(f).is_some_and(|x| vs.iter().any(|v| x.eq(v))),
+        Cond::Has(f, v) => {
+            matches!((get(f), v), (Some(ModelValue::List(xs)), Value::Str(s)) if xs.contains(s))
+        }
+        Cond::Matches(f, re) => matches!(get(f), Some(ModelValue::Str(s)) if re.0.is_match(s)),
         Cond::Contains(f, ws) => {
-            matches!(get(f), Some(Value::Str(s)) if { let s = s.to_lowercase(); ws.iter().any(|w| s.contains(w.as_str())) })
+            matches!(get(f), Some(ModelValue::Str(s)) if { let s = s.to_lowercase(); ws.iter().any(|w| s.contains(w.as_str())) })
         }
     }
 }

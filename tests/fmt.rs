@@ -150,6 +150,29 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Random edits of the examples (mostly broken files): formatting never
+    /// panics, and whatever it accepts it formats to a fixed point.
+    #[test]
+    fn edited_examples_never_panic(which in 0usize..16, at in any::<proptest::sample::Index>(), len in 0usize..40,
+                                   insert in "[a-z{}\\[\\]()/\",.:=<>!\n #$%-]{0,12}") {
+        let files = example_files();
+        let text = std::fs::read_to_string(&files[which % files.len()]).unwrap();
+        let start = at.index(text.len());
+        let start = (0..=start).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        let end = (start + len..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
+        let edited = format!("{}{}{}", &text[..start], insert, &text[end..]);
+        let parses = parse_file(FileId(0), &edited).diagnostics.is_empty();
+        match format_source(FileId(0), &edited) {
+            Ok(out) => prop_assert_eq!(fmt(&out), out.clone(), "not a fixed point for:\n{}", edited),
+            // Refused only for syntax errors, never by the formatter's own safety net.
+            Err(d) => prop_assert!(!parses, "refused a file that parses: {:?}\n{}", d, edited),
+        }
+    }
+}
+
 /// Random trees shaped as the parser builds them print to text that parses
 /// back to the same tree. (The generators nest deeply: run on a big stack.)
 #[test]

@@ -434,3 +434,29 @@ async fn an_upstream_400_reaches_the_client_without_the_provider_key() {
     );
     assert_eq!(b.hits(), 0);
 }
+
+#[tokio::test]
+async fn the_provider_breaker_opens_for_all_its_models() {
+    let a = upstream("a", |_| Act::Status(503, None)).await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let protect =
+        "protect { breaker per provider open after 2 failures within 10s, probe after 60s }";
+    let models = [("model-a1", "pa"), ("model-a2", "pa"), ("model-b", "pb")];
+    let gw = gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&models, protect),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    // a1 and a2 failed once each: the provider's breaker opened.
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    assert_eq!(header(&r, "x-routeplane-attempts"), "3");
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    assert_eq!(
+        header(&r, "x-routeplane-attempts"),
+        "1",
+        "open breakers are skipped, not tried"
+    );
+    assert_eq!(a.hits(), 2);
+}

@@ -92,10 +92,27 @@ fn comments_stay_in_place() {
         "provider a { region us } // main\n",
         "provider a { // main\n  region us\n}\n",
     );
-    // Comments inside a rule move before it.
+    // Comments between the items of a list keep the list one item per line.
     check(
         "constraints {\n  allow only [\n    a, // cheap\n    b,\n  ] when tenant.x\n}\n",
-        "constraints {\n  // cheap\n  allow only models [a, b] when tenant.x\n}\n",
+        "constraints {\n  allow only models [\n    a, // cheap\n    b,\n  ] when tenant.x\n}\n",
+    );
+    check(
+        "route r { candidates [a, // first\n\n // then\n b\n // last\n ] fallback [route x, // r\n c] }",
+        "route r {\n  candidates [\n    a, // first\n\n    // then\n    b,\n    // last\n  ]\n  fallback [\n    route x, // r\n    c,\n  ]\n}\n",
+    );
+    check(
+        "tenant { plan: enum(free, // the default\n pro) = free }",
+        "tenant {\n  plan: enum(\n    free, // the default\n    pro,\n  ) = free\n}\n",
+    );
+    check(
+        "protect { retry 2 on [429, // rate limited\n 5xx] backoff 1s..2s }",
+        "protect {\n  retry 2 on [\n    429, // rate limited\n    5xx,\n  ] backoff 1s..2s\n}\n",
+    );
+    // Elsewhere in a rule, comments move to just before it.
+    check(
+        "constraints {\n  deny models [a, b] when // why\n    tenant.x\n  require model.caps has // what\n x\n}\n",
+        "constraints {\n  // why\n  deny models [a, b] when tenant.x\n  // what\n  require model.caps has x\n}\n",
     );
     // Comments in an empty block and in a file with no items.
     check(

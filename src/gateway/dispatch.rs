@@ -42,6 +42,20 @@ pub struct RequestCtx {
 
 pub use crate::decision_log::{Attempt as AttemptRecord, DecisionRecord};
 
+/// Attempts that reached an upstream; skipped ones (breaker open, limit) are only logged.
+fn sent(attempts: &[AttemptRecord]) -> usize {
+    const SKIPPED: [&str; 4] = [
+        "breaker_open",
+        "provider_breaker_open",
+        "limited",
+        "no_provider",
+    ];
+    attempts
+        .iter()
+        .filter(|a| !SKIPPED.contains(&a.outcome.as_str()))
+        .count()
+}
+
 fn att(m: &ModelRt, outcome: String, retry: u32, ms: u64) -> AttemptRecord {
     AttemptRecord {
         model: m.name.clone(),
@@ -483,7 +497,14 @@ fn log(gw: &Gateway, ctx: &RequestCtx, mut s: Summary) {
         requested_model: ctx.features.model.clone(),
         stream: ctx.features.stream,
         intent: intent.map(str::to_string),
-        route: None,
+        route: ctx
+            .decision
+            .route
+            .and_then(|r| p.routes.get(r.index()))
+            .map(|r| {
+                let intent = p.intent(r.intent).map_or("", |i| i.name.as_str());
+                format!("{intent} ({})", ctx.rt.policy.location(r.span))
+            }),
         removed: ctx.removed.clone(),
         plan: ctx
             .decision
@@ -528,7 +549,7 @@ fn respond(
         )
         .into_response();
     };
-    let attempts = out.attempts.len();
+    let attempts = sent(&out.attempts);
     match started {
         Started::Full {
             content_type,
@@ -746,7 +767,7 @@ fn client_error(
         .attempts
         .last()
         .and_then(|a| ctx.rt.models.iter().find(|m| m.name == a.model));
-    routing_headers(&mut r, &ctx, m, out.attempts.len());
+    routing_headers(&mut r, &ctx, m, sent(&out.attempts));
     let mut rec = base_record(&ctx, &out);
     rec.status = *status;
     rec.error = Some(format!("the upstream refused the request: {status}"));
@@ -802,7 +823,7 @@ fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
     rec.status = err.status.as_u16();
     rec.error = Some(err.message.clone());
     log(&gw, &ctx, rec);
-    let attempts = out.attempts.len();
+    let attempts = sent(&out.attempts);
     let mut r = err.into_response();
     routing_headers(&mut r, &ctx, None, attempts);
     r

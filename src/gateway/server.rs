@@ -591,3 +591,99 @@ fn admin_policy(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
     );
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(headers: &[(&str, &str)]) -> hyper::http::request::Parts {
+        let mut b = Request::builder()
+            .method("POST")
+            .uri("/v1/chat/completions");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    /// `(endpoint, body)` -> `Ok(())` or the start of the 400 message.
+    fn check(endpoint: Endpoint, body: &str, expect: Result<(), &str>) {
+        let got = features(endpoint, &parts(&[]), Bytes::from(body.to_string()))
+            .map(|_| ())
+            .map_err(|e| e.message);
+        match (&got, expect) {
+            (Ok(()), Ok(())) => {}
+            (Err(msg), Err(want)) => assert!(
+                msg.starts_with(want),
+                "{body}: got `{msg}`, want `{want}...`"
+            ),
+            _ => panic!("{body}: got {got:?}, want {expect:?}"),
+        }
+    }
+
+    #[test]
+    fn request_shapes() {
+        use Endpoint::*;
+        check(
+            Chat,
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            Ok(()),
+        );
+        check(
+            Chat,
+            r#"{"model":"auto","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+            Ok(()),
+        );
+        check(Chat, "", Err("the body is not valid JSON"));
+        check(Chat, "{", Err("the body is not valid JSON"));
+        check(Chat, "[1]", Err("the body must be a JSON object"));
+        check(Chat, "null", Err("the body must be a JSON object"));
+        check(Chat, "{}", Err("missing `messages`"));
+        check(
+            Chat,
+            r#"{"messages":[]}"#,
+            Err("`messages` must not be empty"),
+        );
+        check(
+            Chat,
+            r#"{"messages":"hi"}"#,
+            Err("`messages` must be an array"),
+        );
+        check(
+            Chat,
+            r#"{"model":5,"messages":[{}]}"#,
+            Err("`model` must be a string"),
+        );
+        check(
+            Chat,
+            r#"{"stream":"yes","messages":[{}]}"#,
+            Err("`stream` must be true or false"),
+        );
+        check(Embeddings, r#"{"input":"x"}"#, Ok(()));
+        check(Embeddings, "{}", Err("missing `input`"));
+        check(Images, r#"{"prompt":"a cat"}"#, Ok(()));
+        check(Images, "{}", Err("missing `prompt`"));
+        check(AudioSpeech, "{}", Err("missing `input`"));
+        check(
+            AudioTranscription,
+            "{}",
+            Err("audio transcription expects a `multipart/form-data` body"),
+        );
+    }
+
+    #[test]
+    fn headers_set_feature_confirmation_and_metadata() {
+        let p = parts(&[
+            ("x-routeplane-feature", "code-review"),
+            ("x-routeplane-confirm", "true"),
+            ("x-routeplane-meta-priority", "low"),
+        ]);
+        let body = Bytes::from_static(br#"{"messages":[{"role":"user","content":"hi"}]}"#);
+        let (f, _) = features(Endpoint::Chat, &p, body).unwrap();
+        assert_eq!(f.feature.as_deref(), Some("code-review"));
+        assert!(f.confirmed);
+        assert!(f
+            .meta
+            .contains(&("priority".to_string(), "low".to_string())));
+    }
+}
