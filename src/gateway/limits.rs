@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Above this many keys per kind, idle keys are dropped before adding one.
+const MAX_KEYS: usize = 10_000;
+
 #[derive(Debug, Default)]
 pub struct Limiters {
     concurrency: Mutex<HashMap<String, Arc<AtomicU32>>>,
@@ -28,6 +31,7 @@ impl Drop for Slot {
 
 #[derive(Debug)]
 struct Window {
+    len: Duration,
     start: Instant,
     current: u64,
     previous: u64,
@@ -40,6 +44,10 @@ impl Limiters {
             let Ok(mut map) = self.concurrency.lock() else {
                 return None;
             };
+            if map.len() >= MAX_KEYS && !map.contains_key(key) {
+                // Keys can come from clients (feature tags): forget idle ones.
+                map.retain(|_, c| c.load(Ordering::Acquire) > 0);
+            }
             map.entry(key.to_string()).or_default().clone()
         };
         let prev = counter.fetch_add(1, Ordering::AcqRel);
@@ -62,9 +70,18 @@ impl Limiters {
             let Ok(mut map) = self.rates.lock() else {
                 return Ok(());
             };
+            if map.len() >= MAX_KEYS && !map.contains_key(key) {
+                // Windows that ended long ago hold nothing worth keeping.
+                map.retain(|_, w| {
+                    w.lock().is_ok_and(|w| {
+                        now.saturating_duration_since(w.start) < w.len.saturating_mul(2)
+                    })
+                });
+            }
             map.entry(key.to_string())
                 .or_insert_with(|| {
                     Arc::new(Mutex::new(Window {
+                        len: window,
                         start: now,
                         current: 0,
                         previous: 0,
@@ -116,5 +133,25 @@ mod tests {
         }
         assert!(l.charge("t", 1, 3, w, t0).is_err());
         assert!(l.charge("t", 1, 3, w, t0 + Duration::from_secs(3)).is_ok());
+    }
+
+    #[test]
+    fn client_chosen_keys_cannot_grow_the_tables_forever() {
+        let l = Limiters::default();
+        let t0 = Instant::now();
+        let w = Duration::from_secs(1);
+        for i in 0..(MAX_KEYS * 2) {
+            drop(l.acquire(&format!("feature:{i}"), 5));
+            l.charge(
+                &format!("feature:{i}"),
+                1,
+                5,
+                w,
+                t0 + w * 3 * (i / MAX_KEYS) as u32,
+            )
+            .unwrap();
+        }
+        assert!(l.concurrency.lock().unwrap().len() <= MAX_KEYS);
+        assert!(l.rates.lock().unwrap().len() <= MAX_KEYS + 1);
     }
 }
