@@ -3,6 +3,7 @@
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
+    clippy::string_slice,
     clippy::panic,
     clippy::indexing_slicing
 )]
