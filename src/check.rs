@@ -814,10 +814,7 @@ impl Checker<'_> {
             )
             .with_label(
                 route.name_span,
-                format!(
-                    "every candidate and fallback of this route is removed for {}",
-                    first.class
-                ),
+                "no candidate or fallback of this route survives",
             );
             let mut parts = Vec::new();
             let mut labelled: HashSet<(u32, u32, u32)> = HashSet::new();

@@ -54,7 +54,9 @@ pub struct Lowered {
 }
 
 /// Declarations referenced by name anywhere in the policy (routes, constraint
-/// targets, conditions). Indexed by id.
+/// targets, conditions), indexed by id. The models of a provider named in a
+/// constraint target count as used: blocking a vendor is deliberate. A
+/// provider is used when a model or a constraint names it.
 #[derive(Debug, Default, Clone)]
 pub struct Usage {
     pub models: Vec<bool>,

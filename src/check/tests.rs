@@ -311,3 +311,22 @@ fn classes_enumerate_only_finite_attributes_that_are_read() {
     assert!(c.all.iter().all(|t| t[2].is_none() && t[3].is_none()));
     assert_eq!(Classes::new(&Policy::default()).describe(&[]), "any tenant");
 }
+
+#[test]
+fn names_are_global_and_diagnostics_sorted_by_file() {
+    let mut sources = Sources::new();
+    sources.add(
+        "b_routes.route",
+        "classify { chat otherwise }\nroute chat { candidates [a, zz] }\n",
+    );
+    sources.add("a_models.route", "provider openai { region us }\nmodel a { provider openai kind chat }\nmodel a { provider openai kind chat }\n");
+    let ds = analyze(&sources).diagnostics;
+    let got: Vec<(u32, &str)> = ds
+        .iter()
+        .map(|d| (d.span().unwrap().file.0, d.code.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [(0, "route::unknown-model"), (1, "route::duplicate-name")]
+    );
+}
