@@ -1178,6 +1178,32 @@ mod tests {
     }
 
     #[test]
+    fn compile_refuses_policies_with_errors_and_versions_match_reload() {
+        let mut bad = Sources::new();
+        bad.add(
+            "a.route",
+            "classify { chat when request.endpoint == chatt }\n",
+        );
+        let err = compile(&bad).unwrap_err();
+        assert!(err.has_errors());
+        let mut good = Sources::new();
+        good.add(
+            "a.route",
+            "provider p { region us }\nmodel m { provider p kind chat }\nclassify { chat otherwise }\nroute chat { candidates [m] }\n",
+        );
+        let p = compile(&good).map_err(|a| a.diagnostics).unwrap();
+        assert_eq!(p.version(), crate::reload::sources_version(&good));
+        let t = p.tenant("x", &serde_json::Map::new()).unwrap();
+        let d = crate::decide::decide(
+            &p,
+            &t,
+            &crate::decide::RequestFeatures::default(),
+            &crate::decide::NoStats,
+        );
+        assert_eq!(d.attempts, [ModelId(0)]);
+    }
+
+    #[test]
     fn versions_hash_names_and_texts() {
         let mut a = Sources::new();
         a.add("a.route", "x");

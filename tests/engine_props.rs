@@ -101,3 +101,164 @@ fn outcome_distribution() {
     }
     println!("{counts:#?}");
 }
+
+/// The example policies, lowered from text, against the reference
+/// interpreter on many requests: checks that the compiled conditions read
+/// lowered literals (enum variants, request metadata, defaults) the same way.
+#[test]
+fn example_policies_match_the_reference() {
+    use rand::{Rng, SeedableRng};
+    use routeplane::decide::{BreakerState, ModelStats, RequestFeatures};
+    use routeplane::ir::{BudgetAction, Endpoint, ResponseFormat};
+    let tenants: [(&str, &[serde_json::Value]); 3] = [
+        ("startup", &[serde_json::json!({})]),
+        (
+            "saas",
+            &[
+                serde_json::json!({"plan": "free"}),
+                serde_json::json!({"plan": "pro", "region": "eu"}),
+                serde_json::json!({"plan": "enterprise", "region": "eu", "data_residency": true}),
+                serde_json::json!({"plan": "enterprise", "tags": ["early-access"]}),
+            ],
+        ),
+        (
+            "enterprise",
+            &[
+                serde_json::json!({"team": "engineering"}),
+                serde_json::json!({"team": "legal"}),
+                serde_json::json!({"team": "marketing"}),
+                serde_json::json!({"team": "support"}),
+                serde_json::json!({"team": "research", "monthly_budget": 10}),
+            ],
+        ),
+    ];
+    let features = [
+        "code-review",
+        "code-assist",
+        "contract-review",
+        "contract-analysis",
+        "email-draft",
+        "research-notes",
+        "search",
+        "board-report",
+        "other",
+        "bogus",
+    ];
+    let prompts = [
+        "",
+        "def foo(x): pass",
+        "please translate this",
+        "diff --git a b",
+        "Write a report on X",
+        "hello",
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for (name, attrs_list) in tenants {
+        let dir = routeplane::load::read_policy(std::path::Path::new(&format!(
+            "{}/policies/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        )))
+        .unwrap();
+        let p = routeplane::compile::compile(&dir.sources).unwrap();
+        let mut names: Vec<String> = p.policy().models.iter().map(|m| m.name.clone()).collect();
+        names.extend(p.policy().intents.iter().map(|i| i.name.clone()));
+        for (ti, attrs) in attrs_list.iter().enumerate() {
+            let serde_json::Value::Object(attrs) = attrs.clone() else {
+                unreachable!()
+            };
+            let id = if ti == 0 {
+                "ml-platform".to_string()
+            } else {
+                format!("t{ti}")
+            };
+            let t = p.tenant(&id, &attrs).unwrap();
+            for k in 0..1500 {
+                let mut meta = Vec::new();
+                if rng.random_bool(0.5) {
+                    meta.push((
+                        "sensitivity".to_string(),
+                        ["public", "internal", "confidential"][rng.random_range(0..3)].to_string(),
+                    ));
+                }
+                if rng.random_bool(0.5) {
+                    meta.push((
+                        "priority".to_string(),
+                        ["low", "normal", "high"][rng.random_range(0..3)].to_string(),
+                    ));
+                }
+                let r = RequestFeatures {
+                    endpoint: [
+                        Endpoint::Chat,
+                        Endpoint::Chat,
+                        Endpoint::Embeddings,
+                        Endpoint::Images,
+                        Endpoint::AudioTranscription,
+                    ][rng.random_range(0..5)],
+                    response_format: [
+                        ResponseFormat::Text,
+                        ResponseFormat::Text,
+                        ResponseFormat::JsonObject,
+                        ResponseFormat::JsonSchema,
+                    ][rng.random_range(0..4)],
+                    has_tools: rng.random_bool(0.3),
+                    has_images: rng.random_bool(0.2),
+                    stream: rng.random_bool(0.5),
+                    input_tokens: [10, 400, 3000, 40_000, 250_000][rng.random_range(0..5)],
+                    max_tokens: [None, Some(100), Some(250), Some(5000)][rng.random_range(0..4)],
+                    feature: rng
+                        .random_bool(0.8)
+                        .then(|| features[rng.random_range(0..features.len())].to_string()),
+                    prompt: prompts[rng.random_range(0..prompts.len())].to_string(),
+                    model: if rng.random_bool(0.3) {
+                        Some(names[rng.random_range(0..names.len())].clone())
+                    } else {
+                        None
+                    },
+                    meta,
+                    confirmed: rng.random_bool(0.3),
+                };
+                let mut models = std::collections::HashMap::new();
+                for m in 0..p.policy().models.len() as u32 {
+                    if rng.random_bool(0.6) {
+                        continue;
+                    }
+                    models.insert(
+                        m,
+                        ModelStats {
+                            latency_ms: Some(rng.random_range(100..3000) as f64),
+                            first_token_ms: rng
+                                .random_bool(0.5)
+                                .then(|| rng.random_range(50..900) as f64),
+                            success_rate: Some(rng.random_range(50..=100) as f64 / 100.0),
+                            breaker: [
+                                BreakerState::Closed,
+                                BreakerState::Closed,
+                                BreakerState::HalfOpen,
+                                BreakerState::Open,
+                            ][rng.random_range(0..4)],
+                        },
+                    );
+                }
+                let stats = gen::GenStats {
+                    models,
+                    budget: [
+                        None,
+                        None,
+                        Some(BudgetAction::Warn),
+                        Some(BudgetAction::ConfirmPremium),
+                        Some(BudgetAction::Downgrade),
+                        Some(BudgetAction::Block),
+                    ][rng.random_range(0..6)],
+                };
+                let got = decide(&p, &t, &r, &stats);
+                let want = reference::decide(&p, &id, t.values(), &r, &stats);
+                assert_eq!(got, want, "{name} tenant {attrs:?} case {k}: {r:?}");
+                let allowed = reference::allowed(&p, &id, t.values(), &r);
+                assert!(
+                    got.attempts.iter().all(|m| allowed.contains(m)),
+                    "{name}: {got:?}"
+                );
+            }
+        }
+    }
+}
