@@ -582,10 +582,18 @@ impl Checker<'_> {
     fn never_fires(&mut self, classes: &Classes) {
         for c in &self.p.constraints {
             if c.removes.is_empty() {
+                let (label, help) = match c.effect {
+                    crate::ir::Effect::Deny => ("denies no declared model", "check the target: no model of this policy matches it"),
+                    crate::ir::Effect::AllowOnly => ("allows every declared model", "an allowlist that names every model removes nothing; narrow it or remove it"),
+                    crate::ir::Effect::Require => ("every declared model meets this requirement", "the requirement removes nothing; check the condition or remove the rule"),
+                };
                 self.out.push(
-                    Diagnostic::lint("never-fires", format!("constraint `{}` never removes a model", c.name))
-                        .with_label(c.span, "matches no declared model")
-                        .with_help("check the target: it names no model of this policy (or, for `allow only`, every model)"),
+                    Diagnostic::lint(
+                        "never-fires",
+                        format!("constraint `{}` never removes a model", c.name),
+                    )
+                    .with_label(c.span, label)
+                    .with_help(help),
                 );
                 continue;
             }
