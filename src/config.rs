@@ -99,6 +99,8 @@ pub struct Config {
     /// Where decision log lines go; `None` disables the log.
     pub decision_log: Option<PathBuf>,
     pub max_body_bytes: usize,
+    /// Where budget counters and the spend ledger live (`state:`).
+    pub state: crate::state::Backend,
     /// Problems that do not stop the gateway (plain keys in the file), shown at start.
     pub warnings: Vec<String>,
     /// The text of the file, to locate errors found later (tenant attributes).
@@ -208,7 +210,31 @@ struct RawConfig {
     decision_log: Option<String>,
     #[serde(default)]
     max_body: Option<ByteSize>,
+    #[serde(default)]
+    state: Option<RawState>,
 }
+
+/// `state: { backend: sqlite, path: ... }`, `{ backend: redis, url: ... }` or `{ backend: memory }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    backend: StateBackendKind,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    url: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum StateBackendKind {
+    Sqlite,
+    Redis,
+    Memory,
+}
+
+/// The SQLite file used when the config has no `state:` section, next to the config.
+pub const DEFAULT_STATE_FILE: &str = "routeplane-state.db";
 
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
@@ -620,6 +646,29 @@ impl Config {
             );
         }
 
+        let state = match raw.state {
+            None => crate::state::Backend::Sqlite(normalize(&base.join(DEFAULT_STATE_FILE))),
+            Some(st) => match (st.backend, st.path, st.url) {
+                (StateBackendKind::Sqlite, path, None) => crate::state::Backend::Sqlite(normalize(
+                    &base.join(path.as_deref().unwrap_or(DEFAULT_STATE_FILE)),
+                )),
+                (StateBackendKind::Redis, None, Some(url)) => crate::state::Backend::Redis(url),
+                (StateBackendKind::Memory, None, None) => crate::state::Backend::Memory,
+                (kind, _, _) => {
+                    let want = match kind {
+                        StateBackendKind::Sqlite => "`path` (a file)",
+                        StateBackendKind::Redis => "`url` (`redis://host:port/db`)",
+                        StateBackendKind::Memory => "nothing else",
+                    };
+                    cx.error(
+                        cx.line_of("state:", None),
+                        format!("state: backend `{kind:?}` takes {want}").to_lowercase(),
+                    );
+                    crate::state::Backend::Memory
+                }
+            },
+        };
+
         if !cx.errors.is_empty() {
             return Err(ConfigErrors(cx.errors));
         }
@@ -632,6 +681,7 @@ impl Config {
             admin_token_sha256,
             decision_log: raw.decision_log.map(|p| normalize(&base.join(p))),
             max_body_bytes,
+            state,
             warnings: cx.warnings,
             text: text.to_string(),
         })

@@ -10,12 +10,14 @@
 )]
 
 pub mod analysis;
+pub mod budget;
 pub mod check;
 pub mod compile;
 pub mod config;
 pub mod decide;
 pub mod decision_log;
 pub mod diag;
+pub mod estimate;
 pub mod fmt;
 pub mod gateway;
 pub mod ir;
@@ -27,4 +29,5 @@ pub mod policytest;
 pub mod reload;
 pub mod render;
 pub mod source;
+pub mod state;
 pub mod syntax;

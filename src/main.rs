@@ -28,6 +28,8 @@ enum Command {
     Serve(cli::serve::Args),
     /// Run the language server (stdio) for editors
     Lsp(cli::lsp::Args),
+    /// Spend per tenant, feature, model or day, from the ledger
+    Usage(cli::usage::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
         Command::Test(a) => cli::test::run(a),
         Command::Serve(a) => cli::serve::run(a),
         Command::Lsp(a) => cli::lsp::run(a),
+        Command::Usage(a) => cli::usage::run(a),
     };
     ExitCode::from(code)
 }

@@ -5,3 +5,4 @@ pub mod fmt;
 pub mod lsp;
 pub mod serve;
 pub mod test;
+pub mod usage;

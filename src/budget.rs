@@ -1,0 +1,470 @@
+//! Budgets at the edge: which of the policy's budgets apply to a request,
+//! where they stand, which threshold action that means, and the
+//! reserve/settle/release cycle of each attempt against a [`BudgetStore`].
+//!
+//! The flow the gateway follows per request:
+//! 1. [`Budgets::check`]: the applicable budgets (tenant, feature,
+//!    tenant×feature) and their balances; the strongest threshold reached
+//!    on spent + reserved becomes [`Stats::budget_action`] for `decide`
+//!    (through [`BudgetStats`]), so downgrade and confirm-premium happen in
+//!    the engine, and the warn message goes into a response header.
+//! 2. Per attempt (first try, retry, fallback, downgrade), for the model
+//!    actually used: estimate its cost with its tokenizer and
+//!    [`Budgets::reserve`] against every applicable budget, all or nothing.
+//!    A refusal skips the attempt (a cheaper model may still fit); when every
+//!    attempt is refused the request is blocked with [`Refused::message`].
+//! 3. After the answer, [`Budgets::settle`] at the provider's usage; on
+//!    failure [`Budgets::release`].
+//!
+//! Budget keys are `<period>|<scope>|<value>` (`monthly|tenant|acme`), so a
+//! policy edit that changes the amount keeps the money already spent.
+//! Budgets on `feature` apply only to requests that carry a feature. A
+//! `tenant.<attr>` amount the tenant does not set means no budget.
+
+use std::sync::Arc;
+
+use crate::compile::TenantView;
+use crate::decide::{ModelStats, Stats};
+use crate::ir::{
+    BudgetAction, BudgetAmount, BudgetPeriod, BudgetScope, Micros, ModelId, Policy, Threshold,
+    Value,
+};
+use crate::state::{
+    period, Balance, BudgetStore, Charge, Counter, LedgerEntry, Reservation, StateError,
+};
+
+/// How long a reservation lives if its gateway dies before settling it.
+pub const DEFAULT_RESERVATION_TTL_MS: i64 = 15 * 60 * 1000;
+
+/// One budget that applies to a request.
+#[derive(Clone, Debug)]
+pub struct Applicable {
+    pub charge: Charge,
+    /// Exclusive end of the current period (Unix ms): when it resets.
+    pub resets_ms: i64,
+    /// `the monthly budget of tenant `acme``.
+    pub label: String,
+    pub thresholds: Vec<(BudgetAction, f64)>,
+}
+
+/// Where the applicable budgets stand before a request.
+#[derive(Clone, Debug, Default)]
+pub struct Check {
+    pub budgets: Vec<(Applicable, Balance)>,
+    /// The strongest threshold action reached, if any.
+    pub action: Option<BudgetAction>,
+    /// Says which budget reached it and where it stands.
+    pub message: Option<String>,
+}
+
+/// `$1.50`, `$0.000123`: dollars with as many decimals as the micros need (at least 2).
+pub fn dollars(m: Micros) -> String {
+    let frac = format!("{:06}", m % 1_000_000);
+    let trimmed = frac.trim_end_matches('0');
+    let frac = if trimmed.len() < 2 {
+        format!("{trimmed:0<2}")
+    } else {
+        trimmed.to_string()
+    };
+    format!("${}.{frac}", m / 1_000_000)
+}
+
+fn period_name(p: BudgetPeriod) -> String {
+    match p {
+        BudgetPeriod::Daily => "daily".into(),
+        BudgetPeriod::Weekly => "weekly".into(),
+        BudgetPeriod::Monthly => "monthly".into(),
+        BudgetPeriod::Every(ms) => {
+            let d = 86_400_000;
+            if ms % d == 0 {
+                format!("every {}d", ms / d)
+            } else {
+                format!("every {ms}ms")
+            }
+        }
+    }
+}
+
+/// Dollars from a tenant attribute to micros, rounded to the nearest micro.
+fn attr_micros(v: Option<&Value>) -> Option<Micros> {
+    match v {
+        Some(Value::Number(d)) if d.is_finite() => {
+            let m = (d.max(0.0) * 1_000_000.0).round();
+            // Saturating float-to-int conversion is what `as` does.
+            Some(m as u64)
+        }
+        _ => None,
+    }
+}
+
+/// The budgets of `p` that apply to this tenant and feature at `now_ms`.
+pub fn applicable(
+    p: &Policy,
+    tenant: &TenantView,
+    feature: Option<&str>,
+    now_ms: i64,
+) -> Vec<Applicable> {
+    let mut out = Vec::new();
+    for b in &p.protect.budgets {
+        let (scope, value, who) = match (b.scope, feature) {
+            (BudgetScope::Tenant, _) => (
+                "tenant",
+                tenant.id.clone(),
+                format!("tenant `{}`", tenant.id),
+            ),
+            (BudgetScope::Feature, Some(f)) => ("feature", f.to_string(), format!("feature `{f}`")),
+            (BudgetScope::TenantFeature, Some(f)) => (
+                "tenant-feature",
+                format!("{}/{f}", tenant.id),
+                format!("tenant `{}` for feature `{f}`", tenant.id),
+            ),
+            _ => continue,
+        };
+        let limit = match &b.amount {
+            BudgetAmount::Fixed(m) => *m,
+            BudgetAmount::TenantAttr(a) => match attr_micros(tenant.attr(*a)) {
+                Some(m) => m,
+                None => continue,
+            },
+        };
+        let name = period_name(b.period);
+        let (start, end) = period::bounds(b.period, now_ms);
+        out.push(Applicable {
+            charge: Charge {
+                counter: Counter {
+                    key: format!("{name}|{scope}|{value}"),
+                    period_start: start,
+                },
+                limit,
+            },
+            resets_ms: end,
+            label: format!("the {name} budget of {who}"),
+            thresholds: b
+                .thresholds
+                .iter()
+                .map(|t: &Threshold| (t.action, t.percent))
+                .collect(),
+        });
+    }
+    out
+}
+
+/// Percent of the limit used (spent + reserved); an empty budget is 100% used.
+pub fn used_percent(limit: Micros, b: Balance) -> f64 {
+    let used = b.spent.saturating_add(b.reserved);
+    if limit == 0 {
+        return if used == 0 { 100.0 } else { f64::INFINITY };
+    }
+    used as f64 * 100.0 / limit as f64
+}
+
+/// `the monthly budget of tenant `x` ($20.00): $18.00 spent, $0.50 reserved; it resets at ...`
+pub fn describe(a: &Applicable, b: Balance) -> String {
+    format!(
+        "{} ({}): {} spent, {} reserved ({:.0}%); it resets at {}",
+        a.label,
+        dollars(a.charge.limit),
+        dollars(b.spent),
+        dollars(b.reserved),
+        used_percent(a.charge.limit, b).min(999.0),
+        period::format_utc(a.resets_ms)
+    )
+}
+
+/// The strongest threshold action reached by any budget, with the message of that budget.
+pub fn evaluate(budgets: &[(Applicable, Balance)]) -> (Option<BudgetAction>, Option<String>) {
+    let mut best: Option<(BudgetAction, String)> = None;
+    for (a, b) in budgets {
+        let pct = used_percent(a.charge.limit, *b);
+        let reached = a
+            .thresholds
+            .iter()
+            .filter(|(_, at)| pct >= *at)
+            .map(|(act, _)| *act)
+            .max();
+        if let Some(act) = reached {
+            if best.as_ref().is_none_or(|(x, _)| act > *x) {
+                best = Some((act, describe(a, *b)));
+            }
+        }
+    }
+    match best {
+        Some((a, m)) => (Some(a), Some(m)),
+        None => (None, None),
+    }
+}
+
+/// A reservation no budget could take.
+#[derive(Clone, Debug)]
+pub struct Refused {
+    pub message: String,
+    pub resets_ms: i64,
+}
+
+/// `decide`'s live stats plus the budget action.
+pub struct BudgetStats<'a> {
+    pub inner: &'a dyn Stats,
+    pub action: Option<BudgetAction>,
+}
+
+impl Stats for BudgetStats<'_> {
+    fn model(&self, m: ModelId) -> ModelStats {
+        self.inner.model(m)
+    }
+    fn budget_action(&self) -> Option<BudgetAction> {
+        self.action
+    }
+}
+
+/// The budget side of the gateway: a store and the reservation lifetime.
+pub struct Budgets {
+    pub store: Arc<dyn BudgetStore>,
+    pub ttl_ms: i64,
+}
+
+impl Budgets {
+    pub fn new(store: Arc<dyn BudgetStore>) -> Budgets {
+        Budgets {
+            store,
+            ttl_ms: DEFAULT_RESERVATION_TTL_MS,
+        }
+    }
+
+    /// The applicable budgets, their balances and the threshold action.
+    pub fn check(
+        &self,
+        p: &Policy,
+        tenant: &TenantView,
+        feature: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Check, StateError> {
+        let mut budgets = Vec::new();
+        for a in applicable(p, tenant, feature, now_ms) {
+            let b = self.store.balance(&a.charge.counter, now_ms)?;
+            budgets.push((a, b));
+        }
+        let (action, message) = evaluate(&budgets);
+        Ok(Check {
+            budgets,
+            action,
+            message,
+        })
+    }
+
+    /// Reserve `amount` for one attempt against every budget of `check`.
+    /// `Ok(Err(refused))` when a budget cannot take it.
+    pub fn reserve(
+        &self,
+        check: &Check,
+        id: &str,
+        amount: Micros,
+        now_ms: i64,
+    ) -> Result<Result<Reservation, Refused>, StateError> {
+        let charges: Vec<Charge> = check
+            .budgets
+            .iter()
+            .map(|(a, _)| a.charge.clone())
+            .collect();
+        match self
+            .store
+            .reserve(id, &charges, amount, now_ms, self.ttl_ms)
+        {
+            Ok(r) => Ok(Ok(r)),
+            Err(StateError::Refused(r)) => {
+                let a = check
+                    .budgets
+                    .iter()
+                    .find(|(a, _)| a.charge.counter == r.counter)
+                    .map(|(a, _)| a);
+                let message = match a {
+                    Some(a) => format!(
+                        "{} is exhausted: the budget is {}, {} is spent and {} reserved, and this request needs up to {}; it resets at {}",
+                        a.label,
+                        dollars(a.charge.limit),
+                        dollars(r.balance.spent),
+                        dollars(r.balance.reserved),
+                        dollars(amount),
+                        period::format_utc(a.resets_ms)
+                    ),
+                    None => format!("the budget `{}` is exhausted", r.counter.key),
+                };
+                Ok(Err(Refused {
+                    message,
+                    resets_ms: a.map_or(0, |a| a.resets_ms),
+                }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Spend the actual cost and record the attempt in the ledger.
+    pub fn settle(&self, r: &Reservation, entry: &LedgerEntry) -> Result<bool, StateError> {
+        self.store.settle(r, entry)
+    }
+
+    pub fn release(&self, r: &Reservation) -> Result<(), StateError> {
+        self.store.release(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::memory::MemoryStore;
+
+    fn policy(src: &str) -> crate::compile::CompiledPolicy {
+        let mut sources = crate::source::Sources::default();
+        sources.add("p.route", src.to_string());
+        crate::compile::compile(&sources).unwrap_or_else(|a| {
+            panic!(
+                "{:?}",
+                a.diagnostics.iter().map(|d| &d.message).collect::<Vec<_>>()
+            )
+        })
+    }
+
+    const POLICY: &str = r#"
+tenant {
+  monthly_budget: number = 20
+}
+provider p {
+  region us
+}
+model cheap {
+  provider p
+  kind chat
+  context 8k
+  price in $1 out $2 per 1M
+}
+model dear {
+  provider p
+  kind chat
+  context 8k
+  price in $10 out $20 per 1M
+  tier premium
+}
+classify {
+  chat otherwise
+}
+route chat {
+  candidates [dear, cheap]
+  score 1.0 * quality
+}
+protect {
+  budget monthly per tenant tenant.monthly_budget {
+    warn at 50%
+    confirm premium at 80%
+    downgrade at 90%
+    block at 100%
+  }
+  budget daily per tenant and feature $1 {
+    warn at 10%
+  }
+}
+"#;
+
+    #[test]
+    fn dollars_are_readable() {
+        for (m, s) in [
+            (0, "$0.00"),
+            (1, "$0.000001"),
+            (1_500_000, "$1.50"),
+            (20_000_000, "$20.00"),
+            (123_456, "$0.123456"),
+            (100, "$0.0001"),
+        ] {
+            assert_eq!(dollars(m), s);
+        }
+    }
+
+    #[test]
+    fn budgets_apply_by_scope_with_tenant_amounts() {
+        let p = policy(POLICY);
+        let mut attrs = serde_json::Map::new();
+        attrs.insert("monthly_budget".into(), serde_json::json!(0.5));
+        let t = p.tenant("acme", &attrs).unwrap();
+        // 2026-11-25 12:00 UTC.
+        let now = 1_795_608_000_000;
+        let a = applicable(p.policy(), &t, None, now);
+        assert_eq!(a.len(), 1, "the feature budget needs a feature");
+        assert_eq!(a[0].charge.limit, 500_000);
+        assert_eq!(a[0].charge.counter.key, "monthly|tenant|acme");
+        assert_eq!(period::format_utc(a[0].resets_ms), "2026-12-01 00:00 UTC");
+        let a = applicable(p.policy(), &t, Some("chat"), now);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[1].charge.counter.key, "daily|tenant-feature|acme/chat");
+        assert_eq!(a[1].charge.limit, 1_000_000);
+        assert_eq!(
+            a[1].label,
+            "the daily budget of tenant `acme` for feature `chat`"
+        );
+    }
+
+    #[test]
+    fn the_strongest_threshold_reached_wins() {
+        let p = policy(POLICY);
+        let t = p.tenant("acme", &serde_json::Map::new()).unwrap();
+        let now = 1_795_608_000_000;
+        let a = applicable(p.policy(), &t, None, now).remove(0);
+        let cases = [
+            (0, 0, None),
+            (9_000_000, 0, None),
+            (9_000_000, 1_000_000, Some(BudgetAction::Warn)),
+            (16_000_000, 0, Some(BudgetAction::ConfirmPremium)),
+            (17_000_000, 1_000_000, Some(BudgetAction::Downgrade)),
+            (20_000_000, 0, Some(BudgetAction::Block)),
+            (25_000_000, 0, Some(BudgetAction::Block)),
+        ];
+        for (spent, reserved, expect) in cases {
+            let (act, msg) = evaluate(&[(a.clone(), Balance { spent, reserved })]);
+            assert_eq!(act, expect, "{spent} + {reserved}");
+            assert_eq!(msg.is_some(), expect.is_some());
+        }
+        let (_, msg) = evaluate(&[(
+            a,
+            Balance {
+                spent: 18_000_000,
+                reserved: 500_000,
+            },
+        )]);
+        assert_eq!(
+            msg.unwrap(),
+            "the monthly budget of tenant `acme` ($20.00): $18.00 spent, $0.50 reserved (92%); it resets at 2026-12-01 00:00 UTC"
+        );
+    }
+
+    #[test]
+    fn reservations_are_refused_with_a_clear_message() {
+        let p = policy(POLICY);
+        let mut attrs = serde_json::Map::new();
+        attrs.insert("monthly_budget".into(), serde_json::json!(0.0001));
+        let t = p.tenant("capped", &attrs).unwrap();
+        let now = 1_795_608_000_000;
+        let b = Budgets::new(Arc::new(MemoryStore::default()));
+        let check = b.check(p.policy(), &t, None, now).unwrap();
+        let r = b.reserve(&check, "a/1", 60, now).unwrap().unwrap();
+        b.settle(
+            &r,
+            &LedgerEntry {
+                id: "a/1".into(),
+                ts_ms: now,
+                tenant: "capped".into(),
+                feature: None,
+                model: "cheap".into(),
+                input_tokens: 1,
+                output_tokens: 1,
+                estimated: 60,
+                actual: 60,
+            },
+        )
+        .unwrap();
+        let check = b.check(p.policy(), &t, None, now).unwrap();
+        assert_eq!(check.action, Some(BudgetAction::Warn));
+        let refused = b.reserve(&check, "b/1", 41, now).unwrap().unwrap_err();
+        assert_eq!(
+            refused.message,
+            "the monthly budget of tenant `capped` is exhausted: the budget is $0.0001, $0.00006 is spent and $0.00 reserved, and this request needs up to $0.000041; it resets at 2026-12-01 00:00 UTC"
+        );
+        assert!(b.reserve(&check, "b/2", 40, now).unwrap().is_ok());
+    }
+}

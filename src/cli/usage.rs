@@ -1,0 +1,290 @@
+//! `routeplane usage --config FILE [--by tenant|feature|model|day] [--since DATE]
+//! [--format table|json|csv]`: requests, tokens, estimated and actual cost per
+//! group, read straight from the spend ledger of the config's `state:` backend.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use routeplane::budget::dollars;
+use routeplane::config::Config;
+use routeplane::state::{self, period, LedgerEntry};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum By {
+    Tenant,
+    Feature,
+    Model,
+    Day,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The gateway configuration (YAML) whose `state:` holds the ledger
+    #[arg(long, short, default_value = "routeplane.yaml")]
+    pub config: PathBuf,
+    /// Group by
+    #[arg(long, value_enum, default_value = "tenant")]
+    pub by: By,
+    /// Only entries on or after this day (`YYYY-MM-DD`, UTC)
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Output format
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+/// One group's totals; costs in micro-dollars.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Row {
+    pub group: String,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub estimated_micros: u64,
+    pub actual_micros: u64,
+}
+
+pub fn group(entries: &[LedgerEntry], by: By) -> Vec<Row> {
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    for e in entries {
+        let key = match by {
+            By::Tenant => e.tenant.clone(),
+            By::Feature => e.feature.clone().unwrap_or_else(|| "(none)".into()),
+            By::Model => e.model.clone(),
+            By::Day => period::format_date(e.ts_ms),
+        };
+        let r = rows.entry(key.clone()).or_insert_with(|| Row {
+            group: key,
+            ..Row::default()
+        });
+        r.requests += 1;
+        r.input_tokens = r.input_tokens.saturating_add(e.input_tokens);
+        r.output_tokens = r.output_tokens.saturating_add(e.output_tokens);
+        r.estimated_micros = r.estimated_micros.saturating_add(e.estimated);
+        r.actual_micros = r.actual_micros.saturating_add(e.actual);
+    }
+    rows.into_values().collect()
+}
+
+fn by_name(by: By) -> &'static str {
+    match by {
+        By::Tenant => "tenant",
+        By::Feature => "feature",
+        By::Model => "model",
+        By::Day => "day",
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+pub fn render(rows: &[Row], by: By, format: Format) -> String {
+    let head = [
+        by_name(by),
+        "requests",
+        "input_tokens",
+        "output_tokens",
+        "estimated",
+        "actual",
+    ];
+    match format {
+        Format::Json => {
+            #[derive(Serialize)]
+            struct Out<'a> {
+                by: &'static str,
+                groups: &'a [Row],
+            }
+            serde_json::to_string_pretty(&Out {
+                by: by_name(by),
+                groups: rows,
+            })
+            .map(|s| s + "\n")
+            .unwrap_or_default()
+        }
+        Format::Csv => {
+            let mut out = head.join(",") + "\n";
+            for r in rows {
+                out += &format!(
+                    "{},{},{},{},{},{}\n",
+                    csv_field(&r.group),
+                    r.requests,
+                    r.input_tokens,
+                    r.output_tokens,
+                    dollars(r.estimated_micros).trim_start_matches('$'),
+                    dollars(r.actual_micros).trim_start_matches('$'),
+                );
+            }
+            out
+        }
+        Format::Table => {
+            let mut cells: Vec<[String; 6]> = vec![head.map(str::to_string)];
+            let total = rows.iter().fold(Row::default(), |mut t, r| {
+                t.requests += r.requests;
+                t.input_tokens += r.input_tokens;
+                t.output_tokens += r.output_tokens;
+                t.estimated_micros += r.estimated_micros;
+                t.actual_micros += r.actual_micros;
+                t
+            });
+            let total = Row {
+                group: "total".into(),
+                ..total
+            };
+            for r in rows.iter().chain(std::iter::once(&total)) {
+                cells.push([
+                    r.group.clone(),
+                    r.requests.to_string(),
+                    r.input_tokens.to_string(),
+                    r.output_tokens.to_string(),
+                    dollars(r.estimated_micros),
+                    dollars(r.actual_micros),
+                ]);
+            }
+            let mut widths = [0usize; 6];
+            for row in &cells {
+                for (w, c) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(c.chars().count());
+                }
+            }
+            let mut out = String::new();
+            for row in &cells {
+                let mut line = String::new();
+                for (i, (w, c)) in widths.iter().zip(row).enumerate() {
+                    if i == 0 {
+                        line += &format!("{c:<w$}");
+                    } else {
+                        line += &format!("  {c:>w$}");
+                    }
+                }
+                out += line.trim_end();
+                out.push('\n');
+            }
+            out
+        }
+    }
+}
+
+pub fn run(args: Args) -> u8 {
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let since = match args.since.as_deref() {
+        None => None,
+        Some(s) => match period::parse_date(s) {
+            Some(ms) => Some(ms),
+            None => {
+                eprintln!("routeplane: `--since {s}` is not a date (YYYY-MM-DD)");
+                return 2;
+            }
+        },
+    };
+    if let state::Backend::Sqlite(path) = &config.state {
+        if !path.exists() {
+            eprintln!(
+                "routeplane: no ledger yet at `{}` (the gateway creates it on its first request)",
+                path.display()
+            );
+            return 2;
+        }
+    }
+    let store = match state::open(&config.state) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("routeplane: {e}");
+            return 2;
+        }
+    };
+    let entries = match store.ledger(since) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("routeplane: {e}");
+            return 2;
+        }
+    };
+    print!(
+        "{}",
+        render(&group(&entries, args.by), args.by, args.format)
+    );
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(tenant: &str, feature: Option<&str>, model: &str, ts_ms: i64, actual: u64) -> LedgerEntry {
+        LedgerEntry {
+            id: format!("{tenant}-{ts_ms}-{model}"),
+            ts_ms,
+            tenant: tenant.into(),
+            feature: feature.map(str::to_string),
+            model: model.into(),
+            input_tokens: 10,
+            output_tokens: 20,
+            estimated: 100,
+            actual,
+        }
+    }
+
+    fn entries() -> Vec<LedgerEntry> {
+        let day = 86_400_000;
+        vec![
+            e("demo", Some("chat"), "gpt-4o-mini", 0, 16),
+            e("demo", None, "gpt-4o-mini", day, 16),
+            e("capped", Some("chat"), "mistral-small", day + 5, 1_500_000),
+        ]
+    }
+
+    #[test]
+    fn groups_and_formats() {
+        let rows = group(&entries(), By::Tenant);
+        assert_eq!(
+            render(&rows, By::Tenant, Format::Table),
+            "\
+tenant  requests  input_tokens  output_tokens  estimated     actual
+capped         1            10             20    $0.0001      $1.50
+demo           2            20             40    $0.0002  $0.000032
+total          3            30             60    $0.0003  $1.500032
+"
+        );
+        assert_eq!(
+            render(&group(&entries(), By::Day), By::Day, Format::Csv),
+            "\
+day,requests,input_tokens,output_tokens,estimated,actual
+1970-01-01,1,10,20,0.0001,0.000016
+1970-01-02,2,20,40,0.0002,1.500016
+"
+        );
+        let json: serde_json::Value = serde_json::from_str(&render(
+            &group(&entries(), By::Feature),
+            By::Feature,
+            Format::Json,
+        ))
+        .unwrap();
+        assert_eq!(json["by"], "feature");
+        assert_eq!(json["groups"][0]["group"], "(none)");
+        assert_eq!(json["groups"][1]["group"], "chat");
+        assert_eq!(json["groups"][1]["requests"], 2);
+        assert_eq!(json["groups"][1]["actual_micros"], 1_500_016);
+        let models = group(&entries(), By::Model);
+        assert_eq!(models.len(), 2);
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+    }
+}

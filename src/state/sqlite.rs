@@ -1,0 +1,233 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! Every operation is one `BEGIN IMMEDIATE` transaction, so it is atomic
+//! against other threads and against other processes on the same file.
+//! `synchronous = NORMAL`: a committed transaction survives the process
+//! being killed (`kill -9`: the WAL is in the OS page cache) but may be lost
+//! on power failure; `FULL` would fsync every commit for that.
+//!
+//! Tables:
+//! - `counters (key, period_start) -> spent`;
+//! - `reservations (id, key, period_start) -> amount, expires_ms`: live
+//!   reservations; expired rows are ignored and swept by the next reserve;
+//! - `ledger (id PRIMARY KEY, ...)`: one row per settled attempt. The unique
+//!   id is what makes a replayed settle a no-op.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{Balance, BudgetStore, Charge, Counter, LedgerEntry, Refusal, Reservation, StateError};
+use crate::ir::Micros;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS counters (
+    key TEXT NOT NULL,
+    period_start INTEGER NOT NULL,
+    spent INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (key, period_start)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reservations (
+    id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    period_start INTEGER NOT NULL,
+    amount INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    PRIMARY KEY (id, key, period_start)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reservations_by_counter ON reservations (key, period_start, expires_ms);
+CREATE TABLE IF NOT EXISTS ledger (
+    id TEXT PRIMARY KEY NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    feature TEXT,
+    model TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    estimated INTEGER NOT NULL,
+    actual INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_by_time ON ledger (ts_ms);
+";
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl SqliteStore {
+    /// Open (and create) the store at `path`; its directory is created too.
+    pub fn open(path: &Path) -> Result<SqliteStore, StateError> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StateError::Backend(format!("cannot create `{}`: {e}", dir.display()))
+                })?;
+            }
+        }
+        let conn = Connection::open(path)
+            .map_err(|e| StateError::Backend(format!("cannot open `{}`: {e}", path.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StateError> {
+        self.conn
+            .lock()
+            .map_err(|_| StateError::Backend("sqlite connection poisoned".into()))
+    }
+}
+
+fn balance_in(conn: &Connection, c: &Counter, now_ms: i64) -> Result<Balance, StateError> {
+    let spent: Option<i64> = conn
+        .query_row(
+            "SELECT spent FROM counters WHERE key = ?1 AND period_start = ?2",
+            params![c.key, c.period_start],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let reserved: i64 = conn.query_row(
+        "SELECT COALESCE(SUM(amount), 0) FROM reservations
+         WHERE key = ?1 AND period_start = ?2 AND expires_ms > ?3",
+        params![c.key, c.period_start, now_ms],
+        |r| r.get(0),
+    )?;
+    Ok(Balance {
+        spent: to_u64(spent.unwrap_or(0)),
+        reserved: to_u64(reserved),
+    })
+}
+
+impl BudgetStore for SqliteStore {
+    fn reserve(
+        &self,
+        id: &str,
+        charges: &[Charge],
+        amount: Micros,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Reservation, StateError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for ch in charges {
+            tx.execute(
+                "DELETE FROM reservations WHERE key = ?1 AND period_start = ?2 AND expires_ms <= ?3",
+                params![ch.counter.key, ch.counter.period_start, now_ms],
+            )?;
+            let b = balance_in(&tx, &ch.counter, now_ms)?;
+            if b.spent.saturating_add(b.reserved).saturating_add(amount) > ch.limit {
+                // Dropping `tx` rolls back.
+                return Err(StateError::Refused(Box::new(Refusal {
+                    counter: ch.counter.clone(),
+                    limit: ch.limit,
+                    balance: b,
+                    amount,
+                })));
+            }
+        }
+        let expires_ms = now_ms.saturating_add(ttl_ms);
+        for ch in charges {
+            tx.execute(
+                "INSERT OR REPLACE INTO reservations (id, key, period_start, amount, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    id,
+                    ch.counter.key,
+                    ch.counter.period_start,
+                    to_i64(amount),
+                    expires_ms
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(Reservation {
+            id: id.to_string(),
+            counters: charges.iter().map(|c| c.counter.clone()).collect(),
+            amount,
+            expires_ms,
+        })
+    }
+
+    fn settle(&self, r: &Reservation, e: &LedgerEntry) -> Result<bool, StateError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute("DELETE FROM reservations WHERE id = ?1", params![r.id])?;
+        let fresh = tx.execute(
+            "INSERT OR IGNORE INTO ledger
+             (id, ts_ms, tenant, feature, model, input_tokens, output_tokens, estimated, actual)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                e.id,
+                e.ts_ms,
+                e.tenant,
+                e.feature,
+                e.model,
+                to_i64(e.input_tokens),
+                to_i64(e.output_tokens),
+                to_i64(e.estimated),
+                to_i64(e.actual)
+            ],
+        )? == 1;
+        if fresh {
+            for c in &r.counters {
+                tx.execute(
+                    "INSERT INTO counters (key, period_start, spent) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (key, period_start) DO UPDATE SET spent = spent + excluded.spent",
+                    params![c.key, c.period_start, to_i64(e.actual)],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(fresh)
+    }
+
+    fn release(&self, r: &Reservation) -> Result<(), StateError> {
+        let conn = self.lock()?;
+        conn.execute("DELETE FROM reservations WHERE id = ?1", params![r.id])?;
+        Ok(())
+    }
+
+    fn balance(&self, c: &Counter, now_ms: i64) -> Result<Balance, StateError> {
+        let conn = self.lock()?;
+        balance_in(&conn, c, now_ms)
+    }
+
+    fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<LedgerEntry>, StateError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare(
+            "SELECT id, ts_ms, tenant, feature, model, input_tokens, output_tokens, estimated, actual
+             FROM ledger WHERE ts_ms >= ?1 ORDER BY ts_ms, id",
+        )?;
+        let rows = stmt.query_map(params![since_ms.unwrap_or(i64::MIN)], |r| {
+            Ok(LedgerEntry {
+                id: r.get(0)?,
+                ts_ms: r.get(1)?,
+                tenant: r.get(2)?,
+                feature: r.get(3)?,
+                model: r.get(4)?,
+                input_tokens: to_u64(r.get(5)?),
+                output_tokens: to_u64(r.get(6)?),
+                estimated: to_u64(r.get(7)?),
+                actual: to_u64(r.get(8)?),
+            })
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row?);
+        }
+        Ok(out)
+    }
+}
