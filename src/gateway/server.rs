@@ -23,6 +23,9 @@ use super::{Gateway, LiveStats, Runtime};
 use crate::config::sha256;
 use crate::ir::{LimitScope, ModelKind};
 
+/// How long a client may take to send its headers, and then its body.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Accept connections until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -50,7 +53,10 @@ pub async fn serve(
                 let gw = gw.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(gw, req).await) }
             });
+            // A client that never finishes its headers does not hold a task forever.
             if let Err(e) = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(BODY_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {
@@ -173,7 +179,18 @@ async fn read_body(
         return Err(too_large());
     }
     let (parts, body) = req.into_parts();
-    match Limited::new(body, limit).collect().await {
+    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect()).await;
+    let Ok(read) = read else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {}s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        ));
+    };
+    match read {
         Ok(c) => Ok((parts, c.to_bytes())),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
