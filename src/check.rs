@@ -131,6 +131,13 @@ fn fields<'a>(c: &'a Cond, out: &mut Vec<&'a Field>) {
     }
 }
 
+/// Whether a condition reads a tenant attribute (else it is the same for every class).
+fn reads_tenant(c: &Cond) -> bool {
+    let mut fs = Vec::new();
+    fields(c, &mut fs);
+    fs.iter().any(|f| matches!(f, Field::Tenant(_)))
+}
+
 /// All request-scope conditions of a policy.
 fn all_conds(p: &Policy) -> impl Iterator<Item = &Cond> {
     let c = p.constraints.iter().filter_map(|c| c.when.as_ref());
@@ -638,27 +645,68 @@ impl Checker<'_> {
         let mut holes: Vec<Vec<Hole>> = vec![Vec::new(); p.routes.len()];
         let mut removed: Vec<Option<ConstraintId>> = vec![None; nm];
         let mut reachable = vec![false; ni];
+        // Constraints whose condition reads no tenant attribute fire the same
+        // way for every class: resolve them once, keep the rest per class.
+        let mut base: Vec<Option<ConstraintId>> = vec![None; nm];
+        let mut per_class: Vec<usize> = Vec::new();
+        for (ci, c) in p.constraints.iter().enumerate() {
+            let fixed = match &c.when {
+                None => Some(Tri::True),
+                Some(w) if !reads_tenant(&w.cond) => Some(eval3(&w.cond, &[])),
+                Some(_) => None,
+            };
+            match fixed {
+                Some(Tri::True) => {
+                    for m in &c.removes {
+                        if let Some(slot) = base.get_mut(m.index()) {
+                            slot.get_or_insert(ConstraintId(ci as u32));
+                        }
+                    }
+                }
+                Some(_) => {}
+                None => per_class.push(ci),
+            }
+        }
+        let classify_fixed: Vec<Option<Tri>> = p
+            .classify
+            .iter()
+            .map(|r| match &r.when {
+                None => Some(Tri::True),
+                Some(w) if !reads_tenant(&w.cond) => Some(eval3(&w.cond, &[])),
+                Some(_) => None,
+            })
+            .collect();
         for tenant in &classes.all {
-            removed.iter_mut().for_each(|r| *r = None);
-            for (ci, c) in p.constraints.iter().enumerate() {
+            removed.clone_from(&base);
+            for &ci in &per_class {
+                let Some(c) = p.constraints.get(ci) else {
+                    continue;
+                };
                 let fires = c
                     .when
                     .as_ref()
                     .is_none_or(|w| eval3(&w.cond, tenant) == Tri::True);
                 if fires {
+                    let id = ConstraintId(ci as u32);
                     for m in &c.removes {
                         if let Some(slot) = removed.get_mut(m.index()) {
-                            slot.get_or_insert(ConstraintId(ci as u32));
+                            // The first rule in source order is the one named.
+                            if slot.is_none_or(|old| id < old) {
+                                *slot = Some(id);
+                            }
                         }
                     }
                 }
             }
             reachable.iter_mut().for_each(|r| *r = false);
-            for rule in &p.classify {
-                let t = rule
-                    .when
-                    .as_ref()
-                    .map_or(Tri::True, |w| eval3(&w.cond, tenant));
+            for (rule, fixed) in p.classify.iter().zip(&classify_fixed) {
+                let t = match fixed {
+                    Some(t) => *t,
+                    None => rule
+                        .when
+                        .as_ref()
+                        .map_or(Tri::True, |w| eval3(&w.cond, tenant)),
+                };
                 if t != Tri::False {
                     if let Some(r) = reachable.get_mut(rule.intent.index()) {
                         *r = true;

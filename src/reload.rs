@@ -329,11 +329,21 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
         for dir in targets.dirs() {
             watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
         }
+        let watcher = Arc::new(Mutex::new(watcher));
+        let rewatch = Arc::clone(&watcher);
         let store = Arc::clone(self);
         let task = tokio::spawn(async move {
             loop {
                 wake.notified().await;
                 debounce.settle(&wake).await;
+                // A directory that was removed and created again (`rm -r` and
+                // a copy, a checkout that deletes it) lost its watch; adding
+                // it again is harmless when it did not. If it is missing, the
+                // reload below fails and says so; its re-creation is seen
+                // through the parent's watch.
+                if let Ok(mut w) = rewatch.lock() {
+                    let _ = w.watch(&targets.policy_dir, notify::RecursiveMode::NonRecursive);
+                }
                 // The outcome is logged and recorded by `reload`.
                 let _ = store.reload(Trigger::Watch).await;
             }
@@ -413,7 +423,7 @@ impl Debounce {
 
 /// Keeps the watcher alive; dropping it stops watching.
 pub struct WatchHandle {
-    _watcher: notify::RecommendedWatcher,
+    _watcher: Arc<Mutex<notify::RecommendedWatcher>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -458,11 +468,19 @@ impl Targets {
         })
     }
 
+    /// The policy directory, its parent (to see it deleted and created
+    /// again) and the config file's directory, each once.
     fn dirs(&self) -> Vec<&Path> {
         let mut dirs = vec![self.policy_dir.as_path()];
-        if let Some((dir, _)) = &self.config {
-            if *dir != self.policy_dir {
-                dirs.push(dir.as_path());
+        let parent = self
+            .policy_file
+            .is_none()
+            .then(|| self.policy_dir.parent())
+            .flatten();
+        let config = self.config.as_ref().map(|(dir, _)| dir.as_path());
+        for dir in [parent, config].into_iter().flatten() {
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
             }
         }
         dirs
@@ -883,6 +901,25 @@ mod tests {
         std::fs::rename(&tmp, &config).unwrap();
         wait_for(|| store.status().succeeded == 3).await;
         assert!(store.current().value.ends_with("tenants: [x]\n"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_policy_directory_deleted_and_created_again_is_still_watched() {
+        let (_tmp, paths) = setup(&[("a.route", "one")]);
+        let store = PolicyStore::load(paths.clone(), fake_builder(Arc::default()), None).unwrap();
+        let _watch = store.watch(Debounce::default()).unwrap();
+        std::fs::remove_dir_all(&paths.policy).unwrap();
+        wait_for(|| store.status().failed == 1).await;
+        assert!(
+            store.current().value.starts_with("one"),
+            "the last good policy keeps serving"
+        );
+        std::fs::create_dir(&paths.policy).unwrap();
+        std::fs::write(paths.policy.join("a.route"), "two").unwrap();
+        wait_for(|| store.current().value.starts_with("two")).await;
+        // And the new directory's files are watched.
+        std::fs::write(paths.policy.join("a.route"), "three").unwrap();
+        wait_for(|| store.current().value.starts_with("three")).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -330,3 +330,20 @@ fn names_are_global_and_diagnostics_sorted_by_file() {
         [(0, "route::unknown-model"), (1, "route::duplicate-name")]
     );
 }
+
+#[test]
+fn the_first_rule_in_source_order_is_named() {
+    // `c2` fires for every tenant and is resolved once; `c1` depends on the
+    // class, comes first, and is the one the message names.
+    let src = format!("{H}constraints {{\n c1: deny [a] when not tenant.eu\n c2: deny [a]\n}}\nclassify {{ chat otherwise }}\nroute chat {{ candidates [a] fallback [a] }}");
+    let d = message(&src, "coverage-hole");
+    assert!(d.message.ends_with("`eu=false`"), "{}", d.message);
+    assert!(
+        d.help
+            .as_deref()
+            .unwrap()
+            .starts_with("`a` removed by `c1`"),
+        "{:?}",
+        d.help
+    );
+}

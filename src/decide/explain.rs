@@ -213,8 +213,12 @@ pub fn explain(p: &CompiledPolicy, t: &TenantView, r: &RequestFeatures, s: &dyn 
                     Some((id, _)) => format!("removed by `{}`", p.constraint_name(*id)),
                     None => "removed".to_string(),
                 }
-            } else {
+            } else if requested_model.is_some() {
+                "not scored: the request names a model".to_string()
+            } else if rec.premium == Some(false) && p.premium.contains(m) {
                 "premium not allowed".to_string()
+            } else {
+                "not scored".to_string()
             };
             let terms = scored
                 .map(|s| {

@@ -17,6 +17,7 @@ pub mod providers;
 pub mod server;
 pub mod sse;
 pub mod stats;
+pub mod validate;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -23,6 +23,9 @@ use super::{Gateway, LiveStats, Runtime};
 use crate::config::sha256;
 use crate::ir::{LimitScope, ModelKind};
 
+/// How long a client may take to send its headers, and then its body.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Accept connections until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -50,7 +53,10 @@ pub async fn serve(
                 let gw = gw.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(gw, req).await) }
             });
+            // A client that never finishes its headers does not hold a task forever.
             if let Err(e) = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(BODY_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {
@@ -173,7 +179,18 @@ async fn read_body(
         return Err(too_large());
     }
     let (parts, body) = req.into_parts();
-    match Limited::new(body, limit).collect().await {
+    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect()).await;
+    let Ok(read) = read else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {}s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        ));
+    };
+    match read {
         Ok(c) => Ok((parts, c.to_bytes())),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -247,38 +264,10 @@ fn features(
     Ok((f, body))
 }
 
-/// The few shape checks that turn a certain upstream 400 into our own clear one.
+/// Shape checks on the fields the gateway reads (see `validate`): a wrong type
+/// is our own clear 400 instead of a wrong decision or an upstream's 400.
 fn check_shape(endpoint: Endpoint, v: &serde_json::Value) -> Result<(), ApiError> {
-    if let Some(m) = v.get("model") {
-        if !m.is_string() {
-            return Err(ApiError::bad_request("`model` must be a string"));
-        }
-    }
-    if let Some(s) = v.get("stream") {
-        if !s.is_boolean() {
-            return Err(ApiError::bad_request("`stream` must be true or false"));
-        }
-    }
-    match endpoint {
-        Endpoint::Chat => match v.get("messages") {
-            Some(serde_json::Value::Array(a)) if !a.is_empty() => Ok(()),
-            Some(serde_json::Value::Array(_)) => {
-                Err(ApiError::bad_request("`messages` must not be empty"))
-            }
-            Some(_) => Err(ApiError::bad_request("`messages` must be an array")),
-            None => Err(ApiError::bad_request("missing `messages`")),
-        },
-        Endpoint::Embeddings if v.get("input").is_none() => {
-            Err(ApiError::bad_request("missing `input`"))
-        }
-        Endpoint::Images if v.get("prompt").is_none() => {
-            Err(ApiError::bad_request("missing `prompt`"))
-        }
-        Endpoint::AudioSpeech if v.get("input").is_none() => {
-            Err(ApiError::bad_request("missing `input`"))
-        }
-        _ => Ok(()),
-    }
+    super::validate::body(endpoint, v).map_err(ApiError::bad_request)
 }
 
 /// Tenant and feature limits, taken before the decision.

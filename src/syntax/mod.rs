@@ -30,9 +30,15 @@ pub struct Parsed {
 
 /// Parse one file. Never panics; every broken item yields one diagnostic.
 pub fn parse_file(file: FileId, text: &str) -> Parsed {
+    let comments = scan_comments(file, text);
     let mut b = Builder {
         file,
         diagnostics: Vec::new(),
+        text,
+        comment_starts: comments
+            .iter()
+            .map(|c| (c.span.end(), c.span.start()))
+            .collect(),
     };
     let mut items = Vec::new();
     match RouteParser::parse(Rule::file, text) {
@@ -57,15 +63,18 @@ pub fn parse_file(file: FileId, text: &str) -> Parsed {
         ast: FileAst {
             file,
             items,
-            comments: scan_comments(file, text),
+            comments,
         },
         diagnostics: b.diagnostics,
     }
 }
 
-struct Builder {
+struct Builder<'t> {
     file: FileId,
     diagnostics: Vec<Diagnostic>,
+    text: &'t str,
+    /// Comment end offset -> start offset, to trim comments off the end of spans.
+    comment_starts: std::collections::HashMap<usize, usize>,
 }
 
 /// Words the grammar expects, shown in syntax errors by their spelling.
@@ -285,10 +294,23 @@ pub fn parse_quantity(text: &str, span: Span) -> Quantity {
     }
 }
 
-impl Builder {
+impl Builder<'_> {
+    /// The pair's span without trailing whitespace and comments. pest
+    /// consumes the skipped trivia before an optional part that then does not
+    /// match (`test = { path ~ test_op? }`), which would otherwise make spans
+    /// run on to the next line.
     fn span(&self, p: &P) -> Span {
         let s = p.as_span();
-        Span::new(self.file, s.start(), s.end())
+        let (start, mut end) = (s.start(), s.end());
+        loop {
+            let trimmed = self.text.get(start..end).map_or(0, |t| t.trim_end().len());
+            end = start + trimmed;
+            match self.comment_starts.get(&end) {
+                Some(&c) if c >= start => end = c,
+                _ => break,
+            }
+        }
+        Span::new(self.file, start, end)
     }
 
     fn ident(&self, p: &P) -> Ident {

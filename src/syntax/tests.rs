@@ -122,3 +122,24 @@ fn names_may_contain_dashes_and_dots() {
     };
     assert_eq!(m.name.name, "claude-3.5-sonnet");
 }
+
+#[test]
+fn spans_do_not_cover_trailing_whitespace_or_comments() {
+    let src =
+        "constraints {\n  deny model a when request.has_tools   // why\n\n  deny model b\n}\n";
+    let p = parse(src);
+    assert!(p.diagnostics.is_empty(), "{:#?}", p.diagnostics);
+    let Some(Item::Constraints(c)) = p.ast.items.first() else {
+        unreachable!()
+    };
+    let rule = &c.rules[0];
+    assert_eq!(
+        src.get(rule.span.start()..rule.span.end()).unwrap(),
+        "deny model a when request.has_tools"
+    );
+    let when = rule.when.as_ref().unwrap();
+    assert_eq!(
+        src.get(when.span().start()..when.span().end()).unwrap(),
+        "request.has_tools"
+    );
+}
