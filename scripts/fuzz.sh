@@ -45,7 +45,12 @@ seed() {
     esac
 }
 
-cargo +nightly fuzz build "${targets[@]/#/}" 2>&1 | tail -3 || true
+echo "fuzz: building the targets" >&2
+if ! cargo +nightly fuzz build >fuzz/build.log 2>&1; then
+    tail -40 fuzz/build.log >&2
+    echo "fuzz: the targets do not build" >&2
+    exit 1
+fi
 status=0
 for t in "${targets[@]}"; do
     seed "$t"

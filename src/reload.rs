@@ -658,7 +658,8 @@ pub fn served_builder(
                 Ok(view) => tenants.push(view),
                 Err(errs) => problems.extend(errs.into_iter().map(|e| {
                     config
-                        .error_at(t.line, format!("tenant `{}`: {e}", t.id))
+                        // The engine's message already names the tenant.
+                        .error_at(t.line, e)
                         .to_string()
                 })),
             }
