@@ -355,7 +355,9 @@ impl RequestBudget {
         attempts: &[ModelId],
     ) -> RequestBudget {
         let mut tokens: Vec<(Tokenizer, u64)> = Vec::new();
-        if let Some(body) = body {
+        // Without a budget to reserve against, the engine's fast estimate
+        // (`fallback_tokens`) is enough for the ledger; the tokenizer is not.
+        if let (Some(body), false) = (body, check.budgets.is_empty()) {
             for m in attempts.iter().filter_map(|m| p.model(*m)) {
                 let t = Tokenizer::for_model(m);
                 if !tokens.iter().any(|(u, _)| *u == t) {

@@ -73,14 +73,39 @@ impl Tokenizer {
         }
     }
 
-    /// Tokens in `text`.
+    /// Tokens in `text`, exactly.
     pub fn count(self, text: &str) -> u64 {
         match self.bpe() {
             Some(bpe) => bpe.encode_ordinary(text).len() as u64,
             None => approx_tokens(text),
         }
     }
+
+    /// Tokens in `text` for an estimate on the request path: exact up to
+    /// [`EXACT_BYTES`]; past that the head's tokens per byte, applied to the
+    /// rest and rounded up. BPE costs about 70 µs per 1,000 characters here,
+    /// so a 100k-character prompt would cost 6 ms exactly and costs about
+    /// 0.3 ms this way, within a few percent on uniform text.
+    pub fn estimate(self, text: &str) -> u64 {
+        if self.bpe().is_none() || text.len() <= EXACT_BYTES {
+            return self.count(text);
+        }
+        let mut cut = EXACT_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        let Some((head, rest)) = text.split_at_checked(cut) else {
+            return self.count(text);
+        };
+        let head_tokens = self.count(head);
+        let rest_tokens =
+            (u128::from(head_tokens) * rest.len() as u128).div_ceil(head.len() as u128);
+        head_tokens.saturating_add(u64::try_from(rest_tokens).unwrap_or(u64::MAX))
+    }
 }
+
+/// Bytes of a text counted exactly by [`Tokenizer::estimate`].
+pub const EXACT_BYTES: usize = 4 * 1024;
 
 /// Load the bundled encodings now, off the request path.
 pub fn warm_up() {
@@ -159,7 +184,7 @@ pub fn input_tokens(tok: Tokenizer, body: &serde_json::Value) -> u64 {
     if let Some(serde_json::Value::String(p)) = body.get("prompt") {
         text.push_str(p);
     }
-    tok.count(&text) + framing
+    tok.estimate(&text) + framing
 }
 
 /// Appends the `delta.content` (or `message.content`) text of a chat chunk or completion.
@@ -185,7 +210,7 @@ pub fn response_output_tokens(tok: Tokenizer, body: &[u8]) -> u64 {
     };
     let mut text = String::new();
     push_delta_text(&v, &mut text);
-    tok.count(&text)
+    tok.estimate(&text)
 }
 
 /// Input tokens of a body for a model, with the model's tokenizer.
@@ -241,6 +266,26 @@ mod tests {
         check_count(Tokenizer::Approx, "abcd", 1);
         check_count(Tokenizer::Approx, "abcde", 2);
         check_count(Tokenizer::Approx, "日本語", 1);
+    }
+
+    #[test]
+    fn long_texts_are_extrapolated_from_an_exact_head() {
+        let para =
+            "The gateway reserves the estimated cost before dispatch. fn f(x: u64) {} 日本語\n";
+        let text = para.repeat(2_000);
+        for tok in [Tokenizer::O200k, Tokenizer::Cl100k] {
+            let exact = tok.count(&text) as f64;
+            let est = tok.estimate(&text) as f64;
+            assert!(
+                (est - exact).abs() / exact < 0.02,
+                "{tok:?}: {est} vs {exact}"
+            );
+        }
+        let short = "hello world";
+        assert_eq!(
+            Tokenizer::O200k.estimate(short),
+            Tokenizer::O200k.count(short)
+        );
     }
 
     #[test]
