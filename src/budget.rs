@@ -21,13 +21,14 @@
 //! Budgets on `feature` apply only to requests that carry a feature. A
 //! `tenant.<attr>` amount the tenant does not set means no budget.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::compile::TenantView;
 use crate::decide::{ModelStats, Stats};
+use crate::estimate::{self, Tokenizer};
 use crate::ir::{
-    BudgetAction, BudgetAmount, BudgetPeriod, BudgetScope, Micros, ModelId, Policy, Threshold,
-    Value,
+    BudgetAction, BudgetAmount, BudgetPeriod, BudgetScope, Endpoint, Micros, Model, ModelId,
+    Policy, Threshold, Value,
 };
 use crate::state::{
     period, Balance, BudgetStore, Charge, Counter, LedgerEntry, Reservation, StateError,
@@ -304,6 +305,181 @@ impl Budgets {
 
     pub fn release(&self, r: &Reservation) -> Result<(), StateError> {
         self.store.release(r)
+    }
+}
+
+/// One attempt's reservation, until settled or released.
+struct Hold {
+    reservation: Reservation,
+    model: String,
+    input_tokens: u64,
+}
+
+/// The budget side of one request: the check made before `decide`, the
+/// input-token counts per tokenizer, and the current attempt's reservation.
+/// Dropping it releases a reservation nobody settled, so every failure path
+/// frees the money.
+pub struct RequestBudget {
+    budgets: Arc<Budgets>,
+    pub check: Check,
+    tenant: String,
+    feature: Option<String>,
+    endpoint: Endpoint,
+    max_tokens: Option<u64>,
+    /// Input tokens of the body for each tokenizer the attempts use.
+    tokens: Vec<(Tokenizer, u64)>,
+    fallback_tokens: u64,
+    hold: Mutex<Option<Hold>>,
+    /// Why the last reservation was refused.
+    refused: Mutex<Option<Refused>>,
+}
+
+impl RequestBudget {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        budgets: Arc<Budgets>,
+        check: Check,
+        p: &Policy,
+        tenant: &str,
+        feature: Option<&str>,
+        endpoint: Endpoint,
+        max_tokens: Option<u64>,
+        fallback_tokens: u64,
+        body: Option<&serde_json::Value>,
+        attempts: &[ModelId],
+    ) -> RequestBudget {
+        let mut tokens: Vec<(Tokenizer, u64)> = Vec::new();
+        if let Some(body) = body {
+            for m in attempts.iter().filter_map(|m| p.model(*m)) {
+                let t = Tokenizer::for_model(m);
+                if !tokens.iter().any(|(u, _)| *u == t) {
+                    tokens.push((t, estimate::input_tokens(t, body)));
+                }
+            }
+        }
+        RequestBudget {
+            budgets,
+            check,
+            tenant: tenant.to_string(),
+            feature: feature.map(str::to_string),
+            endpoint,
+            max_tokens,
+            tokens,
+            fallback_tokens,
+            hold: Mutex::new(None),
+            refused: Mutex::new(None),
+        }
+    }
+
+    fn input_tokens(&self, m: &Model) -> u64 {
+        let t = Tokenizer::for_model(m);
+        self.tokens
+            .iter()
+            .find(|(u, _)| *u == t)
+            .map_or(self.fallback_tokens, |(_, n)| *n)
+    }
+
+    /// The warning to send with the answer, when a threshold was reached.
+    pub fn warning(&self) -> Option<&str> {
+        self.check.message.as_deref()
+    }
+
+    /// Why the budget refused the last attempt.
+    pub fn refused(&self) -> Option<Refused> {
+        self.refused.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Reserve the estimated cost of an attempt on model `m`. Any previous
+    /// hold is released first. `Err` carries the message for the client.
+    pub fn reserve(&self, p: &Policy, m: ModelId, id: &str) -> Result<(), String> {
+        self.release();
+        let Some(model) = p.model(m) else {
+            return Ok(());
+        };
+        let input = self.input_tokens(model);
+        let amount = estimate::estimate_cost(model, self.endpoint, input, self.max_tokens);
+        let now = crate::state::now_ms();
+        match self.budgets.reserve(&self.check, id, amount, now) {
+            Ok(Ok(r)) => {
+                if let Ok(mut h) = self.hold.lock() {
+                    *h = Some(Hold {
+                        reservation: r,
+                        model: model.name.clone(),
+                        input_tokens: input,
+                    });
+                }
+                Ok(())
+            }
+            Ok(Err(refused)) => {
+                let msg = refused.message.clone();
+                if let Ok(mut r) = self.refused.lock() {
+                    *r = Some(refused);
+                }
+                Err(msg)
+            }
+            Err(e) => {
+                // Fail closed: without the store nobody can tell what is left.
+                let msg = format!("the budget store is unavailable: {e}");
+                tracing::error!(tenant = %self.tenant, "{msg}");
+                if let Ok(mut r) = self.refused.lock() {
+                    *r = Some(Refused {
+                        message: msg.clone(),
+                        resets_ms: 0,
+                    });
+                }
+                Err(msg)
+            }
+        }
+    }
+
+    /// Release the current attempt's reservation, if any.
+    pub fn release(&self) {
+        let hold = self.hold.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = hold {
+            if let Err(e) = self.budgets.release(&h.reservation) {
+                // It expires by itself; the money is only held until then.
+                tracing::warn!(tenant = %self.tenant, "cannot release a budget reservation: {e}");
+            }
+        }
+    }
+
+    /// Settle the current attempt at its actual cost: the provider's usage
+    /// (`prompt`, `completion`) when it reported one, else our input count
+    /// and `counted_output`. Returns the actual cost.
+    pub fn settle(
+        &self,
+        p: &Policy,
+        usage: Option<(u64, u64)>,
+        counted_output: u64,
+    ) -> Option<Micros> {
+        let h = self.hold.lock().ok().and_then(|mut h| h.take())?;
+        let model = p.model_by_name(&h.model).and_then(|id| p.model(id));
+        let (input, output) = usage.unwrap_or((h.input_tokens, counted_output));
+        let mut actual = model.map_or(0, |m| estimate::token_cost(&m.pricing, input, output));
+        if self.endpoint == Endpoint::Images {
+            actual = actual.saturating_add(model.map_or(0, |m| m.pricing.per_image));
+        }
+        let entry = LedgerEntry {
+            id: h.reservation.id.clone(),
+            ts_ms: crate::state::now_ms(),
+            tenant: self.tenant.clone(),
+            feature: self.feature.clone(),
+            model: h.model.clone(),
+            input_tokens: input,
+            output_tokens: output,
+            estimated: h.reservation.amount,
+            actual,
+        };
+        if let Err(e) = self.budgets.settle(&h.reservation, &entry) {
+            tracing::error!(tenant = %self.tenant, "cannot record spend {}: {e}", dollars(actual));
+        }
+        Some(actual)
+    }
+}
+
+impl Drop for RequestBudget {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

@@ -162,6 +162,32 @@ pub fn input_tokens(tok: Tokenizer, body: &serde_json::Value) -> u64 {
     tok.count(&text) + framing
 }
 
+/// Appends the `delta.content` (or `message.content`) text of a chat chunk or completion.
+pub fn push_delta_text(v: &serde_json::Value, out: &mut String) {
+    if let Some(choices) = v.get("choices").and_then(|c| c.as_array()) {
+        for c in choices {
+            for k in ["delta", "message"] {
+                match c.get(k).and_then(|d| d.get("content")) {
+                    // Stream deltas are pieces of one text: no separator.
+                    Some(serde_json::Value::String(s)) => out.push_str(s),
+                    Some(content) => push_text(content, out),
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// Output tokens of a complete chat answer that reported no usage.
+pub fn response_output_tokens(tok: Tokenizer, body: &[u8]) -> u64 {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return 0;
+    };
+    let mut text = String::new();
+    push_delta_text(&v, &mut text);
+    tok.count(&text)
+}
+
 /// Input tokens of a body for a model, with the model's tokenizer.
 pub fn model_input_tokens(m: &Model, body: &serde_json::Value) -> u64 {
     input_tokens(Tokenizer::for_model(m), body)

@@ -89,6 +89,17 @@ struct VersionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BudgetLabels {
+    budget: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BudgetActionLabels {
+    tenant: String,
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: String,
 }
@@ -162,6 +173,9 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     last_reload: Gauge<f64, AtomicU64>,
     decision_log_dropped: Counter,
+    budget_spent: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    budget_utilisation: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    budget_actions: Family<BudgetActionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -275,7 +289,29 @@ impl Metrics {
             "Decision log lines dropped because the writer fell behind",
             decision_log_dropped.clone(),
         );
+        let budget_spent = Family::default();
+        registry.register_with_unit(
+            "budget_spent",
+            "Spend in the current period per budget (period|scope|tenant or feature), as of the last request",
+            Unit::Other("dollars".into()),
+            budget_spent.clone(),
+        );
+        let budget_utilisation = Family::default();
+        registry.register(
+            "budget_utilisation_ratio",
+            "Spent plus reserved over the budget's amount, as of the last request",
+            budget_utilisation.clone(),
+        );
+        let budget_actions = Family::default();
+        registry.register(
+            "budget_threshold",
+            "Requests that found a budget threshold reached, by tenant and action",
+            budget_actions.clone(),
+        );
         Metrics {
+            budget_spent,
+            budget_utilisation,
+            budget_actions,
             registry,
             requests,
             duration,
@@ -412,6 +448,36 @@ impl Metrics {
                 .unwrap_or_default();
             self.last_reload.set(now.as_secs_f64());
         }
+    }
+
+    /// Where one budget stands (`key` as in `crate::budget`: `monthly|tenant|acme`).
+    pub fn budget_balance(&self, key: &str, limit: Micros, spent: Micros, reserved: Micros) {
+        let l = BudgetLabels {
+            budget: key.to_string(),
+        };
+        self.budget_spent.get_or_create(&l).set(spent as f64 / 1e6);
+        let ratio = if limit == 0 {
+            1.0
+        } else {
+            spent.saturating_add(reserved) as f64 / limit as f64
+        };
+        self.budget_utilisation.get_or_create(&l).set(ratio);
+    }
+
+    /// A request found a budget threshold reached.
+    pub fn budget_action(&self, tenant: &str, action: crate::ir::BudgetAction) {
+        let action = match action {
+            crate::ir::BudgetAction::Warn => "warn",
+            crate::ir::BudgetAction::ConfirmPremium => "confirm_premium",
+            crate::ir::BudgetAction::Downgrade => "downgrade",
+            crate::ir::BudgetAction::Block => "block",
+        };
+        self.budget_actions
+            .get_or_create(&BudgetActionLabels {
+                tenant: tenant.to_string(),
+                action: action.to_string(),
+            })
+            .inc();
     }
 
     pub fn decision_log_dropped(&self) {

@@ -94,9 +94,19 @@ async fn serve(config: Config, args: Args) -> u8 {
         }
     };
     let decision_log = config.decision_log.is_some().then_some(log);
+    let budgets = match routeplane::state::open(&config.state) {
+        Ok(s) => Arc::new(routeplane::budget::Budgets::new(s)),
+        Err(e) => {
+            eprintln!("routeplane: cannot open the budget state: {e}");
+            return 2;
+        }
+    };
+    // Load the tokenizers now rather than on the first request.
+    routeplane::estimate::warm_up();
     let opts = Options {
         metrics: Some(metrics),
         decision_log,
+        budgets: Some(budgets),
     };
     let gw = match Gateway::new(config, store.clone(), opts) {
         Ok(g) => g,

@@ -38,17 +38,21 @@ pub struct RequestCtx {
     pub slots: Vec<Slot>,
     /// What each firing constraint removed, when the decision log wants it.
     pub removed: Vec<crate::decision_log::Removed>,
+    /// The budget check and the current attempt's reservation; `None` when
+    /// budgets are not enforced. Dropping it releases an unsettled reservation.
+    pub budget: Option<crate::budget::RequestBudget>,
 }
 
 pub use crate::decision_log::{Attempt as AttemptRecord, DecisionRecord};
 
 /// Attempts that reached an upstream; skipped ones (breaker open, limit) are only logged.
 fn sent(attempts: &[AttemptRecord]) -> usize {
-    const SKIPPED: [&str; 4] = [
+    const SKIPPED: [&str; 5] = [
         "breaker_open",
         "provider_breaker_open",
         "limited",
         "no_provider",
+        "budget",
     ];
     attempts
         .iter()
@@ -232,6 +236,22 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                     break;
                 }
             };
+            // Every attempt reserves its own estimate, for the model it uses:
+            // a retry, a fallback or a downgrade passes the budget again.
+            if let Some(b) = &ctx.budget {
+                let id = format!("{}/{}", ctx.decision_id, out.attempts.len());
+                if b.reserve(rt.policy.policy(), model_id, &id).is_err() {
+                    if mp == Permit::Probe {
+                        m.model_breaker.release_probe();
+                    }
+                    if pp == Permit::Probe {
+                        m.provider_breaker.release_probe();
+                    }
+                    drop(slots);
+                    out.attempts.push(att(m, "budget".into(), tries, 0));
+                    break;
+                }
+            }
             let req = UpstreamRequest {
                 endpoint: ctx.features.endpoint,
                 body: &ctx.body,
@@ -248,6 +268,9 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                     return respond(gw, ctx, model_id.index(), started, out, t0, total, slots);
                 }
                 Err(e) => {
+                    if let Some(b) = &ctx.budget {
+                        b.release();
+                    }
                     record_result(&gw, &rt, m, false, None, None);
                     let mut a = att(m, e.code(), tries, ms(elapsed));
                     a.error = Some(crate::decision_log::redact(&e.to_string()));
@@ -420,6 +443,9 @@ fn routing_headers(
     set_header(r, "x-routeplane-policy", ctx.rt.policy.version());
     set_header(r, "x-routeplane-attempts", &attempts.to_string());
     set_header(r, "x-routeplane-decision", &ctx.decision_id);
+    if let Some(w) = ctx.budget.as_ref().and_then(|b| b.warning()) {
+        set_header(r, "x-routeplane-budget-warning", w);
+    }
 }
 
 /// How a dispatched request ended, before it becomes a log line and metrics.
@@ -558,6 +584,11 @@ fn respond(
         } => {
             let elapsed = t0.elapsed();
             record_result(&gw, &rt, m, true, Some(elapsed), None);
+            let body_bytes = if ctx.budget.is_some() && usage.is_none() {
+                body.clone()
+            } else {
+                Bytes::new()
+            };
             let mut r = Response::new(full(body));
             if let Ok(v) = HeaderValue::from_str(&content_type) {
                 r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
@@ -568,6 +599,20 @@ fn respond(
             rec.status = 200;
             rec.usage = usage;
             rec.actual_cost_micros = usage.map(|u| cost(&rt, model, &u));
+            if let Some(b) = &ctx.budget {
+                let p = rt.policy.policy();
+                let counted = match (usage, p.models.get(model)) {
+                    (None, Some(pm)) => crate::estimate::response_output_tokens(
+                        crate::estimate::Tokenizer::for_model(pm),
+                        &body_bytes,
+                    ),
+                    _ => 0,
+                };
+                let u = usage.map(|u| (u.prompt_tokens, u.completion_tokens));
+                if let Some(actual) = b.settle(p, u, counted) {
+                    rec.actual_cost_micros = Some(actual);
+                }
+            }
             log(&gw, &ctx, rec);
             r
         }
@@ -617,6 +662,9 @@ struct Tracker {
     parser: sse::Parser,
     done: bool,
     usage: Option<Usage>,
+    /// Collect the streamed text, to count the output when no usage comes.
+    collect: bool,
+    text: String,
 }
 
 impl Tracker {
@@ -629,6 +677,10 @@ impl Tracker {
                     if let Some(u) = Usage::from_openai(&v) {
                         self.usage = Some(u);
                     }
+                }
+            } else if self.collect && e.data.contains("\"content\"") {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.data) {
+                    crate::estimate::push_delta_text(&v, &mut self.text);
                 }
             }
         }
@@ -650,7 +702,10 @@ async fn forward(
     slots: Vec<Slot>,
 ) {
     let rt = ctx.rt.clone();
-    let mut tracker = Tracker::default();
+    let mut tracker = Tracker {
+        collect: ctx.budget.is_some(),
+        ..Tracker::default()
+    };
     tracker.feed(&first);
     let mut client_gone = tx.send(Ok(Frame::data(first))).await.is_err();
     let mut error: Option<(String, String)> = None;
@@ -702,6 +757,20 @@ async fn forward(
     rec.first_token_ms = Some(ms(first_token));
     rec.usage = tracker.usage;
     rec.actual_cost_micros = tracker.usage.map(|u| cost(&rt, model, &u));
+    if let Some(b) = &ctx.budget {
+        // Whatever reached the client was paid for, a cut stream included.
+        let p = rt.policy.policy();
+        let counted = match (tracker.usage, p.models.get(model)) {
+            (None, Some(pm)) => crate::estimate::Tokenizer::for_model(pm).count(&tracker.text),
+            _ => 0,
+        };
+        let u = tracker
+            .usage
+            .map(|u| (u.prompt_tokens, u.completion_tokens));
+        if let Some(actual) = b.settle(p, u, counted) {
+            rec.actual_cost_micros = Some(actual);
+        }
+    }
     rec.error = match (&error, client_gone) {
         (Some((msg, _)), _) => Some(msg.clone()),
         (None, true) => Some("the client went away".into()),
@@ -786,7 +855,17 @@ fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
     } else {
         format!("attempts: {}", tried.join(", "))
     };
+    let budget_refused = ctx.budget.as_ref().and_then(|b| b.refused());
     let err = match (&out.last_error, out.limited) {
+        (None, None) if budget_refused.is_some() => {
+            let msg = budget_refused.map(|r| r.message).unwrap_or_default();
+            ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "budget_exceeded",
+                format!("{msg}; {summary}"),
+            )
+            .code("budget_blocked")
+        }
         (None, Some(wait)) => ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_exceeded",

@@ -170,6 +170,8 @@ impl Stats for LiveStats<'_> {
 pub struct Options {
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     pub decision_log: Option<crate::decision_log::DecisionLog>,
+    /// Budget reservations and the spend ledger; `None`: budgets are not enforced.
+    pub budgets: Option<Arc<crate::budget::Budgets>>,
 }
 
 /// The gateway's shared state.
@@ -189,6 +191,7 @@ pub struct Gateway {
     boot: u64,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     pub decision_log: Option<crate::decision_log::DecisionLog>,
+    pub budgets: Option<Arc<crate::budget::Budgets>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +239,7 @@ impl Gateway {
             boot,
             metrics: opts.metrics,
             decision_log: opts.decision_log,
+            budgets: opts.budgets,
         };
         let rt = gw.build_runtime(&snap).map_err(StartError)?;
         gw.runtime.store(Arc::new(rt));

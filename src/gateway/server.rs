@@ -373,7 +373,7 @@ async fn proxy(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let prepared = prepare(&gw, &rt, tenant, req, endpoint, started).await;
-    let (features, body, slots, decision, removed) = match prepared {
+    let (features, body, slots, decision, removed, budget) = match prepared {
         Ok(p) => p,
         Err((e, denial_message)) => {
             refused(
@@ -402,6 +402,7 @@ async fn proxy(
         started,
         slots,
         removed,
+        budget,
     };
     Ok(dispatch::run(gw, ctx).await)
 }
@@ -412,6 +413,7 @@ type Prepared = (
     Vec<super::limits::Slot>,
     super::engine::Decision,
     Vec<crate::decision_log::Removed>,
+    Option<crate::budget::RequestBudget>,
 );
 
 /// Everything between authentication and dispatch; an error carries the
@@ -425,9 +427,56 @@ async fn prepare(
     started: Instant,
 ) -> Result<Prepared, (ApiError, Option<String>)> {
     let (parts, body) = read_body(rt, req).await.map_err(|e| (e, None))?;
-    let (features, body) = features(endpoint, &parts, body).map_err(|e| (e, None))?;
+    let (features, mut body) = features(endpoint, &parts, body).map_err(|e| (e, None))?;
     let slots = request_limits(gw, rt, &tenant.id, &features, started).map_err(|e| (e, None))?;
-    let stats = LiveStats { rt, now: started };
+    // Budgets: where they stand now decides the threshold action for `decide`.
+    let check = match &gw.budgets {
+        Some(b) => Some(
+            b.check(
+                rt.policy.policy(),
+                &tenant.view,
+                features.feature.as_deref(),
+                crate::state::now_ms(),
+            )
+            .map_err(|e| {
+                let msg = format!("the budget store is unavailable: {e}");
+                tracing::error!(tenant = %tenant.id, "{msg}");
+                (
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "budget_unavailable", msg)
+                        .code("budget_unavailable"),
+                    None,
+                )
+            })?,
+        ),
+        None => None,
+    };
+    if let Some(c) = &check {
+        if let (Some(action), Some(msg)) = (c.action, &c.message) {
+            tracing::warn!(tenant = %tenant.id, action = ?action, "budget threshold reached: {msg}");
+            if let Some(m) = &gw.metrics {
+                m.budget_action(&tenant.id, action);
+            }
+        }
+        if let Some(m) = &gw.metrics {
+            for (a, b) in &c.budgets {
+                m.budget_balance(&a.charge.counter.key, a.charge.limit, b.spent, b.reserved);
+            }
+        }
+    }
+    // Streams report their usage in a final chunk only when asked; settling needs it.
+    if let (Some(_), true, Endpoint::Chat, ClientBody::Json(serde_json::Value::Object(o))) =
+        (&check, features.stream, endpoint, &mut body)
+    {
+        o.entry("stream_options")
+            .or_insert_with(|| serde_json::json!({}))
+            .as_object_mut()
+            .map(|so| so.insert("include_usage".into(), serde_json::Value::Bool(true)));
+    }
+    let live = LiveStats { rt, now: started };
+    let stats = crate::budget::BudgetStats {
+        inner: &live,
+        action: check.as_ref().and_then(|c| c.action),
+    };
     // The decision log wants what each constraint removed: `explain` runs the
     // same evaluation with a recorder; without a log the plain path is used.
     let (decision, removed) = if gw.decision_log.is_some() {
@@ -448,9 +497,33 @@ async fn prepare(
         )
     };
     if let Err(d) = &decision.outcome {
-        return Err((denial(rt, &tenant.id, d), Some(d.message(&rt.policy))));
+        let mut e = denial(rt, &tenant.id, d);
+        if let (Denial::BudgetBlocked | Denial::ConfirmationRequired, Some(msg)) =
+            (d, check.as_ref().and_then(|c| c.message.as_ref()))
+        {
+            e.message = format!("{}; {msg}", e.message);
+        }
+        return Err((e, Some(d.message(&rt.policy))));
     }
-    Ok((features, body, slots, decision, removed))
+    let budget = match (check, &gw.budgets) {
+        (Some(c), Some(b)) => Some(crate::budget::RequestBudget::new(
+            b.clone(),
+            c,
+            rt.policy.policy(),
+            &tenant.id,
+            features.feature.as_deref(),
+            endpoint,
+            features.max_tokens,
+            features.input_tokens,
+            match &body {
+                ClientBody::Json(v) => Some(v),
+                ClientBody::Multipart { .. } => None,
+            },
+            &decision.attempts,
+        )),
+        _ => None,
+    };
+    Ok((features, body, slots, decision, removed, budget))
 }
 
 /// A request refused before dispatch still counts, and a policy denial is logged.
