@@ -221,6 +221,10 @@ impl Stats for BudgetStats<'_> {
 pub struct Budgets {
     pub store: Arc<dyn BudgetStore>,
     pub ttl_ms: i64,
+    /// Random per gateway instance and prefixed to every reservation id:
+    /// decision ids alone repeat across processes started in the same
+    /// second, and two replicas must never settle each other's entries.
+    instance: u64,
 }
 
 impl Budgets {
@@ -228,6 +232,7 @@ impl Budgets {
         Budgets {
             store,
             ttl_ms: DEFAULT_RESERVATION_TTL_MS,
+            instance: rand::random(),
         }
     }
 
@@ -266,9 +271,10 @@ impl Budgets {
             .iter()
             .map(|(a, _)| a.charge.clone())
             .collect();
+        let id = format!("{:016x}/{id}", self.instance);
         match self
             .store
-            .reserve(id, &charges, amount, now_ms, self.ttl_ms)
+            .reserve(&id, &charges, amount, now_ms, self.ttl_ms)
         {
             Ok(r) => Ok(Ok(r)),
             Err(StateError::Refused(r)) => {

@@ -306,3 +306,74 @@ async fn streams_settle_from_the_usage_chunk() {
     assert_eq!(spent(&gw, "rich"), (ledger[0].actual, 0));
     assert!(ledger[0].actual < ledger[0].estimated);
 }
+
+/// A throwaway `redis-server` on 127.0.0.1 (installed by scripts/install-test-deps.sh).
+struct Redis {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}): run scripts/install-test-deps.sh")
+            });
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t0.elapsed().as_secs() < 10, "redis-server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Redis {
+            child,
+            url: format!("redis://127.0.0.1:{port}/0"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_one_redis_never_overspend_together() {
+    let redis = Redis::start();
+    let cfg = config(&format!("{{ backend: redis, url: \"{}\" }}", redis.url), 50);
+    let a = Arc::new(start(&cfg, POLICY).await);
+    let b = Arc::new(start(&cfg, POLICY).await);
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let gw = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { chat(&gw, "sk-capped", &body(10)).await.status().as_u16() })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            402 => {}
+            s => panic!("status {s}"),
+        }
+    }
+    let (spent, reserved) = spent(&a, "capped");
+    assert_eq!(reserved, 0);
+    assert!(spent <= 1000, "spent {spent} of 1000");
+    assert!(ok > 0 && ok < 40, "{ok} answered");
+    assert_eq!(b.store.ledger(None).unwrap().len(), ok);
+}
