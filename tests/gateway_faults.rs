@@ -56,7 +56,9 @@ where
                     buf.extend_from_slice(&chunk[..n]);
                     let text = String::from_utf8_lossy(&buf).to_string();
                     if let Some(head_end) = text.find("\r\n\r\n") {
-                        let len = text[..head_end]
+                        let len = text
+                            .get(..head_end)
+                            .unwrap_or("")
                             .lines()
                             .find_map(|l| {
                                 l.to_ascii_lowercase()
