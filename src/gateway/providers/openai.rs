@@ -58,10 +58,18 @@ pub async fn send(
         return Ok(Reply::Stream(Box::pin(s)));
     }
     let body = resp.bytes().await.map_err(|e| from_reqwest(&e))?;
+    // A 2xx that says JSON but is not JSON is a broken answer, not an answer:
+    // fail the attempt so the next model is tried, instead of handing the
+    // client garbage with a 200.
     let usage = if content_type.starts_with("application/json") {
-        serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| Usage::from_openai(&v))
+        match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(v) => Usage::from_openai(&v),
+            Err(e) => {
+                return Err(AttemptError::Protocol(format!(
+                    "the upstream answered {status} with a body that is not valid JSON ({e})"
+                )))
+            }
+        }
     } else {
         None
     };

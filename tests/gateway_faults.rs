@@ -1,0 +1,277 @@
+//! The upstream faults of the reliability issue that `gateway_dispatch.rs`
+//! does not already cover: connection refused, malformed JSON, a response
+//! that never ends, a body trickled byte by byte, and a breaker recovering
+//! through a half-open probe. For each: no request outlives its timeout, and
+//! the client gets the fallback model or a clear error.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod gateway_common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gateway_common::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+fn hello() -> Value {
+    json!({ "model": "auto", "messages": [{ "role": "user", "content": "hi" }] })
+}
+
+const CHAT_OK: &str = r#"{"id":"x","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"from fault"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+
+/// An upstream that reads a request, then runs `act` on the socket.
+async fn socket_upstream<F, Fut>(act: F) -> String
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let act = Arc::new(act);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let act = act.clone();
+            tokio::spawn(async move {
+                // Read the head and the body (by content-length) before acting.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = sock.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let len = text
+                            .get(..head_end)
+                            .unwrap_or("")
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= head_end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                act(sock).await;
+            });
+        }
+    });
+    url
+}
+
+async fn two_models(url_a: &str, protect: &str) -> (Gw, Upstream) {
+    let b = upstream("b", |_| Act::Ok).await;
+    let gw = gateway(
+        &config(&[("pa", url_a), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], protect),
+    )
+    .await;
+    (gw, b)
+}
+
+#[tokio::test]
+async fn connection_refused_falls_back_at_once() {
+    // Bind then drop: nothing listens on this port any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (gw, b) = two_models(
+        &format!("http://127.0.0.1:{port}/v1"),
+        "protect { retry 1 on [connect] backoff 10ms..20ms }",
+    )
+    .await;
+    let start = Instant::now();
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    assert_eq!(b.hits(), 1);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn connection_refused_everywhere_is_a_clear_502() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let gw = gateway(&config(&[("pa", &url)]), policy(&[("model-a", "pa")], "")).await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert!(matches!(r.status().as_u16(), 502 | 503), "{}", r.status());
+    let v: Value = r.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("model-a"),
+        "the error should list the attempt: {msg}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_json_from_the_upstream_is_not_passed_off_as_an_answer() {
+    let url = socket_upstream(|mut s| async move {
+        let body = "{\"choices\": [ this is not json";
+        let _ = s
+            .write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes())
+            .await;
+    })
+    .await;
+    let (gw, b) = two_models(&url, "").await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "x-routeplane-model"),
+        "model-b",
+        "a broken answer must fall back"
+    );
+    assert_eq!(b.hits(), 1);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "hello from b");
+}
+
+#[tokio::test]
+async fn a_response_that_never_ends_times_out_and_falls_back() {
+    let url = socket_upstream(|mut s| async move {
+        // Promise a body and never finish it.
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"choices\":").await;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    })
+    .await;
+    let (gw, b) = two_models(&url, "protect { timeout total 1s }").await;
+    let start = Instant::now();
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    let took = start.elapsed();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    assert_eq!(b.hits(), 1);
+    assert!(
+        took < Duration::from_secs(4),
+        "the hung upstream held the request for {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_body_trickled_byte_by_byte_hits_the_total_timeout() {
+    let url = socket_upstream(|mut s| async move {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            CHAT_OK.len()
+        );
+        let _ = s.write_all(head.as_bytes()).await;
+        for b in CHAT_OK.bytes() {
+            if s.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let (gw, b) = two_models(&url, "protect { timeout total 1s }").await;
+    let start = Instant::now();
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    let took = start.elapsed();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    assert_eq!(b.hits(), 1);
+    assert!(
+        took < Duration::from_secs(4),
+        "a trickling upstream held the request for {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_total_everywhere_is_a_504_within_the_timeout() {
+    let url = socket_upstream(|mut s| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{")
+            .await;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    })
+    .await;
+    let gw = gateway(
+        &config(&[("pa", &url)]),
+        policy(&[("model-a", "pa")], "protect { timeout total 500ms }"),
+    )
+    .await;
+    let start = Instant::now();
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        start.elapsed()
+    );
+    let v: Value = r.json().await.unwrap();
+    assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_breaker_recovers_through_a_half_open_probe() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let h = healthy.clone();
+    let a = upstream("a", move |_| {
+        if h.load(Ordering::SeqCst) {
+            Act::Ok
+        } else {
+            Act::Status(500, None)
+        }
+    })
+    .await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let protect =
+        "protect { breaker per model open after 2 failures within 10s, probe after 300ms }";
+    let gw = gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], protect),
+    )
+    .await;
+    for _ in 0..3 {
+        let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+        assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    }
+    assert_eq!(a.hits(), 2, "the breaker opened after two failures");
+    // The upstream heals; after the cool-down one probe goes through and closes the breaker.
+    healthy.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(
+        header(&r, "x-routeplane-model"),
+        "model-a",
+        "the half-open probe should go to model-a"
+    );
+    let states = gw.gw.breaker_states();
+    assert!(
+        states.iter().any(|(k, s)| k == "model:model-a"
+            && *s == routeplane::gateway::engine::BreakerState::Closed),
+        "{states:?}"
+    );
+    for _ in 0..3 {
+        let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+        assert_eq!(header(&r, "x-routeplane-model"), "model-a");
+    }
+}
