@@ -377,3 +377,23 @@ async fn two_gateways_on_one_redis_never_overspend_together() {
     assert!(ok > 0 && ok < 40, "{ok} answered");
     assert_eq!(b.store.ledger(None).unwrap().len(), ok);
 }
+
+#[tokio::test]
+async fn a_rate_limit_holds_across_two_gateways_on_one_redis() {
+    let redis = Redis::start();
+    let cfg = config(&format!("{{ backend: redis, url: \"{}\" }}", redis.url), 1);
+    let policy = POLICY.replace("protect {", "protect {\n  limit rate 5/h per tenant");
+    let a = start(&cfg, &policy).await;
+    let b = start(&cfg, &policy).await;
+    let mut ok = 0;
+    for i in 0..10 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let r = chat(gw, "sk-rich", &body(10)).await;
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => assert!(r.headers().contains_key("retry-after")),
+            s => panic!("status {s}"),
+        }
+    }
+    assert_eq!(ok, 5, "the two gateways together allow 5 an hour");
+}

@@ -152,6 +152,24 @@ pub fn charge(
     slots: &mut Vec<Slot>,
 ) -> Result<(), Duration> {
     let id = format!("{kind:?}|{key}");
+    // A shared store (Redis) keeps rate windows for every replica at once.
+    let shared = |amount: u64, limit: u64, window_ms: u64| {
+        gw.budgets.as_ref().and_then(|b| {
+            b.store
+                .charge_rate(&id, amount, limit, window_ms, crate::state::now_ms())
+        })
+    };
+    let shared = match kind {
+        LimitKind::Concurrency(_) => None,
+        LimitKind::Rate {
+            requests,
+            window_ms,
+        } => shared(1, *requests, *window_ms),
+        LimitKind::Tokens { tokens, window_ms } => shared(input_tokens, *tokens, *window_ms),
+    };
+    if let Some(r) = shared {
+        return r.map_err(Duration::from_millis);
+    }
     match kind {
         LimitKind::Concurrency(max) => match gw.limiters.acquire(&id, *max) {
             Some(s) => {
