@@ -225,14 +225,40 @@ pub struct Budgets {
     /// decision ids alone repeat across processes started in the same
     /// second, and two replicas must never settle each other's entries.
     instance: u64,
+    /// Ledger entries of requests no budget applies to, written by a
+    /// background thread so such requests never wait on the store.
+    ledger_tx: Option<std::sync::mpsc::SyncSender<LedgerEntry>>,
 }
+
+/// Entries waiting for the background ledger writer; past this they are
+/// written synchronously rather than dropped.
+const LEDGER_QUEUE: usize = 8192;
 
 impl Budgets {
     pub fn new(store: Arc<dyn BudgetStore>) -> Budgets {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<LedgerEntry>(LEDGER_QUEUE);
+        let writer = store.clone();
+        let spawned = std::thread::Builder::new()
+            .name("budget-ledger".into())
+            .spawn(move || {
+                while let Ok(e) = rx.recv() {
+                    let r = Reservation {
+                        id: e.id.clone(),
+                        counters: Vec::new(),
+                        amount: 0,
+                        expires_ms: 0,
+                    };
+                    if let Err(err) = writer.settle(&r, &e) {
+                        tracing::error!("cannot write a ledger entry: {err}");
+                    }
+                }
+            })
+            .is_ok();
         Budgets {
             store,
             ttl_ms: DEFAULT_RESERVATION_TTL_MS,
             instance: rand::random(),
+            ledger_tx: spawned.then_some(tx),
         }
     }
 
@@ -272,6 +298,15 @@ impl Budgets {
             .map(|(a, _)| a.charge.clone())
             .collect();
         let id = format!("{:016x}/{id}", self.instance);
+        if charges.is_empty() {
+            // Nothing to hold against: only the ledger entry will be written.
+            return Ok(Ok(Reservation {
+                id,
+                counters: Vec::new(),
+                amount,
+                expires_ms: now_ms.saturating_add(self.ttl_ms),
+            }));
+        }
         match self
             .store
             .reserve(&id, &charges, amount, now_ms, self.ttl_ms)
@@ -306,10 +341,24 @@ impl Budgets {
 
     /// Spend the actual cost and record the attempt in the ledger.
     pub fn settle(&self, r: &Reservation, entry: &LedgerEntry) -> Result<bool, StateError> {
+        if r.counters.is_empty() {
+            if let Some(tx) = &self.ledger_tx {
+                match tx.try_send(entry.clone()) {
+                    Ok(()) => return Ok(true),
+                    Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                        tracing::warn!("ledger queue full, writing synchronously");
+                    }
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
+                }
+            }
+        }
         self.store.settle(r, entry)
     }
 
     pub fn release(&self, r: &Reservation) -> Result<(), StateError> {
+        if r.counters.is_empty() {
+            return Ok(());
+        }
         self.store.release(r)
     }
 }

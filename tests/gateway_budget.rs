@@ -397,3 +397,27 @@ async fn a_rate_limit_holds_across_two_gateways_on_one_redis() {
     }
     assert_eq!(ok, 5, "the two gateways together allow 5 an hour");
 }
+
+#[tokio::test]
+async fn requests_without_a_budget_are_still_in_the_ledger() {
+    let policy = POLICY.replace(
+        "budget monthly per tenant tenant.budget",
+        "budget daily per feature $5",
+    );
+    let gw = start(&config("{ backend: memory }", 1), &policy).await;
+    // No feature: no budget applies; the entry is written in the background.
+    let r = chat(&gw, "sk-rich", &body(10)).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-routeplane-budget-warning").is_none());
+    let mut ledger = Vec::new();
+    for _ in 0..100 {
+        ledger = gw.store.ledger(None).unwrap();
+        if !ledger.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].tenant, "rich");
+    assert_eq!(ledger[0].output_tokens, 8);
+}
