@@ -241,15 +241,17 @@ impl Budgets {
         let spawned = std::thread::Builder::new()
             .name("budget-ledger".into())
             .spawn(move || {
-                while let Ok(e) = rx.recv() {
-                    let r = Reservation {
-                        id: e.id.clone(),
-                        counters: Vec::new(),
-                        amount: 0,
-                        expires_ms: 0,
-                    };
-                    if let Err(err) = writer.settle(&r, &e) {
-                        tracing::error!("cannot write a ledger entry: {err}");
+                while let Ok(first) = rx.recv() {
+                    // Whatever queued meanwhile goes in the same batch.
+                    let mut batch = vec![first];
+                    while batch.len() < 512 {
+                        match rx.try_recv() {
+                            Ok(e) => batch.push(e),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(err) = writer.record(&batch) {
+                        tracing::error!("cannot write {} ledger entries: {err}", batch.len());
                     }
                 }
             })

@@ -131,6 +131,21 @@ pub trait BudgetStore: Send + Sync {
     /// was already recorded: nothing is counted again.
     fn settle(&self, r: &Reservation, entry: &LedgerEntry) -> Result<bool, StateError>;
 
+    /// Record entries that were reserved against no budget (ledger only),
+    /// skipping ids already there.
+    fn record(&self, entries: &[LedgerEntry]) -> Result<(), StateError> {
+        for e in entries {
+            let r = Reservation {
+                id: e.id.clone(),
+                counters: Vec::new(),
+                amount: 0,
+                expires_ms: 0,
+            };
+            self.settle(&r, e)?;
+        }
+        Ok(())
+    }
+
     /// Drop the reservation without spending.
     fn release(&self, r: &Reservation) -> Result<(), StateError>;
 

@@ -111,6 +111,27 @@ fn balance_in(conn: &Connection, c: &Counter, now_ms: i64) -> Result<Balance, St
     })
 }
 
+/// Insert a ledger entry; false when its id is already there.
+fn insert_entry(conn: &Connection, e: &LedgerEntry) -> Result<bool, StateError> {
+    let n = conn.execute(
+        "INSERT OR IGNORE INTO ledger
+         (id, ts_ms, tenant, feature, model, input_tokens, output_tokens, estimated, actual)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            e.id,
+            e.ts_ms,
+            e.tenant,
+            e.feature,
+            e.model,
+            to_i64(e.input_tokens),
+            to_i64(e.output_tokens),
+            to_i64(e.estimated),
+            to_i64(e.actual)
+        ],
+    )?;
+    Ok(n == 1)
+}
+
 impl BudgetStore for SqliteStore {
     fn reserve(
         &self,
@@ -161,26 +182,22 @@ impl BudgetStore for SqliteStore {
         })
     }
 
+    fn record(&self, entries: &[LedgerEntry]) -> Result<(), StateError> {
+        // One transaction for the whole batch: one WAL append instead of many.
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for e in entries {
+            insert_entry(&tx, e)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn settle(&self, r: &Reservation, e: &LedgerEntry) -> Result<bool, StateError> {
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM reservations WHERE id = ?1", params![r.id])?;
-        let fresh = tx.execute(
-            "INSERT OR IGNORE INTO ledger
-             (id, ts_ms, tenant, feature, model, input_tokens, output_tokens, estimated, actual)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                e.id,
-                e.ts_ms,
-                e.tenant,
-                e.feature,
-                e.model,
-                to_i64(e.input_tokens),
-                to_i64(e.output_tokens),
-                to_i64(e.estimated),
-                to_i64(e.actual)
-            ],
-        )? == 1;
+        let fresh = insert_entry(&tx, e)?;
         if fresh {
             for c in &r.counters {
                 tx.execute(

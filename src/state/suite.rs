@@ -113,6 +113,15 @@ pub fn semantics(s: &dyn BudgetStore) {
         .filter(|id| id.starts_with('r'))
         .collect();
     assert_eq!(ids, ["r1", "r5"]);
+
+    // Ledger-only entries, in a batch; a known id is skipped.
+    s.record(&[entry("r1", 999), entry("x1", 3), entry("x2", 4)])
+        .unwrap();
+    let all = s.ledger(None).unwrap();
+    assert_eq!(all.iter().filter(|e| e.id == "r1").count(), 1);
+    assert_eq!(all.iter().find(|e| e.id == "r1").unwrap().actual, 120);
+    assert!(all.iter().any(|e| e.id == "x2"));
+    assert_eq!(bal(s, t, now + 5_000), (130, 0));
     assert_eq!(s.ledger(Some(5_001)).unwrap().len(), 0);
 }
 
