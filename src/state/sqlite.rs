@@ -92,14 +92,15 @@ impl SqliteStore {
 }
 
 fn balance_in(conn: &Connection, c: &Counter, now_ms: i64) -> Result<Balance, StateError> {
-    let spent: Option<i64> = conn
-        .query_row(
-            "SELECT spent FROM counters WHERE key = ?1 AND period_start = ?2",
-            params![c.key, c.period_start],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let reserved: i64 = conn.query_row(
+    let spent: Option<i64> = row(
+        conn,
+        "SELECT spent FROM counters WHERE key = ?1 AND period_start = ?2",
+        params![c.key, c.period_start],
+        |r| r.get(0),
+    )
+    .optional()?;
+    let reserved: i64 = row(
+        conn,
         "SELECT COALESCE(SUM(amount), 0) FROM reservations
          WHERE key = ?1 AND period_start = ?2 AND expires_ms > ?3",
         params![c.key, c.period_start, now_ms],
@@ -111,9 +112,25 @@ fn balance_in(conn: &Connection, c: &Counter, now_ms: i64) -> Result<Balance, St
     })
 }
 
+/// Run a statement through the connection's statement cache: parsing the
+/// SQL again for every request costs more than running it.
+fn exec(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(p)
+}
+
+fn row<T>(
+    conn: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(p, f)
+}
+
 /// Insert a ledger entry; false when its id is already there.
 fn insert_entry(conn: &Connection, e: &LedgerEntry) -> Result<bool, StateError> {
-    let n = conn.execute(
+    let n = exec(
+        conn,
         "INSERT OR IGNORE INTO ledger
          (id, ts_ms, tenant, feature, model, input_tokens, output_tokens, estimated, actual)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -144,7 +161,8 @@ impl BudgetStore for SqliteStore {
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for ch in charges {
-            tx.execute(
+            exec(
+                &tx,
                 "DELETE FROM reservations WHERE key = ?1 AND period_start = ?2 AND expires_ms <= ?3",
                 params![ch.counter.key, ch.counter.period_start, now_ms],
             )?;
@@ -161,7 +179,8 @@ impl BudgetStore for SqliteStore {
         }
         let expires_ms = now_ms.saturating_add(ttl_ms);
         for ch in charges {
-            tx.execute(
+            exec(
+                &tx,
                 "INSERT OR REPLACE INTO reservations (id, key, period_start, amount, expires_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
@@ -196,11 +215,12 @@ impl BudgetStore for SqliteStore {
     fn settle(&self, r: &Reservation, e: &LedgerEntry) -> Result<bool, StateError> {
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute("DELETE FROM reservations WHERE id = ?1", params![r.id])?;
+        exec(&tx, "DELETE FROM reservations WHERE id = ?1", params![r.id])?;
         let fresh = insert_entry(&tx, e)?;
         if fresh {
             for c in &r.counters {
-                tx.execute(
+                exec(
+                    &tx,
                     "INSERT INTO counters (key, period_start, spent) VALUES (?1, ?2, ?3)
                      ON CONFLICT (key, period_start) DO UPDATE SET spent = spent + excluded.spent",
                     params![c.key, c.period_start, to_i64(e.actual)],
@@ -213,7 +233,11 @@ impl BudgetStore for SqliteStore {
 
     fn release(&self, r: &Reservation) -> Result<(), StateError> {
         let conn = self.lock()?;
-        conn.execute("DELETE FROM reservations WHERE id = ?1", params![r.id])?;
+        exec(
+            &conn,
+            "DELETE FROM reservations WHERE id = ?1",
+            params![r.id],
+        )?;
         Ok(())
     }
 
