@@ -9,64 +9,23 @@
     clippy::indexing_slicing
 )]
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "support/binary.rs"]
+mod binary;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-struct Server {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use binary::Server;
 
 fn start() -> Server {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_routeplane"))
-        .args([
-            "serve",
-            "--config",
-            "examples/gateway.yaml",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-watch",
-        ])
-        .current_dir(root)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent {
-                if let Some(url) = line.split("on http://").nth(1) {
-                    let _ = tx.send(url.trim().to_string());
-                    sent = true;
-                }
-            }
-            sink.lock().unwrap().push_str(&line);
-            sink.lock().unwrap().push('\n');
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the gateway did not start");
-    Server { child, addr, log }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    Server::start(
+        root,
+        std::path::Path::new("examples/gateway.yaml"),
+        &["--listen", "127.0.0.1:0", "--no-watch"],
+        &[],
+    )
 }
 
 /// Send raw bytes, return (status, body). A closed connection without an answer is status 0.
@@ -439,7 +398,7 @@ fn every_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving() {
         }
     }
     assert_serves(&server.addr);
-    let log = server.log.lock().unwrap().clone();
+    let log = server.log();
     assert!(!log.contains("panicked"), "the gateway panicked:\n{log}");
     assert!(
         failures.is_empty(),

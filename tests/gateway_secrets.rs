@@ -9,12 +9,16 @@
     clippy::indexing_slicing
 )]
 
+#[path = "support/binary.rs"]
+mod binary;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
+
+use binary::Server;
 
 const PROVIDER_KEY: &str = "sk-provider-SECRET-7f3a9c";
 const TENANT_KEY: &str = "sk-tenant-SECRET-41b2e8";
@@ -113,36 +117,17 @@ fn no_secret_appears_anywhere_after_a_full_run() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_routeplane"))
-        .args(["serve", "--config"])
-        .arg(dir.path().join("gateway.yaml"))
-        .args(["--no-watch"])
-        .env("TEST_PROVIDER_KEY", PROVIDER_KEY)
-        .env("TEST_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("ROUTEPLANE_LOG", "debug")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(url) = line.split("on http://").nth(1) {
-                let _ = tx.send(url.trim().to_string());
-            }
-            let mut l = sink.lock().unwrap();
-            l.push_str(&line);
-            l.push('\n');
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("gateway did not start");
+    let server = Server::start(
+        dir.path(),
+        &dir.path().join("gateway.yaml"),
+        &["--no-watch"],
+        &[
+            ("TEST_PROVIDER_KEY", PROVIDER_KEY),
+            ("TEST_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("ROUTEPLANE_LOG", "debug"),
+        ],
+    );
+    let addr = server.addr.clone();
 
     let chat = r#"{"model":"auto","messages":[{"role":"user","content":"hello"}]}"#;
     let mut seen = String::new();
@@ -192,16 +177,22 @@ fn no_secret_appears_anywhere_after_a_full_run() {
     );
     assert!(seen.contains("\"ok\""), "no good answer came back:\n{seen}");
     std::thread::sleep(Duration::from_millis(500)); // let the decision log flush
-    let _ = child.kill();
-    let _ = child.wait();
+    let mut server = server;
+    let _ = server.child.kill();
+    let _ = server.child.wait();
     let mut stdout = String::new();
-    let _ = child.stdout.take().unwrap().read_to_string(&mut stdout);
+    let _ = server
+        .child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout);
     let decisions = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(
         decisions.lines().count() >= 6,
         "the decision log is missing lines:\n{decisions}"
     );
-    let log = log.lock().unwrap().clone();
+    let log = server.log();
 
     for (what, text) in [
         ("responses", &seen),
