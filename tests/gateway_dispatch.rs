@@ -460,3 +460,17 @@ async fn the_provider_breaker_opens_for_all_its_models() {
     );
     assert_eq!(a.hits(), 2);
 }
+
+#[tokio::test]
+async fn two_gateways_never_share_decision_ids() {
+    let a = upstream("a", |_| Act::Ok).await;
+    let cfg = config(&[("pa", &a.url)]);
+    let one = gateway(&cfg, policy(&[("model-a", "pa")], "")).await;
+    let two = gateway(&cfg, policy(&[("model-a", "pa")], "")).await;
+    let (x, y) = (one.gw.next_decision_id(), two.gw.next_decision_id());
+    assert_ne!(
+        x, y,
+        "two instances started together produced the same decision id"
+    );
+    assert_ne!(x.split('-').next(), y.split('-').next());
+}

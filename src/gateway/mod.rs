@@ -187,7 +187,8 @@ pub struct Gateway {
     live: Mutex<HashMap<String, Arc<ModelLive>>>,
     pub limiters: limits::Limiters,
     decision_seq: AtomicU64,
-    /// A per-process prefix, so decision ids from two runs never collide.
+    /// A random per-instance prefix, so decision ids of two gateways (two
+    /// replicas, two restarts in the same second, two in one test) never collide.
     boot: u64,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     pub decision_log: Option<crate::decision_log::DecisionLog>,
@@ -212,9 +213,7 @@ impl Gateway {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| StartError(vec![format!("cannot build the HTTP client: {e}")]))?;
-        let boot = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let boot: u64 = rand::random();
         let config = Arc::new(config);
         let snap = policies.current();
         // A placeholder runtime; replaced below before anyone can see it.
@@ -375,7 +374,7 @@ impl Gateway {
 
     pub fn next_decision_id(&self) -> String {
         let n = self.decision_seq.fetch_add(1, Ordering::Relaxed);
-        format!("{:08x}-{n:08x}", self.boot & 0xffff_ffff)
+        format!("{:012x}-{n:08x}", self.boot & 0xffff_ffff_ffff)
     }
 
     /// The breaker state of every model and provider, for metrics and admin.
