@@ -30,6 +30,7 @@ use crate::ir::{
     BudgetAction, BudgetAmount, BudgetPeriod, BudgetScope, Endpoint, Micros, Model, ModelId,
     Policy, Threshold, Value,
 };
+use crate::state::spool::Spool;
 use crate::state::{
     period, Balance, BudgetStore, Charge, Counter, LedgerEntry, Reservation, StateError,
 };
@@ -225,42 +226,63 @@ pub struct Budgets {
     /// decision ids alone repeat across processes started in the same
     /// second, and two replicas must never settle each other's entries.
     instance: u64,
-    /// Ledger entries of requests no budget applies to, written by a
-    /// background thread so such requests never wait on the store.
-    ledger_tx: Option<std::sync::mpsc::SyncSender<LedgerEntry>>,
+    /// Ledger entries of requests no budget applies to are appended here
+    /// (one `write()`, no store transaction on the request path) and moved
+    /// into the store by a background writer; see [`crate::state::spool`].
+    /// `None`: the store has no spool, or it could not be opened, and such
+    /// entries are recorded at once.
+    spool: Option<Arc<Spool>>,
+    writer: Option<Writer>,
 }
 
-/// Entries waiting for the background ledger writer; past this they are
-/// written synchronously rather than dropped.
-const LEDGER_QUEUE: usize = 8192;
+/// The background thread that moves spooled entries into the store.
+struct Writer {
+    /// Wakes the writer; dropping it makes the writer commit once more and stop.
+    wake: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// How often the writer retries a commit that failed, with nothing new to wake it.
+const WRITER_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Budgets {
+    /// Budgets on `store`. When the store has a spool directory, whatever a
+    /// previous process left in it is replayed into the store first, then
+    /// the background writer starts.
     pub fn new(store: Arc<dyn BudgetStore>) -> Budgets {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<LedgerEntry>(LEDGER_QUEUE);
-        let writer = store.clone();
-        let spawned = std::thread::Builder::new()
-            .name("budget-ledger".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    // Whatever queued meanwhile goes in the same batch.
-                    let mut batch = vec![first];
-                    while batch.len() < 512 {
-                        match rx.try_recv() {
-                            Ok(e) => batch.push(e),
-                            Err(_) => break,
-                        }
+        let (spool, writer) = match store.spool_dir() {
+            Some(dir) => match Spool::open(&dir, &*store) {
+                Ok((spool, replayed)) => {
+                    if replayed.entries > 0 {
+                        tracing::info!(
+                            "replayed {} ledger entries left in `{}`",
+                            replayed.entries,
+                            dir.display()
+                        );
                     }
-                    if let Err(err) = writer.record(&batch) {
-                        tracing::error!("cannot write {} ledger entries: {err}", batch.len());
+                    let spool = Arc::new(spool);
+                    let writer = start_writer(spool.clone(), store.clone());
+                    if writer.is_some() {
+                        (Some(spool), writer)
+                    } else {
+                        (None, None)
                     }
                 }
-            })
-            .is_ok();
+                Err(e) => {
+                    tracing::warn!(
+                        "no ledger spool, entries without a budget are recorded synchronously: {e}"
+                    );
+                    (None, None)
+                }
+            },
+            None => (None, None),
+        };
         Budgets {
             store,
             ttl_ms: DEFAULT_RESERVATION_TTL_MS,
             instance: rand::random(),
-            ledger_tx: spawned.then_some(tx),
+            spool,
+            writer,
         }
     }
 
@@ -341,20 +363,31 @@ impl Budgets {
         }
     }
 
-    /// Spend the actual cost and record the attempt in the ledger.
+    /// Spend the actual cost and record the attempt in the ledger. An
+    /// attempt no budget applies to is appended to the spool: durable
+    /// against the process dying when this returns, in the store shortly after.
     pub fn settle(&self, r: &Reservation, entry: &LedgerEntry) -> Result<bool, StateError> {
-        if r.counters.is_empty() {
-            if let Some(tx) = &self.ledger_tx {
-                match tx.try_send(entry.clone()) {
-                    Ok(()) => return Ok(true),
-                    Err(std::sync::mpsc::TrySendError::Full(_)) => {
-                        tracing::warn!("ledger queue full, writing synchronously");
-                    }
-                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
+        if let (true, Some(spool), Some(w)) = (r.counters.is_empty(), &self.spool, &self.writer) {
+            match spool.append(entry) {
+                Ok(()) => {
+                    // Full means a wake-up is already pending.
+                    let _ = w.wake.try_send(());
+                    return Ok(true);
+                }
+                Err(e) => {
+                    tracing::warn!("cannot append to the ledger spool, recording at once: {e}");
                 }
             }
         }
         self.store.settle(r, entry)
+    }
+
+    /// Move everything spooled so far into the store now (tests, shutdown).
+    pub fn flush(&self) -> Result<usize, StateError> {
+        match &self.spool {
+            Some(s) => s.commit(&*self.store),
+            None => Ok(0),
+        }
     }
 
     pub fn release(&self, r: &Reservation) -> Result<(), StateError> {
@@ -362,6 +395,54 @@ impl Budgets {
             return Ok(());
         }
         self.store.release(r)
+    }
+}
+
+fn start_writer(spool: Arc<Spool>, store: Arc<dyn BudgetStore>) -> Option<Writer> {
+    let (wake, rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let thread = std::thread::Builder::new()
+        .name("budget-ledger".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                let stop = match rx.recv_timeout(WRITER_RETRY) {
+                    Ok(()) => false,
+                    // Nothing new: retry a commit that failed, else wait on.
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !failing => continue,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => true,
+                };
+                match spool.commit(&*store) {
+                    Ok(_) => failing = false,
+                    Err(e) => {
+                        if !failing {
+                            tracing::error!("cannot move spooled ledger entries into the store (kept in the spool, retrying): {e}");
+                        }
+                        failing = true;
+                    }
+                }
+                if stop {
+                    return;
+                }
+            }
+        });
+    match thread {
+        Ok(thread) => Some(Writer { wake, thread }),
+        Err(e) => {
+            tracing::warn!("cannot start the ledger writer: {e}");
+            None
+        }
+    }
+}
+
+impl Drop for Budgets {
+    fn drop(&mut self) {
+        // The writer commits what is left and stops; what it cannot commit
+        // stays in the spool for the next start.
+        if let Some(w) = self.writer.take() {
+            drop(w.wake);
+            let _ = w.thread.join();
+        }
     }
 }
 

@@ -94,6 +94,15 @@ impl BudgetStore for MemoryStore {
         Ok(self.lock()?.balance(c, now_ms))
     }
 
+    fn open_reservations(&self, now_ms: i64) -> Result<usize, StateError> {
+        Ok(self
+            .lock()?
+            .reservations
+            .values()
+            .filter(|r| r.expires_ms > now_ms)
+            .count())
+    }
+
     fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<LedgerEntry>, StateError> {
         let s = self.lock()?;
         let mut v: Vec<LedgerEntry> = s

@@ -26,6 +26,7 @@
 pub mod memory;
 pub mod period;
 pub mod redis;
+pub mod spool;
 pub mod sqlite;
 
 #[cfg(test)]
@@ -154,6 +155,19 @@ pub trait BudgetStore: Send + Sync {
 
     /// Ledger entries at or after `since_ms`, oldest first.
     fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<LedgerEntry>, StateError>;
+
+    /// How many reservations are live (not settled, released or expired) at
+    /// `now_ms`, over every counter: a reservation charged to several
+    /// budgets counts once. For tests and operators: after every request
+    /// has finished it must be zero.
+    fn open_reservations(&self, now_ms: i64) -> Result<usize, StateError>;
+
+    /// Where the ledger spool of this store lives (see [`spool`]): the
+    /// directory ledger-only entries are appended to before the background
+    /// writer records them. `None`: no spool, they are recorded at once.
+    fn spool_dir(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 
     /// Count `amount` against a rate window shared by every gateway using
     /// this store. `None`: the store is not shared, use the local limiter.

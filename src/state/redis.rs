@@ -117,6 +117,8 @@ return {1, 0}
 
 pub struct RedisStore {
     client: Client,
+    /// The local spool directory (see [`RedisStore::spool_dir`]).
+    spool: std::path::PathBuf,
     /// Idle connections; a request takes one and puts it back.
     pool: Mutex<Vec<Connection>>,
     reserve: Script,
@@ -136,6 +138,21 @@ fn counter_keys(c: &Counter) -> [String; 4] {
     ]
 }
 
+/// The ledger spool of a gateway on this Redis: a local directory, as the
+/// spool is what survives this process dying before Redis has the entries.
+/// `<temp dir>/routeplane-ledger-spool-<hash of the url>`: the url may hold a
+/// password, so only a hash of it names the directory. Replicas on one host
+/// share it (one slot each); the next gateway started on the host with the
+/// same url, or `routeplane usage`, replays what a killed one left.
+pub fn spool_dir_for(url: &str) -> std::path::PathBuf {
+    use sha2::Digest;
+    let hash: String = hex::encode(sha2::Sha256::digest(url.as_bytes()))
+        .chars()
+        .take(16)
+        .collect();
+    std::env::temp_dir().join(format!("routeplane-ledger-spool-{hash}"))
+}
+
 fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
@@ -147,6 +164,7 @@ impl RedisStore {
             .map_err(|e| StateError::Backend(format!("redis url `{url}`: {e}")))?;
         let s = RedisStore {
             client,
+            spool: spool_dir_for(url),
             pool: Mutex::new(Vec::new()),
             reserve: Script::new(&format!("{SWEEP}{RESERVE}")),
             settle: Script::new(&format!("{DROP}{SETTLE}")),
@@ -274,6 +292,43 @@ impl BudgetStore for RedisStore {
             spent: to_u64(spent),
             reserved: to_u64(reserved),
         })
+    }
+
+    fn open_reservations(&self, now_ms: i64) -> Result<usize, StateError> {
+        let keys: Vec<String> = self.with(|c| {
+            let mut keys = Vec::new();
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{PREFIX}z:*"))
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(c)?;
+                keys.extend(batch);
+                if next == 0 {
+                    return Ok(keys);
+                }
+                cursor = next;
+            }
+        })?;
+        let mut ids = std::collections::HashSet::new();
+        for k in keys {
+            let live: Vec<String> = self.with(|c| {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(&k)
+                    .arg(format!("({now_ms}"))
+                    .arg("+inf")
+                    .query(c)
+            })?;
+            ids.extend(live);
+        }
+        Ok(ids.len())
+    }
+
+    fn spool_dir(&self) -> Option<std::path::PathBuf> {
+        Some(self.spool.clone())
     }
 
     fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<LedgerEntry>, StateError> {

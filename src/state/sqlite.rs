@@ -13,7 +13,7 @@
 //! - `ledger (id PRIMARY KEY, ...)`: one row per settled attempt. The unique
 //!   id is what makes a replayed settle a no-op.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -53,6 +53,7 @@ CREATE INDEX IF NOT EXISTS ledger_by_time ON ledger (ts_ms);
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    path: PathBuf,
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -81,6 +82,7 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            path: path.to_path_buf(),
         })
     }
 
@@ -89,6 +91,13 @@ impl SqliteStore {
             .lock()
             .map_err(|_| StateError::Backend("sqlite connection poisoned".into()))
     }
+}
+
+/// The spool directory of the database at `path`: `<path>.ledger-spool`.
+pub fn spool_dir_of(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".ledger-spool");
+    PathBuf::from(s)
 }
 
 fn balance_in(conn: &Connection, c: &Counter, now_ms: i64) -> Result<Balance, StateError> {
@@ -244,6 +253,22 @@ impl BudgetStore for SqliteStore {
     fn balance(&self, c: &Counter, now_ms: i64) -> Result<Balance, StateError> {
         let conn = self.lock()?;
         balance_in(&conn, c, now_ms)
+    }
+
+    fn open_reservations(&self, now_ms: i64) -> Result<usize, StateError> {
+        let conn = self.lock()?;
+        let n: i64 = row(
+            &conn,
+            "SELECT COUNT(DISTINCT id) FROM reservations WHERE expires_ms > ?1",
+            params![now_ms],
+            |r| r.get(0),
+        )?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    /// `<db>.ledger-spool`, next to the database file.
+    fn spool_dir(&self) -> Option<PathBuf> {
+        Some(spool_dir_of(&self.path))
     }
 
     fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<LedgerEntry>, StateError> {

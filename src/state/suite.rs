@@ -71,6 +71,8 @@ pub fn semantics(s: &dyn BudgetStore) {
     // Exactly up to the limit is allowed.
     let r3 = s.reserve("r3", &both, 100, now, 60_000).unwrap();
     assert_eq!(bal(s, f, now), (0, 300));
+    // Two reservations, each on two counters, count once each.
+    assert_eq!(s.open_reservations(now).unwrap(), 2);
 
     // Settle at the actual cost: spent moves, the reservation goes.
     assert!(s.settle(&r1, &entry("r1", 120)).unwrap());
@@ -81,15 +83,20 @@ pub fn semantics(s: &dyn BudgetStore) {
     assert!(!s.settle(&r1, &entry("r1", 120)).unwrap());
     assert_eq!(bal(s, t, now), (120, 100));
 
+    assert_eq!(s.open_reservations(now).unwrap(), 1);
+
     // Release frees without spending.
     s.release(&r3).unwrap();
     assert_eq!(bal(s, t, now), (120, 0));
+    assert_eq!(s.open_reservations(now).unwrap(), 0);
     s.release(&r3).unwrap();
     assert_eq!(bal(s, t, now), (120, 0));
 
     // Expiry: a reservation past its expiry no longer counts.
     let _r4 = s.reserve("r4", &both, 180, now, 1_000).unwrap();
     assert_eq!(bal(s, f, now), (120, 180));
+    assert_eq!(s.open_reservations(now).unwrap(), 1);
+    assert_eq!(s.open_reservations(now + 1_000).unwrap(), 0);
     assert!(s.reserve("r5", &both, 1, now, 1_000).is_err());
     assert_eq!(bal(s, f, now + 1_000), (120, 0));
     let r5 = s.reserve("r5", &both, 180, now + 1_000, 1_000).unwrap();

@@ -1,0 +1,604 @@
+//! The write-ahead spool: ledger entries of requests no budget applies to.
+//!
+//! Such a request holds no reservation, so nothing forces its ledger entry
+//! into the store before the answer; a store transaction per request would
+//! cost more than the rest of the request path. Instead [`Spool::append`]
+//! writes the entry as one JSON line with a single `write()` to a file opened
+//! with `O_APPEND`: when it returns the entry is in the OS page cache, which
+//! survives the process being killed (`kill -9`, a panic, an OOM kill), and a
+//! background writer moves the lines into the store in batches
+//! ([`Spool::commit`]).
+//!
+//! Layout of the spool directory (`<db>.ledger-spool/` next to an SQLite
+//! store), one *slot* per live process:
+//! - `<n>.lock`: held with `flock` by the process that owns slot `n`, for as
+//!   long as it lives; the kernel drops the lock when the process dies, so a
+//!   free lock means nobody appends to that slot any more;
+//! - `<n>.spool`: where the owner appends;
+//! - `<n>.committing`: the previous `<n>.spool`, renamed by the writer and
+//!   being moved into the store; deleted once the store committed it.
+//!
+//! INVARIANT: an appended line is deleted only after a store transaction
+//! holding it committed. Rotation renames the file under the write side of
+//! the handle's lock, so no append can land in a file the writer already
+//! read; a failed commit keeps the file and no new rotation happens until it
+//! is committed. Replaying a line twice is harmless: the ledger skips ids it
+//! already has.
+//!
+//! [`Spool::open`] takes the first free slot and replays every free slot's
+//! leftovers (its own and those of dead processes) before returning;
+//! [`recover`] does the same without taking a slot (`routeplane usage`).
+//! Durability stops at the page cache: an OS crash or a power loss can lose
+//! the last entries, as it can lose the SQLite store's last commits under
+//! `synchronous = NORMAL`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+use super::{BudgetStore, LedgerEntry, StateError};
+
+/// Entries per store transaction when moving a spool file into the store.
+const BATCH: usize = 512;
+/// Slots looked at before giving up: far more processes than share one store.
+const MAX_SLOTS: u32 = 1024;
+
+/// This process's slot of a spool directory.
+pub struct Spool {
+    dir: PathBuf,
+    slot: u32,
+    /// The append handle; the writer swaps it when rotating.
+    file: RwLock<File>,
+    /// One commit at a time.
+    committing: Mutex<()>,
+    /// Holds the slot's `flock` while the spool lives.
+    _lock: File,
+}
+
+/// What opening or recovering found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Entries read from leftover files and handed to the store.
+    pub entries: usize,
+    /// Lines that were not an entry (a write torn by a full disk).
+    pub skipped: usize,
+}
+
+fn io_err(what: &str, path: &Path, e: io::Error) -> StateError {
+    StateError::Backend(format!(
+        "ledger spool: cannot {what} `{}`: {e}",
+        path.display()
+    ))
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// Take the slot's lock without waiting; `false` when another process (or
+/// another handle in this one) holds it.
+#[cfg(unix)]
+fn try_lock(f: &File) -> io::Result<bool> {
+    use rustix::fs::{flock, FlockOperation};
+    match flock(f, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Without `flock` one process per spool directory is assumed.
+#[cfg(not(unix))]
+fn try_lock(_f: &File) -> io::Result<bool> {
+    Ok(true)
+}
+
+fn slot_path(dir: &Path, slot: u32, ext: &str) -> PathBuf {
+    dir.join(format!("{slot}.{ext}"))
+}
+
+/// Slot numbers that have any file in `dir`, ascending.
+fn slots_in(dir: &Path) -> Result<Vec<u32>, StateError> {
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io_err("read", dir, e)),
+    };
+    for d in rd.flatten() {
+        let name = d.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some((n, ext)) = name.split_once('.') else {
+            continue;
+        };
+        if !matches!(ext, "lock" | "spool" | "committing") {
+            continue;
+        }
+        if let Ok(n) = n.parse::<u32>() {
+            if n < MAX_SLOTS && !out.contains(&n) {
+                out.push(n);
+            }
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// The entries of a spool file's bytes. A line that does not parse (a write
+/// torn by a full disk, with the next append glued to it) is searched for an
+/// entry starting later in the line.
+pub fn parse(bytes: &[u8]) -> (Vec<LedgerEntry>, usize) {
+    const START: &[u8] = b"{\"id\":";
+    let mut entries = Vec::new();
+    let mut skipped = 0;
+    for line in bytes.split(|b| *b == b'\n') {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if let Ok(e) = serde_json::from_slice::<LedgerEntry>(line) {
+            entries.push(e);
+            continue;
+        }
+        skipped += 1;
+        let found = (1..line.len())
+            .filter(|i| line.get(*i..).is_some_and(|rest| rest.starts_with(START)))
+            .find_map(|i| {
+                line.get(i..)
+                    .and_then(|rest| serde_json::from_slice::<LedgerEntry>(rest).ok())
+            });
+        if let Some(e) = found {
+            entries.push(e);
+        }
+    }
+    (entries, skipped)
+}
+
+/// Move one spool file into the store and delete it. A missing file is
+/// nothing to do; on a store error the file stays for the next try.
+fn replay_file(path: &Path, store: &dyn BudgetStore) -> Result<Replayed, StateError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Replayed::default()),
+        Err(e) => return Err(io_err("read", path, e)),
+    };
+    let (entries, skipped) = parse(&bytes);
+    if skipped > 0 {
+        tracing::warn!(
+            "ledger spool `{}`: {skipped} line(s) are not ledger entries",
+            path.display()
+        );
+    }
+    for chunk in entries.chunks(BATCH) {
+        store.record(chunk)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("remove", path, e)),
+    }
+    Ok(Replayed {
+        entries: entries.len(),
+        skipped,
+    })
+}
+
+/// Replay a slot whose lock this process holds: the file being committed
+/// when its owner stopped first, then the one it appended to.
+fn replay_slot(dir: &Path, slot: u32, store: &dyn BudgetStore) -> Result<Replayed, StateError> {
+    let a = replay_file(&slot_path(dir, slot, "committing"), store)?;
+    let b = replay_file(&slot_path(dir, slot, "spool"), store)?;
+    Ok(Replayed {
+        entries: a.entries + b.entries,
+        skipped: a.skipped + b.skipped,
+    })
+}
+
+/// Lock slot `n`; `None` when another process holds it.
+fn lock_slot(dir: &Path, n: u32) -> Result<Option<File>, StateError> {
+    let path = slot_path(dir, n, "lock");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_err("open", &path, e))?;
+    Ok(try_lock(&f)
+        .map_err(|e| io_err("lock", &path, e))?
+        .then_some(f))
+}
+
+/// Replay the leftovers of every slot no live process holds, into `store`.
+/// `keep`: the first free slot is kept locked and returned (opening a spool).
+fn sweep(
+    dir: &Path,
+    store: &dyn BudgetStore,
+    keep: bool,
+) -> Result<(Option<(u32, File)>, Replayed), StateError> {
+    let mut total = Replayed::default();
+    let mut own = None;
+    let existing = slots_in(dir)?;
+    let last = existing.last().copied().unwrap_or(0);
+    for n in 0..MAX_SLOTS {
+        if n > last && (own.is_some() || !keep) {
+            break;
+        }
+        let looking = keep && own.is_none();
+        if !looking && !existing.contains(&n) {
+            continue;
+        }
+        let Some(lock) = lock_slot(dir, n)? else {
+            continue; // a live process's slot
+        };
+        let r = replay_slot(dir, n, store)?;
+        total.entries += r.entries;
+        total.skipped += r.skipped;
+        if keep && own.is_none() {
+            own = Some((n, lock));
+        }
+        // Otherwise dropping `lock` frees the slot again.
+    }
+    if keep && own.is_none() {
+        return Err(StateError::Backend(format!(
+            "ledger spool: all {MAX_SLOTS} slots of `{}` are taken",
+            dir.display()
+        )));
+    }
+    Ok((own, total))
+}
+
+/// Replay what processes that no longer run left in `dir` (nothing when it
+/// does not exist), without taking a slot.
+pub fn recover(dir: &Path, store: &dyn BudgetStore) -> Result<Replayed, StateError> {
+    if !dir.is_dir() {
+        return Ok(Replayed::default());
+    }
+    Ok(sweep(dir, store, false)?.1)
+}
+
+impl Spool {
+    /// Create `dir` if needed, take a free slot and replay every free slot's
+    /// leftovers into `store` before returning.
+    pub fn open(dir: &Path, store: &dyn BudgetStore) -> Result<(Spool, Replayed), StateError> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
+        let (own, replayed) = sweep(dir, store, true)?;
+        let Some((slot, lock)) = own else {
+            return Err(StateError::Backend("ledger spool: no slot".into()));
+        };
+        let path = slot_path(dir, slot, "spool");
+        let file = open_append(&path).map_err(|e| io_err("open", &path, e))?;
+        Ok((
+            Spool {
+                dir: dir.to_path_buf(),
+                slot,
+                file: RwLock::new(file),
+                committing: Mutex::new(()),
+                _lock: lock,
+            },
+            replayed,
+        ))
+    }
+
+    /// The file this process appends to.
+    pub fn path(&self) -> PathBuf {
+        slot_path(&self.dir, self.slot, "spool")
+    }
+
+    /// Append `e` with one `write()`. When this returns `Ok` the entry
+    /// survives the process dying. On `Err` the caller must record the entry
+    /// some other way (a torn line is skipped at replay).
+    pub fn append(&self, e: &LedgerEntry) -> io::Result<()> {
+        let mut line = serde_json::to_vec(e)?;
+        line.push(b'\n');
+        let f = self
+            .file
+            .read()
+            .map_err(|_| io::Error::other("ledger spool lock poisoned"))?;
+        // One write on an O_APPEND file: the kernel places it at the end
+        // atomically, concurrent appends never interleave.
+        let n = (&*f).write(&line)?;
+        if n != line.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!(
+                    "short write to the ledger spool: {n} of {} bytes",
+                    line.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Move what was appended so far into the store: rotate the append file
+    /// to `<n>.committing`, record its entries, delete it. A file left by a
+    /// failed commit goes first, and no rotation happens until it is in.
+    pub fn commit(&self, store: &dyn BudgetStore) -> Result<usize, StateError> {
+        let _one = self
+            .committing
+            .lock()
+            .map_err(|_| StateError::Backend("ledger spool writer poisoned".into()))?;
+        let committing = slot_path(&self.dir, self.slot, "committing");
+        let mut n = replay_file(&committing, store)?.entries;
+        let path = self.path();
+        {
+            let len = self
+                .file
+                .read()
+                .map_err(|_| StateError::Backend("ledger spool lock poisoned".into()))?
+                .metadata()
+                .map_err(|e| io_err("stat", &path, e))?
+                .len();
+            if len == 0 {
+                return Ok(n);
+            }
+            let mut f = self
+                .file
+                .write()
+                .map_err(|_| StateError::Backend("ledger spool lock poisoned".into()))?;
+            std::fs::rename(&path, &committing).map_err(|e| io_err("rotate", &path, e))?;
+            match open_append(&path) {
+                Ok(new) => *f = new,
+                Err(e) => {
+                    // Keep appending to the old file under its old name.
+                    let _ = std::fs::rename(&committing, &path);
+                    return Err(io_err("open", &path, e));
+                }
+            }
+        }
+        n += replay_file(&committing, store)?.entries;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::state::sqlite::SqliteStore;
+
+    fn entry(id: &str) -> LedgerEntry {
+        LedgerEntry {
+            id: id.to_string(),
+            ts_ms: 1_000,
+            tenant: "free".into(),
+            feature: None,
+            model: "m".into(),
+            input_tokens: 3,
+            output_tokens: 4,
+            estimated: 10,
+            actual: 7,
+        }
+    }
+
+    fn ids(store: &dyn BudgetStore) -> Vec<String> {
+        let mut v: Vec<String> = store
+            .ledger(None)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn appended_entries_survive_a_crash_before_the_writer_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("s.db");
+        let spool_dir = dir.path().join("s.db.ledger-spool");
+        {
+            let store = SqliteStore::open(&db).unwrap();
+            let (spool, replayed) = Spool::open(&spool_dir, &store).unwrap();
+            assert_eq!(replayed, Replayed::default());
+            for i in 0..5 {
+                spool.append(&entry(&format!("a/{i}"))).unwrap();
+            }
+            // The "crash": the process goes away without a commit.
+            assert!(ids(&store).is_empty());
+        }
+        let store = SqliteStore::open(&db).unwrap();
+        let (spool, replayed) = Spool::open(&spool_dir, &store).unwrap();
+        assert_eq!(replayed.entries, 5);
+        assert_eq!(ids(&store), ["a/0", "a/1", "a/2", "a/3", "a/4"]);
+        assert_eq!(std::fs::metadata(spool.path()).unwrap().len(), 0);
+        drop(spool);
+        // Opening again finds nothing more, and nothing is counted twice.
+        let (_spool, replayed) = Spool::open(&spool_dir, &store).unwrap();
+        assert_eq!(replayed.entries, 0);
+        assert_eq!(ids(&store).len(), 5);
+    }
+
+    #[test]
+    fn a_crash_in_the_middle_of_a_commit_replays_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("s.db");
+        let spool_dir = dir.path().join("spool");
+        {
+            let store = SqliteStore::open(&db).unwrap();
+            let (spool, _) = Spool::open(&spool_dir, &store).unwrap();
+            spool.append(&entry("x/0")).unwrap();
+            spool.append(&entry("x/1")).unwrap();
+            spool.commit(&store).unwrap();
+            // A rotated file whose commit was cut short: its first entry is
+            // already in the store, the file was not deleted yet.
+            spool.append(&entry("x/2")).unwrap();
+            spool.append(&entry("x/3")).unwrap();
+            std::fs::rename(spool.path(), spool_dir.join("0.committing")).unwrap();
+            store.record(&[entry("x/2")]).unwrap();
+            // And a newer append file.
+            std::fs::write(spool.path(), b"").unwrap();
+            let mut f = open_append(&spool.path()).unwrap();
+            f.write_all(&serde_json::to_vec(&entry("x/4")).unwrap())
+                .unwrap();
+            f.write_all(b"\n").unwrap();
+        }
+        let store = SqliteStore::open(&db).unwrap();
+        let (_spool, replayed) = Spool::open(&spool_dir, &store).unwrap();
+        assert_eq!(replayed.entries, 3);
+        assert_eq!(ids(&store), ["x/0", "x/1", "x/2", "x/3", "x/4"]);
+        assert!(!spool_dir.join("0.committing").exists());
+    }
+
+    #[test]
+    fn rotation_under_concurrent_appends_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let (spool, _) = Spool::open(&dir.path().join("spool"), &*store).unwrap();
+        let spool = Arc::new(spool);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (spool, store, done) = (spool.clone(), store.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut commits = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    if spool.commit(&*store).unwrap() > 0 {
+                        commits += 1;
+                    }
+                }
+                commits
+            })
+        };
+        let appenders: Vec<_> = (0..4)
+            .map(|t| {
+                let spool = spool.clone();
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        spool.append(&entry(&format!("{t}/{i}"))).unwrap();
+                        if i % 25 == 0 {
+                            // Let the writer rotate between bursts.
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for a in appenders {
+            a.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let commits = writer.join().unwrap();
+        spool.commit(&*store).unwrap();
+        assert!(commits > 1, "the writer never rotated under load");
+        let got = ids(&*store);
+        assert_eq!(got.len(), 2_000);
+        let unique: std::collections::HashSet<_> = got.iter().collect();
+        assert_eq!(unique.len(), 2_000);
+    }
+
+    /// A lock is released when its last descriptor closes; a child process
+    /// that another test forks at that moment holds a copy until it execs.
+    fn wait_free(dir: &Path, slot: u32) {
+        for _ in 0..500 {
+            if lock_slot(dir, slot).unwrap().is_some() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        panic!("slot {slot} stays locked");
+    }
+
+    #[test]
+    fn two_processes_get_two_slots_and_a_dead_ones_leftovers_are_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let spool_dir = dir.path().join("spool");
+        let (a, _) = Spool::open(&spool_dir, &store).unwrap();
+        let (b, _) = Spool::open(&spool_dir, &store).unwrap();
+        assert_ne!(a.path(), b.path(), "two live spools share a slot");
+        a.append(&entry("a/0")).unwrap();
+        b.append(&entry("b/0")).unwrap();
+        // `a` is alive: recovering leaves its slot alone.
+        assert_eq!(recover(&spool_dir, &store).unwrap().entries, 0);
+        // `b` dies; a third process takes slot 1 again and replays it, while
+        // `a`'s entry waits for `a`'s own writer.
+        drop(b);
+        wait_free(&spool_dir, 1);
+        let (c, replayed) = Spool::open(&spool_dir, &store).unwrap();
+        assert_eq!(replayed.entries, 1);
+        assert_eq!(ids(&store), ["b/0"]);
+        drop(a);
+        wait_free(&spool_dir, 0);
+        // `usage` recovers the dead `a` without taking a slot.
+        assert_eq!(recover(&spool_dir, &store).unwrap().entries, 1);
+        assert_eq!(ids(&store), ["a/0", "b/0"]);
+        drop(c);
+    }
+
+    #[test]
+    fn torn_lines_are_skipped_and_the_entry_glued_to_them_is_kept() {
+        let good = serde_json::to_string(&entry("g/1")).unwrap();
+        let glued = serde_json::to_string(&entry("g/2")).unwrap();
+        let torn = good.get(..good.len() / 2).unwrap();
+        let text = format!("{good}\n{torn}{glued}\n\n{torn}\n  \n");
+        let (entries, skipped) = parse(text.as_bytes());
+        let got: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(got, ["g/1", "g/2"]);
+        assert_eq!(skipped, 2);
+        let (entries, skipped) = parse(b"\xff\xfe garbage\n{\"id\":");
+        assert!(entries.is_empty());
+        assert_eq!(skipped, 2);
+    }
+
+    #[test]
+    fn a_failing_store_keeps_the_file_until_it_commits() {
+        struct Failing(SqliteStore, std::sync::atomic::AtomicBool);
+        impl BudgetStore for Failing {
+            fn reserve(
+                &self,
+                id: &str,
+                c: &[super::super::Charge],
+                a: u64,
+                n: i64,
+                t: i64,
+            ) -> Result<super::super::Reservation, StateError> {
+                self.0.reserve(id, c, a, n, t)
+            }
+            fn settle(
+                &self,
+                r: &super::super::Reservation,
+                e: &LedgerEntry,
+            ) -> Result<bool, StateError> {
+                self.0.settle(r, e)
+            }
+            fn record(&self, e: &[LedgerEntry]) -> Result<(), StateError> {
+                if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(StateError::Backend("down".into()));
+                }
+                self.0.record(e)
+            }
+            fn release(&self, r: &super::super::Reservation) -> Result<(), StateError> {
+                self.0.release(r)
+            }
+            fn balance(
+                &self,
+                c: &super::super::Counter,
+                n: i64,
+            ) -> Result<super::super::Balance, StateError> {
+                self.0.balance(c, n)
+            }
+            fn ledger(&self, s: Option<i64>) -> Result<Vec<LedgerEntry>, StateError> {
+                self.0.ledger(s)
+            }
+            fn open_reservations(&self, n: i64) -> Result<usize, StateError> {
+                self.0.open_reservations(n)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Failing(
+            SqliteStore::open(&dir.path().join("s.db")).unwrap(),
+            std::sync::atomic::AtomicBool::new(true),
+        );
+        let (spool, _) = Spool::open(&dir.path().join("spool"), &store).unwrap();
+        spool.append(&entry("f/0")).unwrap();
+        assert!(spool.commit(&store).is_err());
+        spool.append(&entry("f/1")).unwrap();
+        assert!(spool.commit(&store).is_err());
+        assert!(ids(&store).is_empty());
+        store.1.store(false, std::sync::atomic::Ordering::Relaxed);
+        // The stuck file first, then what was appended meanwhile.
+        assert_eq!(spool.commit(&store).unwrap(), 2);
+        assert_eq!(spool.commit(&store).unwrap(), 0);
+        assert_eq!(ids(&store), ["f/0", "f/1"]);
+    }
+}
