@@ -12,9 +12,10 @@
 //! Chat bodies add the OpenAI cookbook's framing: [`TOKENS_PER_MESSAGE`] per
 //! message plus [`REPLY_PRIMING`] once.
 //!
-//! The encodings are loaded once per process ([`LazyLock`]) on first use;
-//! the gateway touches them at start so the first request does not pay for
-//! the load.
+//! The encodings are loaded once per process, on first use: the gateway
+//! loads those a policy's budgets need when it builds that policy
+//! ([`warm_up_for`]), so no request pays for the load and a gateway without
+//! budgets never holds them in memory.
 //!
 //! The estimated cost covers input plus the output cap: the request's
 //! `max_tokens`, else the model's `max_output`, else [`DEFAULT_OUTPUT_TOKENS`]
@@ -22,7 +23,7 @@
 //! Integer micro-dollars, rounded up, so a reservation is never smaller than
 //! the price list says.
 
-use std::sync::LazyLock;
+use std::sync::OnceLock;
 
 use tiktoken_rs::CoreBPE;
 
@@ -38,8 +39,8 @@ pub const DEFAULT_OUTPUT_TOKENS: u64 = 1024;
 /// Characters per token of the approximation.
 pub const CHARS_PER_TOKEN: u64 = 4;
 
-static O200K: LazyLock<Option<CoreBPE>> = LazyLock::new(|| tiktoken_rs::o200k_base().ok());
-static CL100K: LazyLock<Option<CoreBPE>> = LazyLock::new(|| tiktoken_rs::cl100k_base().ok());
+static O200K: OnceLock<Option<CoreBPE>> = OnceLock::new();
+static CL100K: OnceLock<Option<CoreBPE>> = OnceLock::new();
 
 /// How a model's tokens are counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,8 +68,12 @@ impl Tokenizer {
 
     fn bpe(self) -> Option<&'static CoreBPE> {
         match self {
-            Tokenizer::O200k => O200K.as_ref(),
-            Tokenizer::Cl100k => CL100K.as_ref(),
+            Tokenizer::O200k => O200K
+                .get_or_init(|| tiktoken_rs::o200k_base().ok())
+                .as_ref(),
+            Tokenizer::Cl100k => CL100K
+                .get_or_init(|| tiktoken_rs::cl100k_base().ok())
+                .as_ref(),
             Tokenizer::Approx => None,
         }
     }
@@ -107,10 +112,29 @@ impl Tokenizer {
 /// Bytes of a text counted exactly by [`Tokenizer::estimate`].
 pub const EXACT_BYTES: usize = 4 * 1024;
 
-/// Load the bundled encodings now, off the request path.
-pub fn warm_up() {
-    let _ = O200K.as_ref();
-    let _ = CL100K.as_ref();
+/// Load the encodings `policy` can need, now and off the request path.
+///
+/// Only budgets use the real tokenizers (everything else takes the engine's
+/// fast estimate), and each encoding costs tens of megabytes, so a policy
+/// without budgets loads none and one with budgets loads only those its
+/// models declare. A later policy that needs another one loads it here too,
+/// when it is built on reload.
+pub fn warm_up_for(policy: &crate::ir::Policy) {
+    if policy.protect.budgets.is_empty() {
+        return;
+    }
+    for m in &policy.models {
+        let _ = Tokenizer::for_model(m).bpe();
+    }
+}
+
+/// Whether `tokenizer`'s encoding is in memory (for tests of [`warm_up_for`]).
+pub fn is_loaded(tokenizer: Tokenizer) -> bool {
+    match tokenizer {
+        Tokenizer::O200k => O200K.get().is_some(),
+        Tokenizer::Cl100k => CL100K.get().is_some(),
+        Tokenizer::Approx => true,
+    }
 }
 
 /// The approximation for models without a bundled tokenizer.
@@ -254,6 +278,21 @@ mod tests {
 
     fn check_count(tok: Tokenizer, text: &str, expect: u64) {
         assert_eq!(tok.count(text), expect, "{tok:?} {text:?}");
+    }
+
+    #[test]
+    fn a_policy_with_budgets_loads_the_encodings_its_models_declare() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/enterprise");
+        let sources = crate::load::read_policy(&dir).unwrap().sources;
+        let compiled = crate::compile::compile(&sources).unwrap();
+        let p = compiled.policy();
+        assert!(!p.protect.budgets.is_empty());
+        assert!(p
+            .models
+            .iter()
+            .any(|m| Tokenizer::for_model(m) == Tokenizer::O200k));
+        warm_up_for(p);
+        assert!(is_loaded(Tokenizer::O200k));
     }
 
     #[test]

@@ -671,6 +671,8 @@ pub fn served_builder(
                 diagnostics: problems,
             });
         }
+        // Before the swap, so no budgeted request waits for an encoding to load.
+        crate::estimate::warm_up_for(compiled.value.policy());
         Ok(Built {
             value: Served {
                 policy: compiled.value,

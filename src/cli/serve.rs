@@ -101,8 +101,6 @@ async fn serve(config: Config, args: Args) -> u8 {
             return 2;
         }
     };
-    // Load the tokenizers now rather than on the first request.
-    routeplane::estimate::warm_up();
     let opts = Options {
         metrics: Some(metrics),
         decision_log,
