@@ -233,8 +233,10 @@ enum StateBackendKind {
     Memory,
 }
 
-/// The SQLite file used when the config has no `state:` section, next to the config.
-pub const DEFAULT_STATE_FILE: &str = "routeplane-state.db";
+/// The SQLite file used when the config has no `state:` section, relative to
+/// the config. In a directory of its own: the gateway watches the config's
+/// directory for edits, and every write of the database would wake it.
+pub const DEFAULT_STATE_FILE: &str = "routeplane-state/state.db";
 
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
@@ -669,6 +671,23 @@ impl Config {
             },
         };
 
+        if let crate::state::Backend::Sqlite(db) = &state {
+            let watched = [Some(base), Some(policy.as_path()), policy.parent()];
+            if db
+                .parent()
+                .is_some_and(|dir| {
+                    let dir = normalize(dir);
+                    watched.iter().flatten().any(|w| normalize(w) == dir)
+                })
+            {
+                cx.warnings.push(format!(
+                    "{file}:{}: the state file `{}` is in a directory the gateway watches for edits, so every write wakes the watcher; give it a directory of its own (`path: routeplane-state/state.db`)",
+                    cx.line_of("state:", None).unwrap_or(0),
+                    db.display()
+                ));
+            }
+        }
+
         if !cx.errors.is_empty() {
             return Err(ConfigErrors(cx.errors));
         }
@@ -852,6 +871,21 @@ max_body: 1MiB
             !format!("{c:?}").contains("sk-upstream"),
             "secrets never print"
         );
+    }
+
+    #[test]
+    fn a_state_file_where_the_watcher_looks_is_a_warning() {
+        let base = "policy: policies/saas\nproviders: []\ntenants: []\n";
+        let warned = |state: &str| {
+            let c = parse(&format!("{base}{state}")).unwrap();
+            c.warnings.iter().any(|w| w.contains("a directory the gateway watches"))
+        };
+        assert!(!warned(""), "the default has a directory of its own");
+        assert!(warned("state: { backend: sqlite, path: state.db }\n"));
+        assert!(warned("state: { backend: sqlite, path: policies/saas/state.db }\n"));
+        assert!(warned("state: { backend: sqlite, path: policies/state.db }\n"));
+        assert!(!warned("state: { backend: sqlite, path: var/state.db }\n"));
+        assert!(!warned("state: { backend: memory }\n"));
     }
 
     #[test]
