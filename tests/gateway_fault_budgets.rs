@@ -63,7 +63,9 @@ where
                     buf.extend_from_slice(&chunk[..n]);
                     let text = String::from_utf8_lossy(&buf).to_string();
                     if let Some(end) = text.find("\r\n\r\n") {
-                        let len = text[..end]
+                        let len = text
+                            .get(..end)
+                            .unwrap_or("")
                             .lines()
                             .find_map(|l| {
                                 l.to_ascii_lowercase()
