@@ -472,11 +472,14 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| default_url.to_string());
             if p.kind != ProviderKind::Mock {
-                match reqwest::Url::parse(&base_url) {
-                    Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                match base_url.parse::<hyper::Uri>() {
+                    Ok(u)
+                        if matches!(u.scheme_str(), Some("http" | "https"))
+                            && u.authority().is_some()
+                            && u.query().is_none() => {}
                     _ => cx.error(
                         cx.line_of("base_url:", Some(&base_url)).or(line),
-                        format!("provider `{}`: invalid base_url `{base_url}`: expected an http or https URL", p.name),
+                        format!("provider `{}`: invalid base_url `{base_url}`: expected an http or https URL without a query", p.name),
                     ),
                 }
             } else if p.base_url.is_some() {
@@ -673,13 +676,10 @@ impl Config {
 
         if let crate::state::Backend::Sqlite(db) = &state {
             let watched = [Some(base), Some(policy.as_path()), policy.parent()];
-            if db
-                .parent()
-                .is_some_and(|dir| {
-                    let dir = normalize(dir);
-                    watched.iter().flatten().any(|w| normalize(w) == dir)
-                })
-            {
+            if db.parent().is_some_and(|dir| {
+                let dir = normalize(dir);
+                watched.iter().flatten().any(|w| normalize(w) == dir)
+            }) {
                 cx.warnings.push(format!(
                     "{file}:{}: the state file `{}` is in a directory the gateway watches for edits, so every write wakes the watcher; give it a directory of its own (`path: routeplane-state/state.db`)",
                     cx.line_of("state:", None).unwrap_or(0),
@@ -878,12 +878,18 @@ max_body: 1MiB
         let base = "policy: policies/saas\nproviders: []\ntenants: []\n";
         let warned = |state: &str| {
             let c = parse(&format!("{base}{state}")).unwrap();
-            c.warnings.iter().any(|w| w.contains("a directory the gateway watches"))
+            c.warnings
+                .iter()
+                .any(|w| w.contains("a directory the gateway watches"))
         };
         assert!(!warned(""), "the default has a directory of its own");
         assert!(warned("state: { backend: sqlite, path: state.db }\n"));
-        assert!(warned("state: { backend: sqlite, path: policies/saas/state.db }\n"));
-        assert!(warned("state: { backend: sqlite, path: policies/state.db }\n"));
+        assert!(warned(
+            "state: { backend: sqlite, path: policies/saas/state.db }\n"
+        ));
+        assert!(warned(
+            "state: { backend: sqlite, path: policies/state.db }\n"
+        ));
         assert!(!warned("state: { backend: sqlite, path: var/state.db }\n"));
         assert!(!warned("state: { backend: memory }\n"));
     }

@@ -179,7 +179,6 @@ pub struct Gateway {
     /// The config the process started with (listen address, policy path).
     pub config: Arc<Config>,
     pub policies: Arc<dyn PolicySource>,
-    client: reqwest::Client,
     runtime: ArcSwap<Runtime>,
     /// Serializes runtime rebuilds; remembers the last version that failed.
     rebuild: Mutex<Option<String>>,
@@ -207,12 +206,6 @@ impl Gateway {
         policies: Arc<dyn PolicySource>,
         opts: Options,
     ) -> Result<Arc<Gateway>, StartError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| StartError(vec![format!("cannot build the HTTP client: {e}")]))?;
         let boot: u64 = rand::random();
         let config = Arc::new(config);
         let snap = policies.current();
@@ -228,7 +221,6 @@ impl Gateway {
         let gw = Gateway {
             config,
             policies,
-            client,
             runtime: ArcSwap::from_pointee(empty),
             rebuild: Mutex::new(None),
             breakers: Mutex::new(HashMap::new()),
@@ -287,12 +279,7 @@ impl Gateway {
         let upstreams: HashMap<String, Arc<Upstream>> = config
             .providers
             .iter()
-            .map(|p| {
-                (
-                    p.name.clone(),
-                    Arc::new(Upstream::new(p.clone(), self.client.clone())),
-                )
-            })
+            .map(|p| (p.name.clone(), Arc::new(Upstream::new(p.clone()))))
             .collect();
         let mut errors = Vec::new();
         let p = policy.policy();

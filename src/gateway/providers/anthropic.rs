@@ -6,40 +6,33 @@ use futures_util::{stream, StreamExt};
 use serde_json::{json, Map, Value};
 
 use super::{
-    from_reqwest, retry_after, AttemptError, ByteStream, ClientBody, Reply, UpstreamRequest, Usage,
+    http, retry_after, AttemptError, ByteStream, ClientBody, Reply, Upstream, UpstreamRequest,
+    Usage,
 };
-use crate::config::ProviderConfig;
 use crate::gateway::engine::Endpoint;
 use crate::gateway::sse;
 
-const VERSION: &str = "2023-06-01";
+/// The `anthropic-version` header sent with every request.
+pub const VERSION: &str = "2023-06-01";
+/// Where chat completions go, under the provider's `base_url`.
+pub const MESSAGES_PATH: &str = "/messages";
 /// Messages requires `max_tokens`; chat completions does not.
 const DEFAULT_MAX_TOKENS: u64 = 4096;
 
-pub async fn send(
-    client: &reqwest::Client,
-    cfg: &ProviderConfig,
-    req: UpstreamRequest<'_>,
-) -> Result<Reply, AttemptError> {
+pub async fn send(up: &Upstream, req: UpstreamRequest<'_>) -> Result<Reply, AttemptError> {
     let (Endpoint::Chat, ClientBody::Json(body)) = (req.endpoint, req.body) else {
         return Err(AttemptError::Unsupported(super::endpoint_name(
             req.endpoint,
         )));
     };
     let translated = to_messages(body, req.model, req.stream);
-    let mut rb = client
-        .post(format!("{}/messages", cfg.base_url))
-        .header("anthropic-version", VERSION)
-        .header("content-type", "application/json")
-        .body(translated.to_string());
-    if let Some(key) = &cfg.api_key {
-        rb = rb.header("x-api-key", key.expose());
-    }
-    let resp = rb.send().await.map_err(|e| from_reqwest(&e))?;
+    let resp = up
+        .post(MESSAGES_PATH, None, Bytes::from(translated.to_string()))
+        .await?;
     let status = resp.status().as_u16();
     if !(200..300).contains(&status) {
         let ra = retry_after(resp.headers());
-        let body = resp.bytes().await.unwrap_or_default();
+        let body = http::read_body(resp).await.unwrap_or_default();
         return Err(AttemptError::Status {
             status,
             retry_after: ra,
@@ -47,13 +40,12 @@ pub async fn send(
         });
     }
     if req.stream {
-        let upstream = resp.bytes_stream().map(|r| r.map_err(|e| from_reqwest(&e)));
         return Ok(Reply::Stream(translate_stream(
-            Box::pin(upstream),
+            http::body_stream(resp),
             req.model.to_string(),
         )));
     }
-    let raw = resp.bytes().await.map_err(|e| from_reqwest(&e))?;
+    let raw = http::read_body(resp).await?;
     let v: Value = serde_json::from_slice(&raw)
         .map_err(|e| AttemptError::Protocol(format!("invalid JSON from anthropic: {e}")))?;
     let (out, usage) = from_message(&v, req.model);

@@ -3,6 +3,7 @@
 //! ending in `data: [DONE]`, so dispatch treats them all alike.
 
 pub mod anthropic;
+pub mod http;
 pub mod mock;
 pub mod openai;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
+use hyper::header::{HeaderName, HeaderValue};
 
 use super::engine::Endpoint;
 use crate::config::{ProviderConfig, ProviderKind};
@@ -119,76 +121,103 @@ impl AttemptError {
     }
 }
 
-pub(crate) fn from_reqwest(e: &reqwest::Error) -> AttemptError {
-    // Provider keys live in headers, never in URLs, so the message is safe to show.
-    let msg = e.without_url_ref();
-    if e.is_timeout() {
-        AttemptError::Timeout
-    } else if e.is_connect() {
-        AttemptError::Connect(msg)
-    } else {
-        AttemptError::Reset(msg)
-    }
-}
-
-trait WithoutUrl {
-    fn without_url_ref(&self) -> String;
-}
-
-impl WithoutUrl for reqwest::Error {
-    fn without_url_ref(&self) -> String {
-        let mut s = self.to_string();
-        if let Some(url) = self.url() {
-            s = s.replace(url.as_str(), "upstream");
-        }
-        // The innermost cause is the useful part ("connection reset by peer").
-        let mut src: Option<&dyn std::error::Error> = std::error::Error::source(self);
-        let mut last = None;
-        while let Some(e) = src {
-            last = Some(e.to_string());
-            src = e.source();
-        }
-        match last {
-            Some(l) if !s.contains(&l) => format!("{s}: {l}"),
-            _ => s,
-        }
-    }
-}
-
 /// `Retry-After` in seconds (HTTP dates are rare from APIs and ignored).
-pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+pub(crate) fn retry_after(headers: &hyper::HeaderMap) -> Option<Duration> {
+    let v = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?;
     let secs: f64 = v.trim().parse().ok()?;
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
 }
 
-/// One configured provider, ready to send.
+/// One configured provider, ready to send: its URLs parsed and its
+/// headers (the key among them) made once, not per request.
 pub struct Upstream {
     pub cfg: ProviderConfig,
-    client: reqwest::Client,
+    endpoints: http::Endpoints,
+    /// Sent with every request: the content type, the key, the API version.
+    headers: Vec<(HeaderName, HeaderValue)>,
     /// Requests served, for the mock's deterministic error rate.
     mock_seq: AtomicU64,
 }
 
 impl Upstream {
-    pub fn new(cfg: ProviderConfig, client: reqwest::Client) -> Self {
+    pub fn new(cfg: ProviderConfig) -> Self {
+        let key = cfg.api_key.as_ref().map(|k| k.expose());
+        let (paths, headers): (&[&'static str], Vec<(HeaderName, Option<HeaderValue>)>) =
+            match cfg.kind {
+                ProviderKind::Openai => (
+                    &ENDPOINT_PATHS,
+                    vec![(
+                        hyper::header::AUTHORIZATION,
+                        key.and_then(|k| http::secret_header(&format!("Bearer {k}"))),
+                    )],
+                ),
+                ProviderKind::Anthropic => (
+                    &[anthropic::MESSAGES_PATH],
+                    vec![
+                        (
+                            HeaderName::from_static("anthropic-version"),
+                            Some(HeaderValue::from_static(anthropic::VERSION)),
+                        ),
+                        (
+                            hyper::header::CONTENT_TYPE,
+                            Some(HeaderValue::from_static("application/json")),
+                        ),
+                        (
+                            HeaderName::from_static("x-api-key"),
+                            key.and_then(http::secret_header),
+                        ),
+                    ],
+                ),
+                ProviderKind::Mock => (&[], Vec::new()),
+            };
         Upstream {
+            endpoints: http::Endpoints::new(&cfg.base_url, paths),
+            headers: headers
+                .into_iter()
+                .filter_map(|(n, v)| v.map(|v| (n, v)))
+                .collect(),
             cfg,
-            client,
             mock_seq: AtomicU64::new(0),
         }
     }
 
     pub async fn send(&self, req: UpstreamRequest<'_>) -> Result<Reply, AttemptError> {
         match self.cfg.kind {
-            ProviderKind::Openai => openai::send(&self.client, &self.cfg, req).await,
-            ProviderKind::Anthropic => anthropic::send(&self.client, &self.cfg, req).await,
+            ProviderKind::Openai => openai::send(self, req).await,
+            ProviderKind::Anthropic => anthropic::send(self, req).await,
             ProviderKind::Mock => mock::send(&self.cfg.mock, &self.mock_seq, req).await,
+        }
+    }
+
+    /// POST to one of this provider's paths with its headers (and `extra`).
+    async fn post(
+        &self,
+        path: &'static str,
+        extra: Option<(HeaderName, HeaderValue)>,
+        body: Bytes,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, AttemptError> {
+        let uri = self.endpoints.get(path)?;
+        match extra {
+            None => http::post(uri, &self.headers, body).await,
+            Some(h) => {
+                let mut headers = self.headers.clone();
+                headers.push(h);
+                http::post(uri, &headers, body).await
+            }
         }
     }
 }
 
-pub fn endpoint_path(e: Endpoint) -> &'static str {
+/// Every path an OpenAI-compatible provider is sent to.
+const ENDPOINT_PATHS: [&str; 5] = [
+    endpoint_path(Endpoint::Chat),
+    endpoint_path(Endpoint::Embeddings),
+    endpoint_path(Endpoint::Images),
+    endpoint_path(Endpoint::AudioTranscription),
+    endpoint_path(Endpoint::AudioSpeech),
+];
+
+pub const fn endpoint_path(e: Endpoint) -> &'static str {
     match e {
         Endpoint::Chat => "/chat/completions",
         Endpoint::Embeddings => "/embeddings",

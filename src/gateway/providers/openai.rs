@@ -2,62 +2,51 @@
 //! except the `model` field.
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use hyper::header::HeaderValue;
 
 use super::{
-    endpoint_path, from_reqwest, retry_after, AttemptError, ClientBody, Reply, UpstreamRequest,
+    endpoint_path, http, retry_after, AttemptError, ClientBody, Reply, Upstream, UpstreamRequest,
     Usage,
 };
-use crate::config::ProviderConfig;
 
-pub async fn send(
-    client: &reqwest::Client,
-    cfg: &ProviderConfig,
-    req: UpstreamRequest<'_>,
-) -> Result<Reply, AttemptError> {
-    let url = format!("{}{}", cfg.base_url, endpoint_path(req.endpoint));
-    let mut rb = client.post(url);
-    if let Some(key) = &cfg.api_key {
-        rb = rb.bearer_auth(key.expose());
-    }
-    rb = match req.body {
-        ClientBody::Json(v) => {
-            let mut v = v.clone();
-            if let Some(obj) = v.as_object_mut() {
-                obj.insert(
-                    "model".into(),
-                    serde_json::Value::String(req.model.to_string()),
-                );
-            }
-            rb.header("content-type", "application/json")
-                .body(v.to_string())
-        }
-        ClientBody::Multipart { content_type, body } => rb
-            .header("content-type", content_type.as_str())
-            .body(replace_multipart_model(body, req.model)),
+pub async fn send(up: &Upstream, req: UpstreamRequest<'_>) -> Result<Reply, AttemptError> {
+    let path = endpoint_path(req.endpoint);
+    let (content_type, body) = match req.body {
+        ClientBody::Json(v) => (
+            HeaderValue::from_static("application/json"),
+            Bytes::from(with_model(v, req.model)),
+        ),
+        ClientBody::Multipart { content_type, body } => (
+            HeaderValue::from_str(content_type).map_err(|_| {
+                AttemptError::Protocol("the request's content type is not a valid header".into())
+            })?,
+            replace_multipart_model(body, req.model),
+        ),
     };
-    let resp = rb.send().await.map_err(|e| from_reqwest(&e))?;
+    let resp = up
+        .post(
+            path,
+            Some((hyper::header::CONTENT_TYPE, content_type)),
+            body,
+        )
+        .await?;
     let status = resp.status().as_u16();
     if !(200..300).contains(&status) {
         let ra = retry_after(resp.headers());
-        let body = resp.bytes().await.unwrap_or_default();
+        let body = http::read_body(resp).await.unwrap_or_default();
         return Err(AttemptError::Status {
             status,
             retry_after: ra,
             body,
         });
     }
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
+    let content_type = http::header(resp.headers(), &hyper::header::CONTENT_TYPE)
         .unwrap_or("application/json")
         .to_string();
     if req.stream && content_type.starts_with("text/event-stream") {
-        let s = resp.bytes_stream().map(|r| r.map_err(|e| from_reqwest(&e)));
-        return Ok(Reply::Stream(Box::pin(s)));
+        return Ok(Reply::Stream(http::body_stream(resp)));
     }
-    let body = resp.bytes().await.map_err(|e| from_reqwest(&e))?;
+    let body = http::read_body(resp).await?;
     // A 2xx that says JSON but is not JSON is a broken answer, not an answer:
     // fail the attempt so the next model is tried, instead of handing the
     // client garbage with a 200.
@@ -78,6 +67,40 @@ pub async fn send(
         body,
         usage,
     })
+}
+
+/// The client's JSON body with `model` set to the upstream's model id,
+/// serialised straight from the parsed body, with no copy of the tree: every
+/// other field passes through with the value the client sent.
+pub fn with_model(body: &serde_json::Value, model: &str) -> Vec<u8> {
+    struct WithModel<'a> {
+        body: &'a serde_json::Map<String, serde_json::Value>,
+        model: &'a str,
+    }
+    impl serde::Serialize for WithModel<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            let has_model = self.body.contains_key("model");
+            let mut m = s.serialize_map(Some(self.body.len() + usize::from(!has_model)))?;
+            if !has_model {
+                m.serialize_entry("model", self.model)?;
+            }
+            for (k, v) in self.body {
+                if k == "model" {
+                    m.serialize_entry(k, self.model)?;
+                } else {
+                    m.serialize_entry(k, v)?;
+                }
+            }
+            m.end()
+        }
+    }
+    let out = match body.as_object() {
+        Some(obj) => serde_json::to_vec(&WithModel { body: obj, model }),
+        // Not an object (the server refuses those before dispatch): as it came.
+        None => serde_json::to_vec(body),
+    };
+    out.unwrap_or_default()
 }
 
 /// Replace the value of the `model` form field in a multipart body; the rest
@@ -117,6 +140,23 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_model_is_replaced_and_the_rest_passes_through() {
+        let body: serde_json::Value = serde_json::from_str(
+            r#"{"stream":true,"model":"auto","messages":[{"role":"user","content":"hi \"x\""}],"n":1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(with_model(&body, "gpt-4o")).unwrap(),
+            r#"{"messages":[{"role":"user","content":"hi \"x\""}],"model":"gpt-4o","n":1,"stream":true}"#
+        );
+        let body = serde_json::json!({ "input": "x" });
+        assert_eq!(
+            String::from_utf8(with_model(&body, "m")).unwrap(),
+            r#"{"model":"m","input":"x"}"#
+        );
+    }
 
     const FORM: &str = "--X\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--X\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nauto\r\n--X--\r\n";
 
