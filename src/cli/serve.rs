@@ -25,6 +25,9 @@ pub struct Args {
     /// Do not watch the policy and config files (SIGHUP still reloads)
     #[arg(long)]
     pub no_watch: bool,
+    /// Worker threads serving requests [default: one per core]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
 }
 
 pub fn run(args: Args) -> u8 {
@@ -50,7 +53,9 @@ pub fn run(args: Args) -> u8 {
     for w in &config.warnings {
         eprintln!("warning: {w}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // This runtime runs the control plane (reloads, signals); requests are
+    // served by the workers' runtimes (`server::serve_workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -125,27 +130,44 @@ async fn serve(config: Config, args: Args) -> u8 {
         }
     };
     let _hup = store.listen_sighup();
-    let listener = match tokio::net::TcpListener::bind(listen).await {
+    let workers = args.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        usize::from,
+    );
+    let listeners = match gateway::server::bind_workers(listen, workers) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("routeplane: cannot listen on `{listen}`: {e}");
             return 2;
         }
     };
-    let addr = listener
-        .local_addr()
-        .map_or_else(|_| listen.to_string(), |a| a.to_string());
+    let addr = listeners
+        .first()
+        .and_then(|l| l.local_addr().ok())
+        .map_or_else(|| listen.to_string(), |a| a.to_string());
     eprintln!(
         "routeplane: serving policy {} from `{}` on http://{addr}",
         loaded.version,
         gw.config.policy.display()
     );
     drop(loaded);
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-        eprintln!("routeplane: shutting down");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let threads = match gateway::server::serve_workers(listeners, gw.clone(), stopped) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("routeplane: cannot start the workers: {e}");
+            return 2;
+        }
     };
-    gateway::server::serve(listener, gw.clone(), shutdown).await;
+    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("routeplane: shutting down");
+    let _ = stop.send(true);
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
     // Flush the decision log: drop every sender, then wait for the writer.
     // Connections still draining hold clones; wait a little, not forever.
     drop(gw);

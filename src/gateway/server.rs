@@ -26,6 +26,90 @@ use crate::ir::{LimitScope, ModelKind};
 /// How long a client may take to send its headers, and then its body.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Listening sockets for [`serve_workers`]: one per worker, all on `addr`
+/// (`SO_REUSEPORT`, so the kernel spreads connections over the workers).
+///
+/// A plain bind comes first: it fails when anything already listens on
+/// `addr`, so a second gateway started on the same port is an error instead
+/// of silently sharing the port with the first.
+pub fn bind_workers(
+    addr: std::net::SocketAddr,
+    workers: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let open = |reuse_port: bool, addr: std::net::SocketAddr| {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        #[cfg(unix)]
+        s.set_reuse_port(reuse_port)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        Ok::<_, std::io::Error>(s)
+    };
+    let mut addr = addr;
+    if addr.port() != 0 {
+        drop(open(false, addr)?);
+    }
+    let mut out = Vec::with_capacity(workers.max(1));
+    for _ in 0..workers.max(1) {
+        let s = open(cfg!(unix) && workers > 1, addr)?;
+        s.listen(1024)?;
+        let l: std::net::TcpListener = s.into();
+        // An ephemeral port: the other workers join the one the first got.
+        addr = l.local_addr()?;
+        out.push(l);
+        if !cfg!(unix) {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Serve on one thread per listener, each with its own single-threaded
+/// runtime, until `shutdown` turns true (or its sender is dropped).
+///
+/// Why threads of their own, like nginx's workers, and not one work-stealing
+/// runtime: a request, the upstream connection it uses (the HTTP client is
+/// per thread) and the stream it forwards all run on the thread that
+/// accepted the connection, so proxying costs no cross-thread wake-ups.
+pub fn serve_workers(
+    listeners: Vec<std::net::TcpListener>,
+    gw: Arc<Gateway>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut threads = Vec::with_capacity(listeners.len());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let gw = gw.clone();
+        let mut shutdown = shutdown.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let t = std::thread::Builder::new()
+            .name(format!("routeplane-worker-{i}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!("worker {i} cannot listen: {e}");
+                            return;
+                        }
+                    };
+                    let stop = async move {
+                        while !*shutdown.borrow_and_update() {
+                            if shutdown.changed().await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    serve(listener, gw, stop).await;
+                });
+            })?;
+        threads.push(t);
+    }
+    Ok(threads)
+}
+
 /// Accept connections until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
