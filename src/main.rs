@@ -6,6 +6,12 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
+/// The gateway allocates a little for every request on every worker thread;
+/// mimalloc's thread-local heaps make that about half as costly as glibc's
+/// malloc (measured with `benches/proxy.sh`, see docs/performance.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A routing control plane for LLM gateways.
 #[derive(Parser)]
 #[command(name = "routeplane", version, about, long_about = None)]
