@@ -49,6 +49,41 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The `usage` of an OpenAI-format JSON answer, read without building the
+    /// answer's tree (everything else is only checked to be JSON). `Err`: the
+    /// bytes are not JSON; `Ok(None)`: JSON without a usage object.
+    pub fn from_openai_bytes(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            #[serde(default)]
+            usage: Option<Counts>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Counts {
+            #[serde(default, deserialize_with = "lenient_count")]
+            prompt_tokens: u64,
+            #[serde(default, deserialize_with = "lenient_count")]
+            completion_tokens: u64,
+        }
+        /// A count of the wrong type is 0, as in [`Usage::from_openai`].
+        fn lenient_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+            let v = <serde_json::Value as serde::Deserialize>::deserialize(d)?;
+            Ok(v.as_u64().unwrap_or(0))
+        }
+        match serde_json::from_slice::<Answer>(body) {
+            Ok(a) => Ok(a.usage.map(|c| Usage {
+                prompt_tokens: c.prompt_tokens,
+                completion_tokens: c.completion_tokens,
+            })),
+            // Valid JSON of another shape (an array, a usage that is not an
+            // object) has no usage; only invalid JSON is an error.
+            Err(e) if e.is_data() => {
+                serde_json::from_slice::<serde::de::IgnoredAny>(body).map(|_| None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// From an OpenAI-format response or chunk (`usage.prompt_tokens`, ...).
     pub fn from_openai(v: &serde_json::Value) -> Option<Usage> {
         let u = v.get("usage")?;
@@ -234,5 +269,31 @@ pub fn endpoint_name(e: Endpoint) -> &'static str {
         Endpoint::Images => "images",
         Endpoint::AudioTranscription => "audio_transcription",
         Endpoint::AudioSpeech => "audio_speech",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_read_from_the_bytes_like_from_the_tree() {
+        let cases = [
+            r#"{"id":"x","choices":[{"message":{"content":"{\"usage\":1}"}}],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}"#,
+            r#"{"usage":{"prompt_tokens":"12","completion_tokens":7}}"#,
+            r#"{"usage":{}}"#,
+            r#"{"data":[{"embedding":[0.1,0.2]}]}"#,
+            r#"[1,2]"#,
+        ];
+        for body in cases {
+            let tree: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(
+                Usage::from_openai_bytes(body.as_bytes()).unwrap(),
+                Usage::from_openai(&tree),
+                "{body}"
+            );
+        }
+        assert!(Usage::from_openai_bytes(br#"{"usage":{"prompt_tokens":1}"#).is_err());
+        assert!(Usage::from_openai_bytes(b"<html>").is_err());
     }
 }

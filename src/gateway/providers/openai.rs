@@ -51,8 +51,8 @@ pub async fn send(up: &Upstream, req: UpstreamRequest<'_>) -> Result<Reply, Atte
     // fail the attempt so the next model is tried, instead of handing the
     // client garbage with a 200.
     let usage = if content_type.starts_with("application/json") {
-        match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(v) => Usage::from_openai(&v),
+        match Usage::from_openai_bytes(&body) {
+            Ok(u) => u,
             Err(e) => {
                 return Err(AttemptError::Protocol(format!(
                     "the upstream answered {status} with a body that is not valid JSON ({e})"
@@ -149,7 +149,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             String::from_utf8(with_model(&body, "gpt-4o")).unwrap(),
-            r#"{"messages":[{"role":"user","content":"hi \"x\""}],"model":"gpt-4o","n":1,"stream":true}"#
+            r#"{"messages":[{"content":"hi \"x\"","role":"user"}],"model":"gpt-4o","n":1,"stream":true}"#
         );
         let body = serde_json::json!({ "input": "x" });
         assert_eq!(
