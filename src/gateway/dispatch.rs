@@ -5,16 +5,18 @@
 //! the client. After that a failure ends the stream with an SSE error event.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::BodyExt;
 use hyper::body::Frame;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
-use tokio::sync::mpsc;
 
 use super::breaker::Permit;
 use super::engine::{Decision, RequestFeatures};
@@ -438,14 +440,14 @@ async fn attempt(
     }
 }
 
-fn set_header(r: &mut Response<Body>, name: &'static str, value: &str) {
+fn set_header<B>(r: &mut Response<B>, name: &'static str, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         r.headers_mut().insert(HeaderName::from_static(name), v);
     }
 }
 
-fn routing_headers(
-    r: &mut Response<Body>,
+fn routing_headers<B>(
+    r: &mut Response<B>,
     ctx: &RequestCtx,
     model: Option<&ModelRt>,
     attempts: usize,
@@ -636,10 +638,8 @@ fn respond(
         }
         Started::Stream { first, rest } => {
             let first_token = t0.elapsed();
-            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
-            let body = BodyExt::boxed(StreamBody::new(tokio_stream_from(rx)));
-            let mut r = Response::new(body);
-            let h = r.headers_mut();
+            let mut head = Response::new(());
+            let h = head.headers_mut();
             h.insert(
                 hyper::header::CONTENT_TYPE,
                 HeaderValue::from_static("text/event-stream"),
@@ -648,30 +648,30 @@ fn respond(
                 hyper::header::CACHE_CONTROL,
                 HeaderValue::from_static("no-cache"),
             );
-            routing_headers(&mut r, &ctx, Some(m), attempts);
-            let deadline = total.map(|t| tokio::time::Instant::from_std(t0) + t);
-            tokio::spawn(forward(
-                gw,
-                ctx,
-                model,
-                first,
+            routing_headers(&mut head, &ctx, Some(m), attempts);
+            let body = Forward {
+                first: Some(first),
                 rest,
-                tx,
-                deadline,
-                first_token,
-                t0,
-                out,
-                slots,
-            ));
-            r
+                deadline: total.map(|t| Box::pin(tokio::time::sleep_until((t0 + t).into()))),
+                tracker: Tracker {
+                    collect: ctx.budget.is_some(),
+                    ..Tracker::default()
+                },
+                error_event: None,
+                finish: Some(StreamEnd {
+                    gw,
+                    ctx,
+                    model,
+                    first_token,
+                    t0,
+                    out,
+                    slots,
+                }),
+            };
+            let (parts, ()) = head.into_parts();
+            Response::from_parts(parts, BodyExt::boxed_unsync(body))
         }
     }
-}
-
-fn tokio_stream_from(
-    mut rx: mpsc::Receiver<Result<Frame<Bytes>, Infallible>>,
-) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// Watches a passed-through stream: did it finish (`[DONE]`), what usage did it report.
@@ -705,100 +705,160 @@ impl Tracker {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn forward(
+/// The body of a passed-through stream. It polls the upstream itself, so a
+/// stream costs no task and no channel, and the client's pace is the
+/// upstream's (backpressure). When the stream ends, fails or the client goes
+/// away (hyper drops the body), the attempt is recorded exactly once.
+struct Forward {
+    first: Option<Bytes>,
+    rest: ByteStream,
+    /// The policy's total timeout, from the attempt's start.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    tracker: Tracker,
+    /// Bytes already reached the client, so a failure ends the stream with
+    /// this SSE error event instead of a fallback.
+    error_event: Option<Bytes>,
+    /// What is needed to record the outcome; taken by [`Forward::finish`].
+    finish: Option<StreamEnd>,
+}
+
+struct StreamEnd {
     gw: Arc<Gateway>,
     ctx: RequestCtx,
     model: usize,
-    first: Bytes,
-    mut rest: ByteStream,
-    tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
-    deadline: Option<tokio::time::Instant>,
     first_token: Duration,
     t0: Instant,
     out: Outcome,
+    /// Model and provider concurrency slots, held while the stream runs.
     slots: Vec<Slot>,
-) {
-    let rt = ctx.rt.clone();
-    let mut tracker = Tracker {
-        collect: ctx.budget.is_some(),
-        ..Tracker::default()
-    };
-    tracker.feed(&first);
-    let mut client_gone = tx.send(Ok(Frame::data(first))).await.is_err();
-    let mut error: Option<(String, String)> = None;
-    while !client_gone && !tracker.done {
-        let next = match deadline {
-            Some(d) => tokio::time::timeout_at(d, rest.next())
-                .await
-                .unwrap_or(Some(Err(AttemptError::Timeout))),
-            None => rest.next().await,
+}
+
+impl Forward {
+    /// Record how the stream ended: breakers and live stats, the budget
+    /// (whatever reached the client was paid for, a cut stream included),
+    /// metrics and the decision log. Once; later calls do nothing.
+    fn finish(&mut self, error: Option<(String, String)>, client_gone: bool) {
+        let Some(StreamEnd {
+            gw,
+            ctx,
+            model,
+            first_token,
+            t0,
+            out,
+            slots,
+        }) = self.finish.take()
+        else {
+            return;
         };
-        match next {
-            Some(Ok(b)) => {
-                tracker.feed(&b);
-                client_gone = tx.send(Ok(Frame::data(b))).await.is_err();
+        drop(slots);
+        let rt = ctx.rt.clone();
+        let Some(m) = rt.models.get(model) else {
+            return;
+        };
+        let tracker = &self.tracker;
+        if error.is_some() {
+            record_result(&gw, &rt, m, false, None, None);
+        } else if !client_gone {
+            record_result(&gw, &rt, m, true, Some(t0.elapsed()), Some(first_token));
+        }
+        let mut rec = base_record(&ctx, &out);
+        rec.model = Some(m.name.clone());
+        rec.status = 200;
+        rec.first_token_ms = Some(ms(first_token));
+        rec.usage = tracker.usage;
+        rec.actual_cost_micros = tracker.usage.map(|u| cost(&rt, model, &u));
+        if let Some(b) = &ctx.budget {
+            let p = rt.policy.policy();
+            let counted = match (tracker.usage, p.models.get(model)) {
+                (None, Some(pm)) => crate::estimate::Tokenizer::for_model(pm).count(&tracker.text),
+                _ => 0,
+            };
+            let u = tracker
+                .usage
+                .map(|u| (u.prompt_tokens, u.completion_tokens));
+            if let Some(actual) = b.settle(p, u, counted) {
+                rec.actual_cost_micros = Some(actual);
             }
-            Some(Err(e)) => {
-                error = Some((format!("the upstream failed mid-stream: {e}"), e.code()));
-                break;
-            }
+        }
+        rec.error = match (&error, client_gone) {
+            (Some((msg, _)), _) => Some(msg.clone()),
+            (None, true) => Some("the client went away".into()),
+            _ => None,
+        };
+        if let (Some((_, code)), Some(last)) = (&error, rec.attempts.last_mut()) {
+            last.outcome = "stream_cut".into();
+            last.error = Some(format!("failed mid-stream: {code}"));
+        }
+        log(&gw, &ctx, rec);
+    }
+
+    /// The stream failed after its first byte: record it, then send the error event.
+    fn fail(&mut self, msg: String, code: String) -> Bytes {
+        let event = sse::error_event(&msg, &code);
+        self.finish(Some((msg, code)), false);
+        event
+    }
+}
+
+impl hyper::body::Body for Forward {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(event) = this.error_event.take() {
+            return Poll::Ready(Some(Ok(Frame::data(event))));
+        }
+        if this.finish.is_none() {
+            return Poll::Ready(None);
+        }
+        let chunk = match this.first.take() {
+            Some(first) => first,
             None => {
-                if !tracker.done {
-                    error = Some((
-                        "the upstream stream ended before completion".into(),
-                        "reset".into(),
-                    ));
+                if this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+                {
+                    let e = AttemptError::Timeout;
+                    let event = this.fail(format!("the upstream failed mid-stream: {e}"), e.code());
+                    return Poll::Ready(Some(Ok(Frame::data(event))));
                 }
-                break;
+                match this.rest.as_mut().poll_next(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Ok(b))) => b,
+                    Poll::Ready(Some(Err(e))) => {
+                        let event =
+                            this.fail(format!("the upstream failed mid-stream: {e}"), e.code());
+                        return Poll::Ready(Some(Ok(Frame::data(event))));
+                    }
+                    Poll::Ready(None) => {
+                        let event = this.fail(
+                            "the upstream stream ended before completion".into(),
+                            "reset".into(),
+                        );
+                        return Poll::Ready(Some(Ok(Frame::data(event))));
+                    }
+                }
             }
-        }
-    }
-    if let Some((msg, code)) = &error {
-        // Bytes already reached the client, so no fallback: say so explicitly.
-        let _ = tx.send(Ok(Frame::data(sse::error_event(msg, code)))).await;
-    }
-    drop(tx);
-    drop(slots);
-    let Some(m) = rt.models.get(model) else {
-        return;
-    };
-    let ok = error.is_none() && !client_gone;
-    if error.is_some() {
-        record_result(&gw, &rt, m, false, None, None);
-    } else if ok {
-        record_result(&gw, &rt, m, true, Some(t0.elapsed()), Some(first_token));
-    }
-    let mut rec = base_record(&ctx, &out);
-    rec.model = Some(m.name.clone());
-    rec.status = 200;
-    rec.first_token_ms = Some(ms(first_token));
-    rec.usage = tracker.usage;
-    rec.actual_cost_micros = tracker.usage.map(|u| cost(&rt, model, &u));
-    if let Some(b) = &ctx.budget {
-        // Whatever reached the client was paid for, a cut stream included.
-        let p = rt.policy.policy();
-        let counted = match (tracker.usage, p.models.get(model)) {
-            (None, Some(pm)) => crate::estimate::Tokenizer::for_model(pm).count(&tracker.text),
-            _ => 0,
         };
-        let u = tracker
-            .usage
-            .map(|u| (u.prompt_tokens, u.completion_tokens));
-        if let Some(actual) = b.settle(p, u, counted) {
-            rec.actual_cost_micros = Some(actual);
+        this.tracker.feed(&chunk);
+        if this.tracker.done {
+            // `[DONE]`: nothing after it is read; the stream ends with this chunk.
+            this.finish(None, false);
         }
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
     }
-    rec.error = match (&error, client_gone) {
-        (Some((msg, _)), _) => Some(msg.clone()),
-        (None, true) => Some("the client went away".into()),
-        _ => None,
-    };
-    if let (Some((_, code)), Some(last)) = (&error, rec.attempts.last_mut()) {
-        last.outcome = "stream_cut".into();
-        last.error = Some(format!("failed mid-stream: {code}"));
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        // Dropped before its end: the client went away (or the server is stopping).
+        self.finish(None, true);
     }
-    log(&gw, &ctx, rec);
 }
 
 /// An upstream error body goes back to the client only without the
