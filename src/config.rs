@@ -430,13 +430,34 @@ impl Config {
         base: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
+        if let Some((line, column)) = too_deep(text) {
+            return Err(ConfigErrors(vec![ConfigError {
+                file: file.to_string(),
+                line: Some(line),
+                column: Some(column),
+                message: format!(
+                    "`[` and `{{` nested deeper than {MAX_FLOW_DEPTH} levels; a gateway config needs a few"
+                ),
+            }]));
+        }
         let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
             let loc = e.location();
+            let message = strip_location(&e.to_string());
+            let (line, column) = match (
+                loc.as_ref().map(|l| (l.line(), l.column())),
+                value_line(text, &message),
+            ) {
+                // A value our own parser refused (`max_body: 10 parsecs`)
+                // comes back located at the start of its mapping.
+                (Some((1, 1)) | None, Some(l)) => (Some(l), None),
+                (Some((l, c)), _) => (Some(l), Some(c)),
+                (None, None) => (None, None),
+            };
             ConfigErrors(vec![ConfigError {
                 file: file.to_string(),
-                line: loc.as_ref().map(|l| l.line()),
-                column: loc.as_ref().map(|l| l.column()),
-                message: strip_location(&e.to_string()),
+                line,
+                column,
+                message,
             }])
         })?;
         let mut cx = Checker {
@@ -456,9 +477,11 @@ impl Config {
         let policy = normalize(&base.join(&raw.policy));
 
         let mut providers: Vec<ProviderConfig> = Vec::new();
-        for p in raw.providers {
-            let line = cx.line_of("name:", Some(&p.name));
-            if providers.iter().any(|q| q.name == p.name) {
+        let names: Vec<String> = raw.providers.iter().map(|p| p.name.clone()).collect();
+        for (i, p) in raw.providers.into_iter().enumerate() {
+            let seen = names.iter().take(i).filter(|n| **n == p.name).count();
+            let line = cx.line_of_nth("name:", Some(&p.name), seen);
+            if seen > 0 {
                 cx.error(line, format!("duplicate provider `{}`", p.name));
                 continue;
             }
@@ -498,6 +521,18 @@ impl Config {
                 );
             }
             let api_key = match &p.api_key_env {
+                // The public APIs answer 401 to every request without a key:
+                // say so now rather than on every request.
+                None if p.kind != ProviderKind::Mock && p.base_url.is_none() => {
+                    cx.error(
+                        line,
+                        format!(
+                            "provider `{}`: `{default_url}` needs an API key: name the environment variable that holds it with `api_key_env`",
+                            p.name
+                        ),
+                    );
+                    None
+                }
                 None => None,
                 Some(var) => match env(var) {
                     Some(v) if !v.is_empty() => Some(Secret(v)),
@@ -551,9 +586,11 @@ impl Config {
         }
 
         let mut tenants: Vec<TenantConfig> = Vec::new();
-        for t in raw.tenants {
-            let line = cx.line_of("id:", Some(&t.id));
-            if tenants.iter().any(|u| u.id == t.id) {
+        let ids: Vec<String> = raw.tenants.iter().map(|t| t.id.clone()).collect();
+        for (i, t) in raw.tenants.into_iter().enumerate() {
+            let seen = ids.iter().take(i).filter(|n| **n == t.id).count();
+            let line = cx.line_of_nth("id:", Some(&t.id), seen);
+            if seen > 0 {
                 cx.error(line, format!("duplicate tenant `{}`", t.id));
                 continue;
             }
@@ -760,6 +797,92 @@ fn parse_hash(h: &str) -> Option<KeyHash> {
     bytes.try_into().ok()
 }
 
+/// Deeper flow collections than this are refused before YAML parsing: the
+/// parser's time grows with the square of the depth (100,000 `[` took
+/// minutes), and serde_yaml refuses anything past 128 levels anyway.
+const MAX_FLOW_DEPTH: usize = 128;
+
+/// Where `[`/`{` nesting first passes [`MAX_FLOW_DEPTH`] (1-based line and
+/// column), outside comments and quoted strings. Brackets inside plain
+/// scalars count too, which can only make a config with hundreds of them
+/// on one path fail early.
+fn too_deep(text: &str) -> Option<(usize, usize)> {
+    #[derive(PartialEq)]
+    enum In {
+        Plain,
+        Single,
+        Double,
+        Comment,
+    }
+    let mut state = In::Plain;
+    let mut depth = 0usize;
+    let (mut line, mut column) = (1, 0);
+    let mut prev = '\n';
+    let mut escaped = false;
+    for c in text.chars() {
+        column += 1;
+        match state {
+            In::Plain => match c {
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > MAX_FLOW_DEPTH {
+                        return Some((line, column));
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                '\'' => state = In::Single,
+                '"' => state = In::Double,
+                '#' if prev.is_whitespace() => state = In::Comment,
+                _ => {}
+            },
+            In::Single => {
+                if c == '\'' {
+                    state = In::Plain;
+                }
+            }
+            In::Double => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == '"' {
+                    state = In::Plain;
+                }
+            }
+            In::Comment => {}
+        }
+        if c == '\n' {
+            line += 1;
+            column = 0;
+            if state == In::Comment {
+                state = In::Plain;
+            }
+        }
+        prev = c;
+    }
+    None
+}
+
+/// The line holding the value an `invalid ...` message quotes last
+/// (`invalid size unit `x` in `10 x``), when exactly one line holds it.
+fn value_line(text: &str, message: &str) -> Option<usize> {
+    if !message.starts_with("invalid") {
+        return None;
+    }
+    let quoted = message
+        .rsplit('`')
+        .nth(1)
+        .filter(|q| !q.trim().is_empty())?;
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.split(" #").next().unwrap_or("").contains(quoted));
+    match (lines.next(), lines.next()) {
+        (Some((i, _)), None) => Some(i + 1),
+        _ => None,
+    }
+}
+
 /// serde_yaml appends " at line L column C"; we print the location ourselves.
 fn strip_location(msg: &str) -> String {
     match msg.rfind(" at line ") {
@@ -789,9 +912,16 @@ impl Checker<'_> {
     /// serde_yaml keeps no locations after deserializing, so semantic errors
     /// find their line by looking for the text that caused them.
     fn line_of(&self, key: &str, value: Option<&str>) -> Option<usize> {
+        self.line_of_nth(key, value, 0)
+    }
+
+    /// As [`Checker::line_of`], the `nth` such line (0-based): a duplicate
+    /// is reported where it is, not where the first one is.
+    fn line_of_nth(&self, key: &str, value: Option<&str>, nth: usize) -> Option<usize> {
         self.text
             .lines()
-            .position(|l| {
+            .enumerate()
+            .filter(|(_, l)| {
                 let l = l.trim_start().trim_start_matches("- ");
                 let Some(rest) = l.strip_prefix(key) else {
                     return false;
@@ -804,7 +934,8 @@ impl Checker<'_> {
                     }
                 }
             })
-            .map(|i| i + 1)
+            .nth(nth)
+            .map(|(i, _)| i + 1)
     }
 }
 
@@ -908,8 +1039,15 @@ max_body: 1MiB
             ("policy: p\nadmin:\n  token_env: UNSET\n", "gw.yaml:3:", "environment variable `UNSET` (admin token_env) is not set"),
             ("policy: p\nproviders:\n  - name: m\n    kind: mock\n    mock: { latency: 5 parsecs }\n", "gw.yaml:5:", "invalid duration unit"),
             ("policy: p\nproviders:\n  - name: m\n    kind: mock\n    mock:\n      error_rate: 2\n", "gw.yaml:6:", "error_rate must be between 0 and 1"),
-            ("policy: p\nproviders:\n  - name: m\n    kind: mock\n  - name: m\n    kind: mock\n", "gw.yaml:3:", "duplicate provider `m`"),
+            ("policy: p\nproviders:\n  - name: m\n    kind: mock\n  - name: m\n    kind: mock\n", "gw.yaml:5:", "duplicate provider `m`"),
             ("listen: 1.2.3.4:5\n", "gw.yaml", "missing field `policy`"),
+            // Found by tests/gateway_bad_files.rs: a duplicate is reported
+            // where it is, a refused value on its own line (not at 1:1), and
+            // a public API without a key at load, not as a 401 per request.
+            ("policy: p\ntenants:\n  - id: t\n    key: a\n  - id: t\n    key: b\n", "gw.yaml:5:", "duplicate tenant `t`"),
+            ("policy: p\nlisten: 1.2.3.4:5\nmax_body: 10 parsecs\n", "gw.yaml:3:", "invalid size unit `parsecs`"),
+            ("policy: p\nproviders:\n  - name: a\n    kind: openai\n", "gw.yaml:3:", "provider `a`: `https://api.openai.com/v1` needs an API key"),
+            ("policy: p\nproviders:\n  - name: a\n    kind: anthropic\n", "gw.yaml:3:", "`https://api.anthropic.com/v1` needs an API key"),
         ];
         for (text, loc, msg) in cases {
             let errs = parse(text).unwrap_err();
@@ -944,5 +1082,33 @@ max_body: 1MiB
         assert!(parse_duration("fast").is_err());
         assert_eq!(parse_size("10MiB").unwrap(), 10 * 1024 * 1024);
         assert!(parse_size("1TB").is_err());
+    }
+
+    #[test]
+    fn deep_flow_nesting_is_refused_at_once_with_its_place() {
+        // 100,000 nested `[` kept the YAML parser busy for minutes.
+        let deep = format!(
+            "policy: p\ndeep: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let t0 = std::time::Instant::now();
+        let errs = parse(&deep).unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert_eq!(errs.len(), 1);
+        assert!(
+            errs[0].starts_with("gw.yaml:2:135: `[` and `{` nested deeper than 128 levels"),
+            "{errs:?}"
+        );
+        // Brackets in comments and quoted strings do not count; 128 levels do not trip it.
+        for ok in [
+            format!("# {}\n", "[".repeat(500)),
+            format!("a: '{}'\n", "{".repeat(500)),
+            format!("a: \"\\\" {}\"\n", "[".repeat(500)),
+            format!("a: {}{}\n", "[".repeat(128), "]".repeat(128)),
+        ] {
+            assert_eq!(too_deep(&ok), None, "{ok}");
+        }
+        assert_eq!(too_deep(&format!("a: {}", "{".repeat(129))), Some((1, 132)));
     }
 }
