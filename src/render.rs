@@ -275,6 +275,22 @@ impl Human {
     pub fn diagnostic(&self, sources: &Sources, d: &Diagnostic) -> String {
         let primary_file = d.span().map(|s| s.file);
         let source = primary_file.and_then(|f| sources.get(f));
+        if let (Some(src), Some(span)) = (source, d.span()) {
+            let (line, _) = src.line_col(span.start());
+            if src.line_text(line).len() > MAX_SNIPPET_LINE {
+                // miette would draw the whole line (megabytes of a broken
+                // file, seconds to lay out): the location and message only.
+                let message = format!("{}: {}", sources.location(span), d.message);
+                let report = Report {
+                    message: &message,
+                    severity: d.severity,
+                    help: d.help.as_deref(),
+                    source: None,
+                    labels: Vec::new(),
+                };
+                return self.render(&report, &header(d.severity, &d.code));
+            }
+        }
         let labels: Vec<LabeledSpan> = match source {
             Some(src) => d
                 .labels
@@ -405,6 +421,9 @@ impl Human {
         clean
     }
 }
+
+/// Lines longer than this (bytes) are not drawn in a report.
+const MAX_SNIPPET_LINE: usize = 1000;
 
 fn header(severity: Severity, code: &str) -> String {
     match severity {
@@ -883,6 +902,25 @@ mod tests {
         Diagnostic::error("duplicate-name", "model `gpt` is declared twice")
             .with_label(Span::new(FileId(1), 6, 10), "declared again here")
             .with_label(Span::new(FileId(0), 6, 9), "first declared here")
+    }
+
+    #[test]
+    fn a_line_too_long_to_draw_gets_its_location_and_message_only() {
+        let mut s = Sources::new();
+        let text = format!("model m {{}}\n{}\n", "x".repeat(100_000));
+        s.add("long.route", text);
+        let d = Diagnostic::error("syntax", "expected valid syntax, found `xxx...`")
+            .with_label(Span::new(FileId(0), 11, 51), "unexpected")
+            .with_help("this item was skipped");
+        let out = Human::default().diagnostic(&s, &d);
+        assert!(out.len() < 400, "{} bytes", out.len());
+        assert!(
+            out.starts_with(
+                "error[route::syntax]: long.route:2:1: expected valid syntax, found `xxx...`"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("this item was skipped"), "{out}");
     }
 
     #[test]

@@ -179,6 +179,9 @@ const KEYWORDS: &[&str] = &[
     "where",
 ];
 
+/// The longest word a syntax error quotes.
+const MAX_SHOWN: usize = 40;
+
 fn syntax_error(file: FileId, offset: usize, e: &pest::error::Error<Rule>) -> Diagnostic {
     let (start, end) = match e.location {
         pest::error::InputLocation::Pos(p) => (p, p),
@@ -209,18 +212,20 @@ fn syntax_error(file: FileId, offset: usize, e: &pest::error::Error<Rule>) -> Di
         .chars()
         .take_while(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'))
         .collect();
+    // A word can be a whole 10 MB line: show and label its start only.
     let token: String = if word.is_empty() {
         rest.chars().take(1).collect()
     } else {
-        word.clone()
+        word.chars().take(MAX_SHOWN).collect()
     };
+    let cut = word.chars().nth(MAX_SHOWN).is_some();
     let abs_start = offset + start;
     let abs_end = offset + end.max(start + token.len());
     let span = Span::new(file, abs_start, abs_end);
-    let found = if token.is_empty() {
-        "end of file".to_string()
-    } else {
-        format!("`{token}`")
+    let found = match (token.is_empty(), cut) {
+        (true, _) => "end of file".to_string(),
+        (false, false) => format!("`{token}`"),
+        (false, true) => format!("`{token}...`"),
     };
     let expected_text = match expected.as_slice() {
         [] => "valid syntax".to_string(),
@@ -229,7 +234,8 @@ fn syntax_error(file: FileId, offset: usize, e: &pest::error::Error<Rule>) -> Di
     };
     let mut d = Diagnostic::error("syntax", format!("expected {expected_text}, found {found}"))
         .with_label(span, format!("unexpected {found}"));
-    let suggestion = if found_word && !word.is_empty() {
+    // Edit distance is quadratic: no suggestion for words no keyword is near.
+    let suggestion = if found_word && !word.is_empty() && !cut {
         did_you_mean(&word, KEYWORDS.iter().copied())
     } else {
         None

@@ -143,3 +143,21 @@ fn spans_do_not_cover_trailing_whitespace_or_comments() {
         "request.has_tools"
     );
 }
+
+#[test]
+fn a_huge_broken_word_is_quoted_short_and_fast() {
+    // A 2 MB line of one word: the message quoted all of it, and the
+    // did-you-mean edit distance against every keyword took seconds.
+    let text = format!("provider p {{ region us }}\n{}\n", "x".repeat(2 << 20));
+    let t0 = std::time::Instant::now();
+    let p = parse(&text);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(20));
+    assert_eq!(p.diagnostics.len(), 1);
+    let d = &p.diagnostics[0];
+    assert_eq!(
+        d.message,
+        format!("expected valid syntax, found `{}...`", "x".repeat(40))
+    );
+    assert!(d.span().is_some_and(|s| s.end() - s.start() == 40));
+    assert!(d.suggestion.is_none());
+}
