@@ -205,17 +205,15 @@ fn check_consistent(ledger: &Ledger, completed: &[(String, String)]) {
     );
 }
 
-#[test]
-fn kill_9_under_load_then_restart_keeps_the_ledger_exact() {
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policy")).unwrap();
-    std::fs::write(dir.path().join("policy/p.route"), POLICY).unwrap();
-    let config = dir.path().join("gateway.yaml");
-    std::fs::write(&config, CONFIG).unwrap();
-    let db = dir.path().join("state/state.db");
+/// What the clients saw before the kill.
+struct Load {
+    /// (tenant, decision id) of every complete 200.
+    completed: Vec<(String, String)>,
+    statuses: BTreeMap<u16, usize>,
+}
 
-    let mut server = binary::Server::start(dir.path(), &config, &["--no-watch"], &[]);
+/// Load `server` from 8 clients until `answers` complete 200s, then SIGKILL it.
+fn load_and_kill(server: &mut binary::Server, answers: usize, t0: Instant) -> Load {
     let addr = server.addr.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let completed = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
@@ -255,10 +253,12 @@ fn kill_9_under_load_then_restart_keeps_the_ledger_exact() {
             })
         })
         .collect();
-    // Mid-load: enough answers that `tiny` ran out and the spool is busy.
-    while ok.load(Ordering::SeqCst) < 600 {
+    // Mid-load: the spool's writer commits every 200 ms, so entries are
+    // waiting in it at any moment.
+    let base = ok.load(Ordering::SeqCst);
+    while ok.load(Ordering::SeqCst) < base + answers {
         assert!(
-            t0.elapsed() < Duration::from_secs(40),
+            t0.elapsed() < Duration::from_secs(50),
             "too slow: {} answers\n{}",
             ok.load(Ordering::SeqCst),
             server.log()
@@ -278,40 +278,69 @@ fn kill_9_under_load_then_restart_keeps_the_ledger_exact() {
     }
     let log = server.log();
     assert!(!log.contains("panicked"), "{log}");
-    drop(server);
     let completed = completed.lock().unwrap().clone();
     let statuses = statuses.lock().unwrap().clone();
-    let spool: u64 = std::fs::read_dir(dir.path().join("state/state.db.ledger-spool"))
+    Load {
+        completed,
+        statuses,
+    }
+}
+
+/// Bytes waiting in the spool files (not the locks).
+fn spooled(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir.join("state/state.db.ledger-spool"))
         .unwrap()
         .flatten()
         .filter(|d| !d.file_name().to_string_lossy().ends_with(".lock"))
         .map(|d| d.metadata().unwrap().len())
-        .sum();
+        .sum()
+}
+
+#[test]
+fn kill_9_under_load_then_restart_keeps_the_ledger_exact() {
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policy")).unwrap();
+    std::fs::write(dir.path().join("policy/p.route"), POLICY).unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let db = dir.path().join("state/state.db");
+
+    // 1. Killed under load, restarted: the restart replays the spool.
+    let mut server = binary::Server::start(dir.path(), &config, &["--no-watch"], &[]);
+    let first = load_and_kill(&mut server, 600, t0);
+    drop(server);
+    let spool1 = spooled(dir.path());
     let before = read_ledger(&db);
     let killed_at = t0.elapsed();
-
-    // Restart on the same state file: the spool is replayed before serving.
-    let server = binary::Server::start(dir.path(), &config, &["--no-watch"], &[]);
+    let mut server = binary::Server::start(dir.path(), &config, &["--no-watch"], &[]);
     let restarted_at = t0.elapsed();
     let after = read_ledger(&db);
-    check_consistent(&after, &completed);
-    assert!(after.rows >= completed.len());
+    check_consistent(&after, &first.completed);
+    assert!(after.rows >= first.completed.len());
     assert!(after.rows >= before.rows);
     for tenant in ["free", "metered", "tiny"] {
         assert!(
-            completed.iter().any(|(t, _)| t == tenant),
-            "no answer for `{tenant}` before the kill: {statuses:?}"
+            first.completed.iter().any(|(t, _)| t == tenant),
+            "no answer for `{tenant}` before the kill: {:?}",
+            first.statuses
         );
     }
-    assert!(statuses.contains_key(&402), "`tiny` never ran out");
+    assert!(first.statuses.contains_key(&402), "`tiny` never ran out");
+    let replayed = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("replayed"))
+        .collect::<Vec<_>>()
+        .join(" | ");
 
     // It serves again, and the budget still holds.
     let addr = server.addr.clone();
-    let mut again = Vec::new();
+    let mut all = first.completed.clone();
     for tenant in ["free", "metered"] {
         let (status, decision, body) = chat(&addr, tenant).unwrap();
         assert_eq!(status, 200, "{body}");
-        again.push((tenant.to_string(), decision));
+        all.push((tenant.to_string(), decision));
     }
     let (status, _, body) = chat(&addr, "tiny").unwrap();
     assert_eq!(status, 402, "{body}");
@@ -319,31 +348,48 @@ fn kill_9_under_load_then_restart_keeps_the_ledger_exact() {
         body.contains("the monthly budget of tenant `tiny` for feature `paid`"),
         "{body}"
     );
-    // The new entries arrive (the free one through the spool's writer).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let last = loop {
-        let l = read_ledger(&db);
-        if again.iter().all(|(_, d)| l.by_decision.contains_key(d)) || Instant::now() > deadline {
-            break l;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut all = completed.clone();
-    all.extend(again);
+
+    // 2. Killed again; this time `routeplane usage` runs before any restart
+    //    and must count what only the spool had.
+    let second = load_and_kill(&mut server, 300, t0);
+    drop(server);
+    all.extend(second.completed.iter().cloned());
+    let spool2 = spooled(dir.path());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_routeplane"))
+        .args(["usage", "--config", "gateway.yaml", "--format", "json"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let usage: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let counted: u64 = usage["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["requests"].as_u64().unwrap())
+        .sum();
+    let last = read_ledger(&db);
     check_consistent(&last, &all);
+    assert_eq!(counted, last.rows as u64, "usage: {usage}");
+    assert_eq!(spooled(dir.path()), 0, "usage left the spool behind");
+
+    // 3. And the gateway starts again on it.
+    let server = binary::Server::start(dir.path(), &config, &["--no-watch"], &[]);
+    let (status, _, body) = chat(&server.addr, "free").unwrap();
+    assert_eq!(status, 200, "{body}");
     let log = server.log();
     assert!(!log.contains("panicked"), "{log}");
     eprintln!(
-        "gateway_crash: {} answered before the kill ({statuses:?}), {} ledger rows at the kill, \
-         {} after the restart, {spool} bytes in the spool at the kill; killed at {killed_at:?}, \
-         serving again at {restarted_at:?}, done at {:?}; restart log: {}",
-        completed.len(),
+        "gateway_crash: kill 1: {} answered ({:?}), {} ledger rows at the kill, {} after the restart, \
+         {spool1} bytes in the spool; killed at {killed_at:?}, serving again at {restarted_at:?} ({replayed}); \
+         kill 2: {} answered, {spool2} bytes in the spool, usage counted {counted} ({}); done at {:?}",
+        first.completed.len(),
+        first.statuses,
         before.rows,
         after.rows,
+        second.completed.len(),
+        stderr.trim(),
         t0.elapsed(),
-        log.lines()
-            .filter(|l| l.contains("replayed"))
-            .collect::<Vec<_>>()
-            .join(" | ")
     );
 }

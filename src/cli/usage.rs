@@ -1,6 +1,7 @@
 //! `routeplane usage --config FILE [--by tenant|feature|model|day] [--since DATE]
 //! [--format table|json|csv]`: requests, tokens, estimated and actual cost per
-//! group, read straight from the spend ledger of the config's `state:` backend.
+//! group, read straight from the spend ledger of the config's `state:` backend
+//! (after moving into it what a killed gateway left in its ledger spool).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -211,6 +212,19 @@ pub fn run(args: Args) -> u8 {
             return 2;
         }
     };
+    // Entries a gateway killed before its writer ran are still in its spool:
+    // move what no running gateway holds into the store first.
+    if let Some(dir) = store.spool_dir() {
+        match state::spool::recover(&dir, &*store) {
+            Ok(r) if r.entries > 0 => eprintln!(
+                "routeplane: {} ledger entries recovered from `{}`",
+                r.entries,
+                dir.display()
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!("routeplane: warning: the ledger spool was not read: {e}"),
+        }
+    }
     let entries = match store.ledger(since) {
         Ok(e) => e,
         Err(e) => {
