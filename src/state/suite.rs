@@ -324,6 +324,43 @@ mod backends {
     }
 
     #[test]
+    fn redis_ledger_spool_is_local_and_replays_into_redis() {
+        let server = RedisServer::start();
+        let store: Arc<dyn BudgetStore> = Arc::new(redis::RedisStore::open(&server.url).unwrap());
+        let dir = store.spool_dir().unwrap();
+        assert_eq!(dir, redis::spool_dir_for(&server.url));
+        assert!(dir.starts_with(std::env::temp_dir()));
+        assert!(!dir.to_string_lossy().contains("127.0.0.1"), "{dir:?}");
+        let none = crate::budget::Check::default();
+        {
+            // A gateway that settles two requests without a budget, then
+            // dies before its writer commits them.
+            let (spool, _) = spool::Spool::open(&dir, &*store).unwrap();
+            spool.append(&entry("s1", 3)).unwrap();
+            spool.append(&entry("s2", 4)).unwrap();
+            assert!(store.ledger(None).unwrap().is_empty());
+        }
+        // The next gateway on this host and URL replays them before serving.
+        let budgets = crate::budget::Budgets::new(store.clone());
+        let ids: Vec<String> = store
+            .ledger(None)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, ["s1", "s2"]);
+        // Its own entries go through the spool into Redis.
+        let r = budgets.reserve(&none, "s3/0", 10, 1_000).unwrap().unwrap();
+        let mut e = entry(&r.id, 5);
+        e.ts_ms = 6_000;
+        assert!(budgets.settle(&r, &e).unwrap());
+        budgets.flush().unwrap();
+        assert_eq!(store.ledger(None).unwrap().len(), 3);
+        drop(budgets);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn redis_rate_windows_are_shared() {
         let server = RedisServer::start();
         let a = redis::RedisStore::open(&server.url).unwrap();
