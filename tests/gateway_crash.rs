@@ -75,9 +75,12 @@ tenants:
 const TENANTS: [&str; 4] = ["free", "metered", "free", "tiny"];
 
 /// One request over a fresh connection: the status and the decision id when
-/// the whole answer arrived (headers and the full `Content-Length` body).
-fn chat(addr: &str, tenant: &str) -> Option<(u16, String, String)> {
-    let body = r#"{"model":"auto","max_tokens":10,"messages":[{"role":"user","content":"crash"}]}"#;
+/// the whole answer arrived (headers and the full `Content-Length` body, or
+/// for a stream every chunk through `[DONE]` and the last chunk).
+fn chat(addr: &str, tenant: &str, stream: bool) -> Option<(u16, String, String)> {
+    let body = format!(
+        r#"{{"model":"auto","max_tokens":10,"stream":{stream},"messages":[{{"role":"user","content":"crash"}}]}}"#
+    );
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     let feature = if tenant == "free" {
@@ -101,9 +104,16 @@ fn chat(addr: &str, tenant: &str) -> Option<(u16, String, String)> {
             k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
         })
     };
-    let len: usize = header("content-length")?.parse().ok()?;
-    if body.len() != len {
-        return None; // cut off by the kill
+    // Anything cut off by the kill is not an answer.
+    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        if !(body.ends_with("0\r\n\r\n") && body.contains("data: [DONE]")) {
+            return None;
+        }
+    } else {
+        let len: usize = header("content-length")?.parse().ok()?;
+        if body.len() != len {
+            return None;
+        }
     }
     Some((
         status,
@@ -232,8 +242,11 @@ fn load_and_kill(server: &mut binary::Server, answers: usize, t0: Instant) -> Lo
                 let mut i = w;
                 while !stop.load(Ordering::SeqCst) {
                     let tenant = TENANTS[i % TENANTS.len()];
+                    // One request in three streams: a stream is settled
+                    // before its last chunk goes out.
+                    let stream = i % 3 == 0;
                     i += 1;
-                    let Some((status, decision, body)) = chat(&addr, tenant) else {
+                    let Some((status, decision, body)) = chat(&addr, tenant, stream) else {
                         continue;
                     };
                     *statuses.lock().unwrap().entry(status).or_default() += 1;
@@ -338,11 +351,11 @@ fn kill_9_under_load_then_restart_keeps_the_ledger_exact() {
     let addr = server.addr.clone();
     let mut all = first.completed.clone();
     for tenant in ["free", "metered"] {
-        let (status, decision, body) = chat(&addr, tenant).unwrap();
+        let (status, decision, body) = chat(&addr, tenant, false).unwrap();
         assert_eq!(status, 200, "{body}");
         all.push((tenant.to_string(), decision));
     }
-    let (status, _, body) = chat(&addr, "tiny").unwrap();
+    let (status, _, body) = chat(&addr, "tiny", false).unwrap();
     assert_eq!(status, 402, "{body}");
     assert!(
         body.contains("the monthly budget of tenant `tiny` for feature `paid`"),
@@ -376,7 +389,7 @@ fn kill_9_under_load_then_restart_keeps_the_ledger_exact() {
 
     // 3. And the gateway starts again on it.
     let server = binary::Server::start(dir.path(), &config, &["--no-watch"], &[]);
-    let (status, _, body) = chat(&server.addr, "free").unwrap();
+    let (status, _, body) = chat(&server.addr, "free", true).unwrap();
     assert_eq!(status, 200, "{body}");
     let log = server.log();
     assert!(!log.contains("panicked"), "{log}");
