@@ -411,7 +411,7 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = read_text(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 file: file.clone(),
                 line: None,
@@ -797,6 +797,20 @@ fn parse_hash(h: &str) -> Option<KeyHash> {
     bytes.try_into().ok()
 }
 
+/// Read a config file. Anything but a regular file (a FIFO, a device) is
+/// refused before it is opened: reading a FIFO waits for a writer forever,
+/// and a reload stuck on it would hold every later reload.
+pub fn read_text(path: &Path) -> std::io::Result<String> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() {
+        return Err(std::io::Error::other("it is a directory"));
+    }
+    if !meta.is_file() {
+        return Err(std::io::Error::other("it is not a regular file"));
+    }
+    std::fs::read_to_string(path)
+}
+
 /// Deeper flow collections than this are refused before YAML parsing: the
 /// parser's time grows with the square of the depth (100,000 `[` took
 /// minutes), and serde_yaml refuses anything past 128 levels anyway.
@@ -1110,5 +1124,23 @@ max_body: 1MiB
             assert_eq!(too_deep(&ok), None, "{ok}");
         }
         assert_eq!(too_deep(&format!("a: {}", "{".repeat(129))), Some((1, 132)));
+    }
+
+    #[test]
+    fn only_a_regular_file_is_read_as_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Config::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.ends_with("cannot read the config file: it is a directory"),
+            "{err}"
+        );
+        // Reading a named pipe waited for a writer forever (at start, and a
+        // reload stuck on it held every later reload).
+        let fifo = dir.path().join("gateway.yaml");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            let err = Config::load(&fifo).unwrap_err().to_string();
+            assert!(err.ends_with("it is not a regular file"), "{err}");
+        }
     }
 }

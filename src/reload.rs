@@ -553,7 +553,7 @@ fn build_from_disk<T>(paths: &Paths, builder: &Builder<T>) -> Result<Loaded<T>, 
     let policy = load::read_policy(&paths.policy).map_err(|e| Failure::new(e.to_string()))?;
     let config = match &paths.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
+            let text = crate::config::read_text(path)
                 .map_err(|e| Failure::new(format!("cannot read `{}`: {e}", path.display())))?;
             Some(ConfigFile {
                 path: path.clone(),

@@ -106,6 +106,8 @@ enum Content {
     Missing,
     /// A symlink pointing to itself.
     SymlinkLoop,
+    /// A named pipe nobody writes to.
+    Fifo,
 }
 
 #[derive(Clone, Debug)]
@@ -783,6 +785,7 @@ fn cases() -> Vec<Case> {
         ("config is a directory", Content::Dir),
         ("config is missing", Content::Missing),
         ("config is a symlink loop", Content::SymlinkLoop),
+        ("config is a named pipe", Content::Fifo),
     ] {
         v.push(Case {
             name: name.into(),
@@ -920,6 +923,7 @@ fn cases() -> Vec<Case> {
         ("policy file is a directory", Content::Dir),
         ("policy file is missing", Content::Missing),
         ("policy file is a symlink loop", Content::SymlinkLoop),
+        ("policy file is a named pipe", Content::Fifo),
     ] {
         v.push(Case {
             name: name.into(),
@@ -979,6 +983,10 @@ fn place(path: &Path, content: &Content) {
         Content::SymlinkLoop => {
             #[cfg(unix)]
             std::os::unix::fs::symlink(path.file_name().unwrap(), path).unwrap();
+        }
+        Content::Fifo => {
+            let ok = Command::new("mkfifo").arg(path).status().unwrap();
+            assert!(ok.success(), "mkfifo {}", path.display());
         }
     }
 }
@@ -1049,7 +1057,7 @@ fn file_name(c: &Case) -> &'static str {
     match c.target {
         Target::Config => "gateway.yaml",
         Target::Policy => match c.content {
-            Content::Missing | Content::Dir | Content::SymlinkLoop => "policy",
+            Content::Missing | Content::Dir | Content::SymlinkLoop | Content::Fifo => "policy",
             Content::Bytes(_) => "main.route",
         },
     }
