@@ -680,28 +680,57 @@ struct Tracker {
     parser: sse::Parser,
     done: bool,
     usage: Option<Usage>,
-    /// Collect the streamed text, to count the output when no usage comes.
+    /// Keep the streamed text, to count the output when no usage comes.
     collect: bool,
+    /// Content chunks not read yet: most streams end with their usage, and
+    /// then the chunks never need parsing.
+    deltas: Vec<String>,
+    deltas_bytes: usize,
     text: String,
 }
+
+/// Past this many bytes of unread content chunks, they are read into text
+/// (a few bytes each instead of a whole chunk), so a long stream without
+/// usage holds little memory.
+const MAX_UNREAD_DELTAS: usize = 256 * 1024;
 
 impl Tracker {
     fn feed(&mut self, b: &[u8]) {
         for e in self.parser.feed(b) {
             if e.data == "[DONE]" {
                 self.done = true;
-            } else if e.data.contains("\"usage\"") {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.data) {
-                    if let Some(u) = Usage::from_openai(&v) {
-                        self.usage = Some(u);
-                    }
+                continue;
+            }
+            // Some APIs send `"usage": null` in every chunk and the counts in the last.
+            if e.data.contains("\"usage\"") {
+                if let Ok(Some(u)) = Usage::from_openai_bytes(e.data.as_bytes()) {
+                    self.usage = Some(u);
+                    continue;
                 }
-            } else if self.collect && e.data.contains("\"content\"") {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.data) {
-                    crate::estimate::push_delta_text(&v, &mut self.text);
+            }
+            if self.collect && self.usage.is_none() && e.data.contains("\"content\"") {
+                self.deltas_bytes += e.data.len();
+                self.deltas.push(e.data);
+                if self.deltas_bytes > MAX_UNREAD_DELTAS {
+                    self.read_deltas();
                 }
             }
         }
+    }
+
+    fn read_deltas(&mut self) {
+        for d in self.deltas.drain(..) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&d) {
+                crate::estimate::push_delta_text(&v, &mut self.text);
+            }
+        }
+        self.deltas_bytes = 0;
+    }
+
+    /// The text streamed so far.
+    fn text(&mut self) -> &str {
+        self.read_deltas();
+        &self.text
     }
 }
 
@@ -755,7 +784,7 @@ impl Forward {
         let Some(m) = rt.models.get(model) else {
             return;
         };
-        let tracker = &self.tracker;
+        let tracker = &mut self.tracker;
         if error.is_some() {
             record_result(&gw, &rt, m, false, None, None);
         } else if !client_gone {
@@ -770,7 +799,7 @@ impl Forward {
         if let Some(b) = &ctx.budget {
             let p = rt.policy.policy();
             let counted = match (tracker.usage, p.models.get(model)) {
-                (None, Some(pm)) => crate::estimate::Tokenizer::for_model(pm).count(&tracker.text),
+                (None, Some(pm)) => crate::estimate::Tokenizer::for_model(pm).count(tracker.text()),
                 _ => 0,
             };
             let u = tracker
@@ -989,6 +1018,53 @@ fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chunk(content: &str, usage: &str) -> String {
+        format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{content}\"}}}}],\"usage\":{usage}}}\n\n"
+        )
+    }
+
+    #[test]
+    fn a_tracker_reads_usage_and_keeps_the_text_for_when_none_comes() {
+        let mut t = Tracker {
+            collect: true,
+            ..Tracker::default()
+        };
+        t.feed(chunk("Hel", "null").as_bytes());
+        t.feed(chunk("lo", "null").as_bytes());
+        t.feed(b"data: [DONE]\n\n");
+        assert!(t.done);
+        assert_eq!(t.usage, None);
+        assert_eq!(t.text(), "Hello");
+
+        let mut t = Tracker {
+            collect: true,
+            ..Tracker::default()
+        };
+        t.feed(chunk("Hi", "null").as_bytes());
+        t.feed(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n",
+        );
+        assert_eq!(
+            t.usage,
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 1
+            })
+        );
+
+        // A long stream without usage keeps text, not whole chunks.
+        let mut t = Tracker {
+            collect: true,
+            ..Tracker::default()
+        };
+        for _ in 0..5_000 {
+            t.feed(chunk("ab", "null").as_bytes());
+        }
+        assert!(t.deltas_bytes <= MAX_UNREAD_DELTAS);
+        assert_eq!(t.text().len(), 10_000);
+    }
 
     #[test]
     fn retry_filters_match_statuses_classes_and_kinds() {

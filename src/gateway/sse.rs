@@ -52,8 +52,11 @@ impl Parser {
             match b {
                 b'\n' | b'\r' => {
                     self.after_cr = b == b'\r';
-                    let line = std::mem::take(&mut self.line);
+                    // The line's buffer is kept for the next line.
+                    let mut line = std::mem::take(&mut self.line);
                     self.line_done(&line, &mut out);
+                    line.clear();
+                    self.line = line;
                 }
                 _ => {
                     if self.line.len() < self.max_line {

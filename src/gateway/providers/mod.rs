@@ -65,7 +65,7 @@ impl Usage {
             #[serde(default, deserialize_with = "lenient_count")]
             completion_tokens: u64,
         }
-        /// A count of the wrong type is 0, as in [`Usage::from_openai`].
+        /// A count of the wrong type is 0.
         fn lenient_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
             let v = <serde_json::Value as serde::Deserialize>::deserialize(d)?;
             Ok(v.as_u64().unwrap_or(0))
@@ -82,21 +82,6 @@ impl Usage {
             }
             Err(e) => Err(e),
         }
-    }
-
-    /// From an OpenAI-format response or chunk (`usage.prompt_tokens`, ...).
-    pub fn from_openai(v: &serde_json::Value) -> Option<Usage> {
-        let u = v.get("usage")?;
-        Some(Usage {
-            prompt_tokens: u
-                .get("prompt_tokens")
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(0),
-            completion_tokens: u
-                .get("completion_tokens")
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(0),
-        })
     }
 }
 
@@ -277,19 +262,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn usage_is_read_from_the_bytes_like_from_the_tree() {
+    fn usage_is_read_from_the_bytes() {
+        let usage = |p, c| {
+            Some(Usage {
+                prompt_tokens: p,
+                completion_tokens: c,
+            })
+        };
         let cases = [
-            r#"{"id":"x","choices":[{"message":{"content":"{\"usage\":1}"}}],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}"#,
-            r#"{"usage":{"prompt_tokens":"12","completion_tokens":7}}"#,
-            r#"{"usage":{}}"#,
-            r#"{"data":[{"embedding":[0.1,0.2]}]}"#,
-            r#"[1,2]"#,
+            (
+                r#"{"id":"x","choices":[{"message":{"content":"{\"usage\":1}"}}],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}"#,
+                usage(12, 7),
+            ),
+            (
+                r#"{"usage":{"prompt_tokens":"12","completion_tokens":7}}"#,
+                usage(0, 7),
+            ),
+            (r#"{"usage":{}}"#, usage(0, 0)),
+            (r#"{"usage":null,"choices":[]}"#, None),
+            (r#"{"data":[{"embedding":[0.1,0.2]}]}"#, None),
+            (r#"[1,2]"#, None),
         ];
-        for body in cases {
-            let tree: serde_json::Value = serde_json::from_str(body).unwrap();
+        for (body, want) in cases {
             assert_eq!(
                 Usage::from_openai_bytes(body.as_bytes()).unwrap(),
-                Usage::from_openai(&tree),
+                want,
                 "{body}"
             );
         }
