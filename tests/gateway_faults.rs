@@ -18,65 +18,13 @@ use std::time::{Duration, Instant};
 
 use gateway_common::*;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
 
 fn hello() -> Value {
     json!({ "model": "auto", "messages": [{ "role": "user", "content": "hi" }] })
 }
 
 const CHAT_OK: &str = r#"{"id":"x","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"from fault"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
-
-/// An upstream that reads a request, then runs `act` on the socket.
-async fn socket_upstream<F, Fut>(act: F) -> String
-where
-    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let act = Arc::new(act);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                return;
-            };
-            let act = act.clone();
-            tokio::spawn(async move {
-                // Read the head and the body (by content-length) before acting.
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Ok(n) = sock.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    if let Some(head_end) = text.find("\r\n\r\n") {
-                        let len = text
-                            .get(..head_end)
-                            .unwrap_or("")
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                            })
-                            .unwrap_or(0);
-                        if buf.len() >= head_end + 4 + len {
-                            break;
-                        }
-                    }
-                }
-                act(sock).await;
-            });
-        }
-    });
-    url
-}
 
 async fn two_models(url_a: &str, protect: &str) -> (Gw, Upstream) {
     let b = upstream("b", |_| Act::Ok).await;
