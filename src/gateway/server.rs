@@ -88,6 +88,7 @@ pub fn serve_workers(
             .name(format!("routeplane-worker-{i}"))
             .spawn(move || {
                 rt.block_on(async move {
+                    tokio::spawn(keep_a_timer_near());
                     let listener = match TcpListener::from_std(listener) {
                         Ok(l) => l,
                         Err(e) => {
@@ -108,6 +109,18 @@ pub fn serve_workers(
         threads.push(t);
     }
     Ok(threads)
+}
+
+/// Every request arms timers that lie far ahead (hyper's header timeout, the
+/// policy's timeouts), and tokio wakes its driver through an eventfd whenever
+/// a new timer is the earliest one. With a nearer timer always armed that
+/// never happens: it saves a `write` and an extra `epoll_wait` per request.
+async fn keep_a_timer_near() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
 
 /// Accept connections until `shutdown` resolves.
