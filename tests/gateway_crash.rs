@@ -301,7 +301,8 @@ fn load_and_kill(server: &mut binary::Server, answers: usize, t0: Instant) -> Lo
 
 /// Bytes waiting in the spool files (not the locks).
 fn spooled(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir.join("state/state.db.ledger-spool"))
+    let db = std::path::absolute(dir.join("state/state.db")).unwrap();
+    std::fs::read_dir(routeplane::state::sqlite::spool_dir_of(&db))
         .unwrap()
         .flatten()
         .filter(|d| !d.file_name().to_string_lossy().ends_with(".lock"))

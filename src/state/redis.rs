@@ -140,17 +140,13 @@ fn counter_keys(c: &Counter) -> [String; 4] {
 
 /// The ledger spool of a gateway on this Redis: a local directory, as the
 /// spool is what survives this process dying before Redis has the entries.
-/// `<temp dir>/routeplane-ledger-spool-<hash of the url>`: the url may hold a
-/// password, so only a hash of it names the directory. Replicas on one host
+/// `/dev/shm/routeplane-ledger-spool-redis-<hash of the url>` (see
+/// [`super::spool::local_dir`]): the url may hold a password, so only a hash
+/// of it names the directory. Replicas on one host
 /// share it (one slot each); the next gateway started on the host with the
 /// same url, or `routeplane usage`, replays what a killed one left.
 pub fn spool_dir_for(url: &str) -> std::path::PathBuf {
-    use sha2::Digest;
-    let hash: String = hex::encode(sha2::Sha256::digest(url.as_bytes()))
-        .chars()
-        .take(16)
-        .collect();
-    std::env::temp_dir().join(format!("routeplane-ledger-spool-{hash}"))
+    super::spool::local_dir("redis", url)
 }
 
 fn to_u64(v: i64) -> u64 {

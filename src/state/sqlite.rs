@@ -80,10 +80,16 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(SqliteStore {
+        let store = SqliteStore {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
-        })
+        };
+        // A spool left where earlier versions kept it is replayed, not lost.
+        let old = old_spool_dir_of(path);
+        if old.is_dir() {
+            super::spool::recover(&old, &store)?;
+        }
+        Ok(store)
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StateError> {
@@ -93,8 +99,29 @@ impl SqliteStore {
     }
 }
 
-/// The spool directory of the database at `path`: `<path>.ledger-spool`.
+/// The spool directory of the database at `path`, named by its canonical
+/// path, so the gateway and `routeplane usage` find the same one however the
+/// config was named (see [`super::spool::local_dir`]).
 pub fn spool_dir_of(path: &Path) -> PathBuf {
+    let canonical = match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            std::fs::canonicalize(dir).ok().map(|d| d.join(name))
+        }
+        _ => None,
+    };
+    let key = canonical
+        .or_else(|| std::path::absolute(path).ok())
+        .unwrap_or_else(|| path.to_path_buf());
+    super::spool::local_dir("sqlite", &key.to_string_lossy())
+}
+
+/// Where the spool used to live, next to the database: replayed at open.
+fn old_spool_dir_of(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".ledger-spool");
     PathBuf::from(s)
@@ -266,7 +293,7 @@ impl BudgetStore for SqliteStore {
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
-    /// `<db>.ledger-spool`, next to the database file.
+    /// In `/dev/shm`, named by the database's path ([`spool_dir_of`]).
     fn spool_dir(&self) -> Option<PathBuf> {
         Some(spool_dir_of(&self.path))
     }
