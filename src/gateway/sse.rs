@@ -42,30 +42,41 @@ impl Parser {
 
     pub fn feed(&mut self, chunk: &[u8]) -> Vec<Event> {
         let mut out = Vec::new();
-        for &b in chunk {
+        let mut rest = chunk;
+        loop {
             if self.after_cr {
+                if rest.is_empty() {
+                    break;
+                }
                 self.after_cr = false;
-                if b == b'\n' {
+                if let Some(after) = rest.strip_prefix(b"\n".as_slice()) {
+                    rest = after;
                     continue;
                 }
             }
-            match b {
-                b'\n' | b'\r' => {
-                    self.after_cr = b == b'\r';
-                    // The line's buffer is kept for the next line.
-                    let mut line = std::mem::take(&mut self.line);
-                    self.line_done(&line, &mut out);
-                    line.clear();
-                    self.line = line;
-                }
-                _ => {
-                    if self.line.len() < self.max_line {
-                        self.line.push(b);
-                    }
-                }
-            }
+            // Whole runs up to the next line end at once, not byte by byte.
+            let Some(end) = memchr::memchr2(b'\n', b'\r', rest) else {
+                self.extend_line(rest);
+                break;
+            };
+            let (head, tail) = rest.split_at(end);
+            self.extend_line(head);
+            self.after_cr = tail.first() == Some(&b'\r');
+            // The line's buffer is kept for the next line.
+            let mut line = std::mem::take(&mut self.line);
+            self.line_done(&line, &mut out);
+            line.clear();
+            self.line = line;
+            rest = tail.get(1..).unwrap_or_default();
         }
         out
+    }
+
+    /// Append to the current line, up to `max_line` bytes; the rest is dropped.
+    fn extend_line(&mut self, bytes: &[u8]) {
+        let room = self.max_line.saturating_sub(self.line.len());
+        self.line
+            .extend_from_slice(bytes.get(..room.min(bytes.len())).unwrap_or_default());
     }
 
     fn line_done(&mut self, line: &[u8], out: &mut Vec<Event>) {
@@ -79,20 +90,23 @@ impl Parser {
         if line.first() == Some(&b':') {
             return;
         }
-        let text = String::from_utf8_lossy(line);
-        let (field, value) = match text.split_once(':') {
-            Some((f, v)) => (f.to_string(), v.strip_prefix(' ').unwrap_or(v).to_string()),
-            None => (text.to_string(), String::new()),
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(i) => (
+                line.get(..i).unwrap_or_default(),
+                line.get(i + 1..).unwrap_or_default(),
+            ),
+            None => (line, &[][..]),
         };
-        match field.as_str() {
-            "data" => {
+        let value = value.strip_prefix(b" ".as_slice()).unwrap_or(value);
+        match field {
+            b"data" => {
                 if self.has_data {
                     self.current.data.push('\n');
                 }
-                self.current.data.push_str(&value);
+                self.current.data.push_str(&String::from_utf8_lossy(value));
                 self.has_data = true;
             }
-            "event" => self.current.event = Some(value),
+            b"event" => self.current.event = Some(String::from_utf8_lossy(value).into_owned()),
             _ => {}
         }
     }
