@@ -159,7 +159,7 @@ async fn serve(config: Config, args: Args) -> u8 {
             return 2;
         }
     };
-    let _ = tokio::signal::ctrl_c().await;
+    stop_signal().await;
     eprintln!("routeplane: shutting down");
     let _ = stop.send(true);
     let _ = tokio::task::spawn_blocking(move || {
@@ -178,4 +178,21 @@ async fn serve(config: Config, args: Args) -> u8 {
     )
     .await;
     0
+}
+
+/// Ctrl-C, or SIGTERM (what service managers and container runtimes send):
+/// either stops the workers and flushes the logs and the ledger spool.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
