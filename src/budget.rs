@@ -245,11 +245,12 @@ struct Writer {
 /// How often the writer retries a commit that failed, with nothing new to wake it.
 const WRITER_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 /// The least time between two commits of the spool. Entries are durable once
-/// appended, so waiting costs nothing but lets a busy gateway move thousands
+/// appended, so waiting costs nothing but lets a busy gateway move hundreds
 /// of entries per store transaction (and rotate the spool file once) instead
-/// of a few: per request, the writer's work is then a small fraction of the
-/// request path's.
-const WRITER_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+/// of a few. Not longer: the writer's burst of work competes with the worker
+/// threads for the cores, and at 200 ms it set a 2.5 ms p99 at one
+/// connection (0.85 ms at 20 ms; docs/performance.md).
+const WRITER_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl Budgets {
     /// Budgets on `store`. When the store has a spool directory, whatever a

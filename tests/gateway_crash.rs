@@ -266,7 +266,7 @@ fn load_and_kill(server: &mut binary::Server, answers: usize, t0: Instant) -> Lo
             })
         })
         .collect();
-    // Mid-load: the spool's writer commits every 200 ms, so entries are
+    // Mid-load: the spool's writer commits every 20 ms, so entries are
     // waiting in it at any moment.
     let base = ok.load(Ordering::SeqCst);
     while ok.load(Ordering::SeqCst) < base + answers {

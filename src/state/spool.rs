@@ -48,7 +48,7 @@ use super::{BudgetStore, LedgerEntry, StateError};
 /// writer's commit held the journal, a tail on every worker thread. What it
 /// costs: the spool does not outlive a reboot, so a gateway killed and not
 /// restarted before the machine reboots loses the entries its writer had not
-/// moved into the store (at most about 200 ms of them); an OS crash or power
+/// moved into the store (at most about 20 ms of them); an OS crash or power
 /// loss loses those on any file system (see the module docs).
 pub fn local_dir(kind: &str, key: &str) -> PathBuf {
     use sha2::Digest;
