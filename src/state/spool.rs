@@ -43,9 +43,8 @@ use super::{BudgetStore, LedgerEntry, StateError};
 /// database's absolute path, the Redis url: it may hold a password) in
 /// `/dev/shm` where there is one, else in the temp directory.
 ///
-/// Why a tmpfs: an append there never waits for a file system journal. Next to
-/// an SQLite file on ext4, appends stalled for 1 to 2 ms whenever the ledger
-/// writer's commit held the journal, a tail on every worker thread. What it
+/// Why a tmpfs: an append, on every request path, never waits for a file
+/// system journal there and costs less than on ext4. What it
 /// costs: the spool does not outlive a reboot, so a gateway killed and not
 /// restarted before the machine reboots loses the entries its writer had not
 /// moved into the store (at most about 20 ms of them); an OS crash or power
