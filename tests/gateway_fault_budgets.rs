@@ -23,7 +23,6 @@ use routeplane::gateway::{FixedPolicy, Gateway, Options};
 use routeplane::state::{self, BudgetStore};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
 
 const CHAT_OK: &str = r#"{"id":"x","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"from fault"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
 
@@ -128,18 +127,7 @@ async fn start(config_text: &str, store: Arc<dyn BudgetStore>, models: &[(&str, 
         opts,
     )
     .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(routeplane::gateway::server::serve(
-        listener,
-        gw.clone(),
-        std::future::pending(),
-    ));
-    Gw {
-        url,
-        gw,
-        client: reqwest::Client::new(),
-    }
+    serve_gateway(gw).await
 }
 
 fn spent(store: &dyn BudgetStore) -> u64 {

@@ -210,6 +210,11 @@ pub async fn gateway(config: &str, policy: CompiledPolicy) -> Gw {
     })
     .unwrap();
     let gw = Gateway::new(cfg, Arc::new(FixedPolicy::new(policy)), Default::default()).unwrap();
+    serve_gateway(gw).await
+}
+
+/// Serve an already built gateway on an ephemeral port.
+pub async fn serve_gateway(gw: Arc<Gateway>) -> Gw {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(routeplane::gateway::server::serve(
