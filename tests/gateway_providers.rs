@@ -51,6 +51,31 @@ async fn anthropic_chat_is_translated_both_ways() {
 }
 
 #[tokio::test]
+async fn anthropic_refusals_reach_the_client_as_openai_errors() {
+    let up = raw_upstream(|_| {
+        http_json(
+            400,
+            &json!({ "type": "error", "error": { "type": "invalid_request_error",
+            "message": "messages: roles must alternate" } })
+            .to_string(),
+        )
+    })
+    .await;
+    let gw = gateway(&anthropic_config(&up.url), policy(&[("model-a", "pa")], "")).await;
+    let body = json!({ "model": "auto", "messages": [{ "role": "user", "content": "hi" }] });
+    let r = gw.chat("sk-demo", body).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(header(&r, "x-routeplane-provider"), "pa");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["message"], "messages: roles must alternate");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(
+        v.get("type").is_none(),
+        "the Anthropic envelope leaked: {v}"
+    );
+}
+
+#[tokio::test]
 async fn anthropic_streams_become_openai_chunks() {
     let up = raw_upstream(|_| {
         http_sse(concat!(

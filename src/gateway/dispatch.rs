@@ -933,8 +933,9 @@ fn client_error(
     let AttemptError::Status { status, body, .. } = &e else {
         return failed(gw, ctx, out);
     };
-    let mut r = Response::new(full(body.clone()));
-    *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST);
+    let code = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut r = Response::new(full(ApiError::upstream_body(code, body)));
+    *r.status_mut() = code;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
