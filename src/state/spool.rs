@@ -19,10 +19,11 @@
 //!   being moved into the store; deleted once the store committed it.
 //!
 //! INVARIANT: an appended line is deleted only after a store transaction
-//! holding it committed. Rotation renames the file under the write side of
-//! the handle's lock, so no append can land in a file the writer already
-//! read; a failed commit keeps the file and no new rotation happens until it
-//! is committed. Replaying a line twice is harmless: the ledger skips ids it
+//! holding it committed. Rotation swaps the append handle for a new file and
+//! then waits until no append still holds the old one before reading it, so
+//! no append can land in a file the writer already read; appends never wait
+//! on the writer. A failed commit keeps the file and no new rotation happens
+//! until it is committed. Replaying a line twice is harmless: the ledger skips ids it
 //! already has.
 //!
 //! [`Spool::open`] takes the first free slot and replays every free slot's
@@ -35,7 +36,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 
 use super::{BudgetStore, LedgerEntry, StateError};
 
@@ -73,8 +76,9 @@ const MAX_SLOTS: u32 = 1024;
 pub struct Spool {
     dir: PathBuf,
     slot: u32,
-    /// The append handle; the writer swaps it when rotating.
-    file: RwLock<File>,
+    /// The append handle; the writer swaps it when rotating. An append holds
+    /// a reference for the length of its `write()`, which the writer waits out.
+    file: ArcSwap<File>,
     /// One commit at a time.
     committing: Mutex<()>,
     /// Holds the slot's `flock` while the spool lives.
@@ -296,7 +300,7 @@ impl Spool {
             Spool {
                 dir: dir.to_path_buf(),
                 slot,
-                file: RwLock::new(file),
+                file: ArcSwap::from_pointee(file),
                 committing: Mutex::new(()),
                 _lock: lock,
             },
@@ -315,13 +319,10 @@ impl Spool {
     pub fn append(&self, e: &LedgerEntry) -> io::Result<()> {
         let mut line = serde_json::to_vec(e)?;
         line.push(b'\n');
-        let f = self
-            .file
-            .read()
-            .map_err(|_| io::Error::other("ledger spool lock poisoned"))?;
+        let f = self.file.load();
         // One write on an O_APPEND file: the kernel places it at the end
         // atomically, concurrent appends never interleave.
-        let n = (&*f).write(&line)?;
+        let n = (&**f).write(&line)?;
         if n != line.len() {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -345,31 +346,32 @@ impl Spool {
         let committing = slot_path(&self.dir, self.slot, "committing");
         let mut n = replay_file(&committing, store)?.entries;
         let path = self.path();
-        {
-            let len = self
-                .file
-                .read()
-                .map_err(|_| StateError::Backend("ledger spool lock poisoned".into()))?
-                .metadata()
-                .map_err(|e| io_err("stat", &path, e))?
-                .len();
-            if len == 0 {
-                return Ok(n);
-            }
-            let mut f = self
-                .file
-                .write()
-                .map_err(|_| StateError::Backend("ledger spool lock poisoned".into()))?;
-            std::fs::rename(&path, &committing).map_err(|e| io_err("rotate", &path, e))?;
-            match open_append(&path) {
-                Ok(new) => *f = new,
-                Err(e) => {
-                    // Keep appending to the old file under its old name.
-                    let _ = std::fs::rename(&committing, &path);
-                    return Err(io_err("open", &path, e));
-                }
-            }
+        let len = self
+            .file
+            .load()
+            .metadata()
+            .map_err(|e| io_err("stat", &path, e))?
+            .len();
+        if len == 0 {
+            return Ok(n);
         }
+        // Appends that still go through the old handle after the rename land
+        // in `committing`, which is read only once they are all done.
+        std::fs::rename(&path, &committing).map_err(|e| io_err("rotate", &path, e))?;
+        let old = match open_append(&path) {
+            Ok(new) => self.file.swap(Arc::new(new)),
+            Err(e) => {
+                // Keep appending to the old file under its old name.
+                let _ = std::fs::rename(&committing, &path);
+                return Err(io_err("open", &path, e));
+            }
+        };
+        // `swap` turned every reader's borrow of the old handle into a
+        // counted reference; each is one `write()` long.
+        while Arc::strong_count(&old) > 1 {
+            std::thread::yield_now();
+        }
+        drop(old);
         n += replay_file(&committing, store)?.entries;
         Ok(n)
     }
