@@ -262,7 +262,7 @@ impl Budgets {
                 Ok((spool, replayed)) => {
                     if replayed.entries > 0 {
                         tracing::info!(
-                            "replayed {} ledger entries left in `{}`",
+                            "replayed {} ledger entries left in `{}` (those already recorded are skipped)",
                             replayed.entries,
                             dir.display()
                         );

@@ -14,17 +14,23 @@
 //! - `<n>.lock`: held with `flock` by the process that owns slot `n`, for as
 //!   long as it lives; the kernel drops the lock when the process dies, so a
 //!   free lock means nobody appends to that slot any more;
-//! - `<n>.spool`: where the owner appends;
-//! - `<n>.committing`: the previous `<n>.spool`, renamed by the writer and
-//!   being moved into the store; deleted once the store committed it.
+//! - `<n>.spool`: where the owner appends. The writer reads only what was
+//!   appended since its last commit (complete lines: a line that straddles
+//!   a page may be half visible while its `write()` runs) and remembers how
+//!   far it got, so a commit is one `pread` and one store transaction;
+//! - `<n>.committing`: a `<n>.spool` that grew past [`ROTATE_BYTES`], renamed
+//!   by the writer so the file does not grow forever; deleted once the store
+//!   committed the rest of it.
 //!
 //! INVARIANT: an appended line is deleted only after a store transaction
 //! holding it committed. Rotation swaps the append handle for a new file and
-//! then waits until no append still holds the old one before reading it, so
-//! no append can land in a file the writer already read; appends never wait
-//! on the writer. A failed commit keeps the file and no new rotation happens
-//! until it is committed. Replaying a line twice is harmless: the ledger skips ids it
-//! already has.
+//! then waits until no append still holds the old one before reading the
+//! rest of it, so no append can land in a file the writer already finished;
+//! appends never wait on the writer. A failed commit keeps the file and no
+//! new rotation happens until it is committed. Replaying a line twice is
+//! harmless: the ledger skips ids it already has, which is what makes a
+//! replay of a whole file (after a crash) correct when part of it was
+//! already committed.
 //!
 //! [`Spool::open`] takes the first free slot and replays every free slot's
 //! leftovers (its own and those of dead processes) before returning;
@@ -69,6 +75,9 @@ pub fn local_dir(kind: &str, key: &str) -> PathBuf {
 
 /// Entries per store transaction when moving a spool file into the store.
 const BATCH: usize = 512;
+/// Size past which the writer starts a new append file. Bounds both the
+/// memory a spool holds and what a restart replays a second time.
+const ROTATE_BYTES: u64 = 1 << 20;
 /// Slots looked at before giving up: far more processes than share one store.
 const MAX_SLOTS: u32 = 1024;
 
@@ -79,8 +88,13 @@ pub struct Spool {
     /// The append handle; the writer swaps it when rotating. An append holds
     /// a reference for the length of its `write()`, which the writer waits out.
     file: ArcSwap<File>,
-    /// One commit at a time.
-    committing: Mutex<()>,
+    /// One commit at a time; holds how many bytes of the append file are
+    /// already in the store.
+    committed: Mutex<u64>,
+    /// [`ROTATE_BYTES`], smaller in tests.
+    rotate_at: u64,
+    /// Append files started so far.
+    rotations: std::sync::atomic::AtomicU64,
     /// Holds the slot's `flock` while the spool lives.
     _lock: File,
 }
@@ -101,8 +115,13 @@ fn io_err(what: &str, path: &Path, e: io::Error) -> StateError {
     ))
 }
 
+/// Appends go through this handle; the writer reads new lines with it too.
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)
 }
 
 /// Take the slot's lock without waiting; `false` when another process (or
@@ -191,7 +210,22 @@ fn replay_file(path: &Path, store: &dyn BudgetStore) -> Result<Replayed, StateEr
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Replayed::default()),
         Err(e) => return Err(io_err("read", path, e)),
     };
-    let (entries, skipped) = parse(&bytes);
+    let replayed = record_lines(&bytes, path, store)?;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("remove", path, e)),
+    }
+    Ok(replayed)
+}
+
+/// Record the entries of spool `bytes` (read from `path`) in the store.
+fn record_lines(
+    bytes: &[u8],
+    path: &Path,
+    store: &dyn BudgetStore,
+) -> Result<Replayed, StateError> {
+    let (entries, skipped) = parse(bytes);
     if skipped > 0 {
         tracing::warn!(
             "ledger spool `{}`: {skipped} line(s) are not ledger entries",
@@ -201,15 +235,35 @@ fn replay_file(path: &Path, store: &dyn BudgetStore) -> Result<Replayed, StateEr
     for chunk in entries.chunks(BATCH) {
         store.record(chunk)?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("remove", path, e)),
-    }
     Ok(Replayed {
         entries: entries.len(),
         skipped,
     })
+}
+
+/// Bytes `from..to` of `file`, without moving the offset the appends share.
+#[cfg(unix)]
+fn read_range(file: &File, from: u64, to: u64) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let len = usize::try_from(to.saturating_sub(from)).map_err(io::Error::other)?;
+    let mut buf = vec![0; len];
+    file.read_exact_at(&mut buf, from)?;
+    Ok(buf)
+}
+
+#[cfg(not(unix))]
+fn read_range(file: &File, from: u64, to: u64) -> io::Result<Vec<u8>> {
+    use std::os::windows::fs::FileExt;
+    let len = usize::try_from(to.saturating_sub(from)).map_err(io::Error::other)?;
+    let mut buf = vec![0; len];
+    let mut done = 0;
+    while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
+        match file.seek_read(rest, from + done as u64)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => done += n,
+        }
+    }
+    Ok(buf)
 }
 
 /// Replay a slot whose lock this process holds: the file being committed
@@ -301,7 +355,9 @@ impl Spool {
                 dir: dir.to_path_buf(),
                 slot,
                 file: ArcSwap::from_pointee(file),
-                committing: Mutex::new(()),
+                committed: Mutex::new(0),
+                rotate_at: ROTATE_BYTES,
+                rotations: std::sync::atomic::AtomicU64::new(0),
                 _lock: lock,
             },
             replayed,
@@ -335,28 +391,35 @@ impl Spool {
         Ok(())
     }
 
-    /// Move what was appended so far into the store: rotate the append file
-    /// to `<n>.committing`, record its entries, delete it. A file left by a
-    /// failed commit goes first, and no rotation happens until it is in.
+    /// Move what was appended since the last commit into the store, and
+    /// start a new append file when this one passed [`ROTATE_BYTES`]. A file
+    /// left by a failed rotation goes first, and no rotation happens until
+    /// it is in.
     pub fn commit(&self, store: &dyn BudgetStore) -> Result<usize, StateError> {
-        let _one = self
-            .committing
+        let mut committed = self
+            .committed
             .lock()
             .map_err(|_| StateError::Backend("ledger spool writer poisoned".into()))?;
         let committing = slot_path(&self.dir, self.slot, "committing");
         let mut n = replay_file(&committing, store)?.entries;
         let path = self.path();
-        let len = self
-            .file
-            .load()
-            .metadata()
-            .map_err(|e| io_err("stat", &path, e))?
-            .len();
-        if len == 0 {
+        let file = self.file.load_full();
+        let len = file.metadata().map_err(|e| io_err("stat", &path, e))?.len();
+        if len > *committed {
+            let bytes = read_range(&file, *committed, len).map_err(|e| io_err("read", &path, e))?;
+            // Only whole lines: the last one may still be being written.
+            let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            if let Some(lines) = bytes.get(..whole) {
+                n += record_lines(lines, &path, store)?.entries;
+                *committed += whole as u64;
+            }
+        }
+        drop(file);
+        if *committed < self.rotate_at {
             return Ok(n);
         }
         // Appends that still go through the old handle after the rename land
-        // in `committing`, which is read only once they are all done.
+        // in `committing`, which is finished only once they are all done.
         std::fs::rename(&path, &committing).map_err(|e| io_err("rotate", &path, e))?;
         let old = match open_append(&path) {
             Ok(new) => self.file.swap(Arc::new(new)),
@@ -366,13 +429,21 @@ impl Spool {
                 return Err(io_err("open", &path, e));
             }
         };
+        let done = std::mem::take(&mut *committed);
+        self.rotations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // `swap` turned every reader's borrow of the old handle into a
         // counted reference; each is one `write()` long.
         while Arc::strong_count(&old) > 1 {
             std::thread::yield_now();
         }
-        drop(old);
-        n += replay_file(&committing, store)?.entries;
+        let len = old
+            .metadata()
+            .map_err(|e| io_err("stat", &committing, e))?
+            .len();
+        let rest = read_range(&old, done, len).map_err(|e| io_err("read", &committing, e))?;
+        n += record_lines(&rest, &committing, store)?.entries;
+        std::fs::remove_file(&committing).map_err(|e| io_err("remove", &committing, e))?;
         Ok(n)
     }
 }
@@ -481,16 +552,39 @@ mod tests {
         }
         let store = SqliteStore::open(&db).unwrap();
         let (_spool, replayed) = Spool::open(&spool_dir, &store).unwrap();
-        assert_eq!(replayed.entries, 3);
+        // x/0 and x/1 are read again (a commit leaves its lines in the file
+        // until it rotates) and skipped by the ledger.
+        assert_eq!(replayed.entries, 5);
         assert_eq!(ids(&store), ["x/0", "x/1", "x/2", "x/3", "x/4"]);
         assert!(!spool_dir.join("0.committing").exists());
+    }
+
+    #[test]
+    fn a_line_still_being_written_waits_for_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let (spool, _) = Spool::open(&dir.path().join("spool"), &store).unwrap();
+        spool.append(&entry("a")).unwrap();
+        let mut line = serde_json::to_vec(&entry("b")).unwrap();
+        line.push(b'\n');
+        let (head, tail) = line.split_at(line.len() / 2);
+        let mut f = open_append(&spool.path()).unwrap();
+        f.write_all(head).unwrap();
+        assert_eq!(spool.commit(&store).unwrap(), 1);
+        assert_eq!(ids(&store), ["a"]);
+        f.write_all(tail).unwrap();
+        assert_eq!(spool.commit(&store).unwrap(), 1);
+        assert_eq!(ids(&store), ["a", "b"]);
+        assert_eq!(spool.commit(&store).unwrap(), 0);
     }
 
     #[test]
     fn rotation_under_concurrent_appends_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
-        let (spool, _) = Spool::open(&dir.path().join("spool"), &*store).unwrap();
+        let (mut spool, _) = Spool::open(&dir.path().join("spool"), &*store).unwrap();
+        // Every commit rotates.
+        spool.rotate_at = 1;
         let spool = Arc::new(spool);
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = {
@@ -511,7 +605,7 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..500 {
                         spool.append(&entry(&format!("{t}/{i}"))).unwrap();
-                        if i % 25 == 0 {
+                        if i % 10 == 0 {
                             // Let the writer rotate between bursts.
                             std::thread::sleep(std::time::Duration::from_millis(1));
                         }
@@ -525,7 +619,12 @@ mod tests {
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         let commits = writer.join().unwrap();
         spool.commit(&*store).unwrap();
-        assert!(commits > 1, "the writer never rotated under load");
+        assert!(commits > 1, "the writer never committed under load");
+        assert!(
+            spool.rotations.load(std::sync::atomic::Ordering::Relaxed) > 5,
+            "the writer rotated {} times",
+            spool.rotations.load(std::sync::atomic::Ordering::Relaxed)
+        );
         let got = ids(&*store);
         assert_eq!(got.len(), 2_000);
         let unique: std::collections::HashSet<_> = got.iter().collect();
