@@ -440,32 +440,68 @@ async fn attempt(
     }
 }
 
-fn set_header<B>(r: &mut Response<B>, name: &'static str, value: &str) {
+fn set_header<B>(r: &mut Response<B>, name: HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
-        r.headers_mut().insert(HeaderName::from_static(name), v);
+        r.headers_mut().insert(name, v);
     }
 }
 
+fn put_header<B>(r: &mut Response<B>, name: HeaderName, value: Option<&HeaderValue>) {
+    if let Some(v) = value {
+        r.headers_mut().insert(name, v.clone());
+    }
+}
+
+const MODEL: HeaderName = HeaderName::from_static("x-routeplane-model");
+const PROVIDER: HeaderName = HeaderName::from_static("x-routeplane-provider");
+const INTENT: HeaderName = HeaderName::from_static("x-routeplane-intent");
+const POLICY: HeaderName = HeaderName::from_static("x-routeplane-policy");
+const ATTEMPTS: HeaderName = HeaderName::from_static("x-routeplane-attempts");
+const DECISION: HeaderName = HeaderName::from_static("x-routeplane-decision");
+const BUDGET_WARNING: HeaderName = HeaderName::from_static("x-routeplane-budget-warning");
+
+/// The routing headers of every answer. The names and the version are header
+/// values built with the runtime; only the decision id is new per request.
 fn routing_headers<B>(
     r: &mut Response<B>,
     ctx: &RequestCtx,
     model: Option<&ModelRt>,
     attempts: usize,
 ) {
-    let p = ctx.rt.policy.policy();
     if let Some(m) = model {
-        set_header(r, "x-routeplane-model", &m.name);
-        set_header(r, "x-routeplane-provider", &m.provider);
+        put_header(r, MODEL, m.name_header.as_ref());
+        put_header(r, PROVIDER, m.provider_header.as_ref());
     }
-    if let Some(i) = ctx.decision.intent.and_then(|i| p.intent(i)) {
-        set_header(r, "x-routeplane-intent", &i.name);
+    if let Some(i) = ctx.decision.intent {
+        put_header(
+            r,
+            INTENT,
+            ctx.rt
+                .intent_headers
+                .get(i.index())
+                .and_then(Option::as_ref),
+        );
     }
-    set_header(r, "x-routeplane-policy", ctx.rt.policy.version());
-    set_header(r, "x-routeplane-attempts", &attempts.to_string());
-    set_header(r, "x-routeplane-decision", &ctx.decision_id);
+    put_header(r, POLICY, ctx.rt.version_header.as_ref());
+    r.headers_mut().insert(ATTEMPTS, attempts_value(attempts));
+    set_header(r, DECISION, &ctx.decision_id);
     if let Some(w) = ctx.budget.as_ref().and_then(|b| b.warning()) {
-        set_header(r, "x-routeplane-budget-warning", w);
+        set_header(r, BUDGET_WARNING, w);
     }
+}
+
+fn attempts_value(n: usize) -> HeaderValue {
+    const SMALL: [HeaderValue; 5] = [
+        HeaderValue::from_static("0"),
+        HeaderValue::from_static("1"),
+        HeaderValue::from_static("2"),
+        HeaderValue::from_static("3"),
+        HeaderValue::from_static("4"),
+    ];
+    SMALL
+        .get(n)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(n))
 }
 
 /// How a dispatched request ended, before it becomes a log line and metrics.

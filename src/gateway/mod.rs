@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use hyper::http::HeaderValue;
 
 use crate::config::{Config, KeyHash};
 use breaker::{Breaker, BreakerConfig};
@@ -97,6 +98,10 @@ pub struct TenantRt {
 pub struct ModelRt {
     pub name: String,
     pub provider: String,
+    /// `name` and `provider` as response header values, built once per
+    /// version rather than on every response.
+    pub name_header: Option<HeaderValue>,
+    pub provider_header: Option<HeaderValue>,
     /// `None` when the config has no provider of that name (reported at load).
     pub upstream: Option<Arc<Upstream>>,
     pub upstream_model: String,
@@ -114,6 +119,10 @@ pub struct Runtime {
     pub tenants: Vec<TenantRt>,
     /// Indexed by `ModelId`.
     pub models: Vec<ModelRt>,
+    /// The policy version and each intent's name (indexed by `IntentId`)
+    /// as response header values.
+    pub version_header: Option<HeaderValue>,
+    pub intent_headers: Vec<Option<HeaderValue>>,
     pub model_breaker: Option<BreakerConfig>,
     pub provider_breaker: Option<BreakerConfig>,
 }
@@ -215,6 +224,8 @@ impl Gateway {
             config: config.clone(),
             tenants: Vec::new(),
             models: Vec::new(),
+            version_header: None,
+            intent_headers: Vec::new(),
             model_breaker: None,
             provider_breaker: None,
         };
@@ -320,6 +331,8 @@ impl Gateway {
                 .to_string();
             models.push(ModelRt {
                 name: m.name.clone(),
+                name_header: header_value(&m.name),
+                provider_header: header_value(&provider),
                 live: self.shared(&self.live, &m.name),
                 model_breaker: self.shared(&self.breakers, &format!("model:{}", m.name)),
                 provider_breaker: self.shared(&self.breakers, &format!("provider:{provider}")),
@@ -345,6 +358,8 @@ impl Gateway {
         Ok(Runtime {
             model_breaker: breaker_cfg(crate::ir::BreakerScope::Model),
             provider_breaker: breaker_cfg(crate::ir::BreakerScope::Provider),
+            version_header: header_value(policy.version()),
+            intent_headers: p.intents.iter().map(|i| header_value(&i.name)).collect(),
             policy,
             config,
             tenants,
@@ -374,4 +389,10 @@ impl Gateway {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
+}
+
+/// A name as a response header value; `None` for one a header cannot carry
+/// (policy names are identifiers, so only in theory).
+fn header_value(s: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(s).ok()
 }
