@@ -457,6 +457,12 @@ impl Drop for Budgets {
             drop(w.wake);
             let _ = w.thread.join();
         }
+        // Nothing appends any more: a clean stop leaves no spool behind.
+        if let Some(spool) = self.spool.take().and_then(Arc::into_inner) {
+            if let Err(e) = spool.retire(&*self.store) {
+                tracing::warn!("ledger spool kept for the next start: {e}");
+            }
+        }
     }
 }
 

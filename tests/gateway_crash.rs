@@ -299,11 +299,14 @@ fn load_and_kill(server: &mut binary::Server, answers: usize, t0: Instant) -> Lo
     }
 }
 
-/// Bytes waiting in the spool files (not the locks).
+/// Bytes waiting in the spool files (not the locks); a spool directory the
+/// last process removed on its way out holds none.
 fn spooled(dir: &std::path::Path) -> u64 {
     let db = std::path::absolute(dir.join("state/state.db")).unwrap();
-    std::fs::read_dir(routeplane::state::sqlite::spool_dir_of(&db))
-        .unwrap()
+    let Ok(files) = std::fs::read_dir(routeplane::state::sqlite::spool_dir_of(&db)) else {
+        return 0;
+    };
+    files
         .flatten()
         .filter(|d| !d.file_name().to_string_lossy().ends_with(".lock"))
         .map(|d| d.metadata().unwrap().len())

@@ -176,10 +176,14 @@ fn no_secret_appears_anywhere_after_a_full_run() {
         "the upstream never saw the provider key"
     );
     assert!(seen.contains("\"ok\""), "no good answer came back:\n{seen}");
-    std::thread::sleep(Duration::from_millis(500)); // let the decision log flush
+    // A clean stop flushes the decision log and the ledger.
     let mut server = server;
-    let _ = server.child.kill();
-    let _ = server.child.wait();
+    let stopped = server.stop(Duration::from_secs(10));
+    assert!(
+        stopped.is_some_and(|s| s.success()),
+        "no clean stop: {stopped:?}\n{}",
+        server.log()
+    );
     let mut stdout = String::new();
     let _ = server
         .child

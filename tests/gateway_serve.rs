@@ -83,9 +83,21 @@ fn workers_share_one_port_and_a_second_gateway_on_it_is_refused() {
 
 #[test]
 #[cfg(unix)]
-fn sigterm_stops_the_gateway_cleanly() {
+fn sigterm_stops_the_gateway_cleanly_and_leaves_no_ledger_spool() {
     let dir = tempfile::tempdir().unwrap();
     write_gateway(dir.path());
+    // The default state: SQLite, with its ledger spool in /dev/shm.
+    let yaml = std::fs::read_to_string(dir.path().join("gateway.yaml")).unwrap();
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        yaml.replace(
+            "state: { backend: memory }",
+            "state: { backend: sqlite, path: state/state.db }",
+        ),
+    )
+    .unwrap();
+    let db = std::path::absolute(dir.path().join("state/state.db")).unwrap();
+    let spool = routeplane::state::sqlite::spool_dir_of(&db);
     let mut server = Server::start(
         dir.path(),
         &dir.path().join("gateway.yaml"),
@@ -93,6 +105,7 @@ fn sigterm_stops_the_gateway_cleanly() {
         &[],
     );
     assert_eq!(status_on_new_connection(&server.addr), 200);
+    assert!(spool.is_dir(), "no ledger spool at `{}`", spool.display());
     let killed = Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
         .status()
@@ -106,6 +119,15 @@ fn sigterm_stops_the_gateway_cleanly() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(server.log().contains("shutting down"), "{}", server.log());
+    // The last entry went into the store and the spool was removed.
+    assert!(
+        !spool.exists(),
+        "`{}` outlived a clean stop",
+        spool.display()
+    );
+    let ledger = routeplane::state::sqlite::SqliteStore::open(&db).unwrap();
+    let rows = routeplane::state::BudgetStore::ledger(&ledger, None).unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
 }
 
 /// Wait up to 10 s for `child` to exit; kill it and fail if it does not.

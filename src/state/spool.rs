@@ -278,17 +278,73 @@ fn replay_slot(dir: &Path, slot: u32, store: &dyn BudgetStore) -> Result<Replaye
 }
 
 /// Lock slot `n`; `None` when another process holds it.
+///
+/// A process that stops cleanly deletes its slot's files, the lock file
+/// while still holding it (see [`Spool::retire`]). Whoever opened that lock
+/// file just before it was deleted gets the lock once it is released, but on
+/// a file no longer in the directory: the lock then proves nothing, so the
+/// path is checked to still name the locked file, and opened again if not.
+/// For the same reason the directory itself may vanish (the last process
+/// removes it) and is created again.
 fn lock_slot(dir: &Path, n: u32) -> Result<Option<File>, StateError> {
     let path = slot_path(dir, n, "lock");
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| io_err("open", &path, e))?;
-    Ok(try_lock(&f)
-        .map_err(|e| io_err("lock", &path, e))?
-        .then_some(f))
+    for _ in 0..8 {
+        let opened = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path);
+        let f = match opened {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
+                continue;
+            }
+            Err(e) => return Err(io_err("open", &path, e)),
+        };
+        if !try_lock(&f).map_err(|e| io_err("lock", &path, e))? {
+            return Ok(None);
+        }
+        if still_named(&f, &path) {
+            return Ok(Some(f));
+        }
+    }
+    Err(StateError::Backend(format!(
+        "ledger spool: `{}` keeps being replaced while it is locked",
+        path.display()
+    )))
+}
+
+/// Whether `path` names the file `f` has open (it was not deleted or replaced).
+#[cfg(unix)]
+fn still_named(f: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn still_named(_f: &File, path: &Path) -> bool {
+    path.exists()
+}
+
+/// Delete a slot's lock file; the caller holds the lock, so no live process
+/// owns the slot (see [`lock_slot`] for whoever is opening it right now).
+fn remove_lock(dir: &Path, n: u32) -> Result<(), StateError> {
+    let path = slot_path(dir, n, "lock");
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("remove", &path, e)),
+    }
+}
+
+/// Remove the spool directory when no slot is left in it; a directory
+/// that is not empty (a live process, files of a failed commit) stays.
+fn remove_dir_if_empty(dir: &Path) {
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Replay the leftovers of every slot no live process holds, into `store`.
@@ -318,8 +374,11 @@ fn sweep(
         total.skipped += r.skipped;
         if keep && own.is_none() {
             own = Some((n, lock));
+        } else {
+            // Its leftovers are in the store: the slot is gone, and dropping
+            // `lock` afterwards releases the deleted file.
+            remove_lock(dir, n)?;
         }
-        // Otherwise dropping `lock` frees the slot again.
     }
     if keep && own.is_none() {
         return Err(StateError::Backend(format!(
@@ -336,7 +395,9 @@ pub fn recover(dir: &Path, store: &dyn BudgetStore) -> Result<Replayed, StateErr
     if !dir.is_dir() {
         return Ok(Replayed::default());
     }
-    Ok(sweep(dir, store, false)?.1)
+    let replayed = sweep(dir, store, false)?.1;
+    remove_dir_if_empty(dir);
+    Ok(replayed)
 }
 
 impl Spool {
@@ -444,6 +505,37 @@ impl Spool {
         let rest = read_range(&old, done, len).map_err(|e| io_err("read", &committing, e))?;
         n += record_lines(&rest, &committing, store)?.entries;
         std::fs::remove_file(&committing).map_err(|e| io_err("remove", &committing, e))?;
+        Ok(n)
+    }
+
+    /// A clean stop: commit what is left and delete this slot's files (the
+    /// lock file while still holding it), and the directory when no other
+    /// process uses it, so a tmpfs does not keep a spool per database ever
+    /// opened. Taking `self` means no append can come after. When the store
+    /// refuses the last entries the files stay for the next start to replay.
+    pub fn retire(self, store: &dyn BudgetStore) -> Result<usize, StateError> {
+        let n = self.commit(store)?;
+        let path = self.path();
+        let committed = *self
+            .committed
+            .lock()
+            .map_err(|_| StateError::Backend("ledger spool writer poisoned".into()))?;
+        let len = self
+            .file
+            .load()
+            .metadata()
+            .map_err(|e| io_err("stat", &path, e))?
+            .len();
+        if committed < len {
+            // A line without its newline (a torn write): the replay at the
+            // next start reports it.
+            return Ok(n);
+        }
+        std::fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;
+        remove_lock(&self.dir, self.slot)?;
+        let dir = self.dir.clone();
+        drop(self);
+        remove_dir_if_empty(&dir);
         Ok(n)
     }
 }
@@ -668,6 +760,71 @@ mod tests {
         assert_eq!(recover(&spool_dir, &store).unwrap().entries, 1);
         assert_eq!(ids(&store), ["a/0", "b/0"]);
         drop(c);
+    }
+
+    #[test]
+    fn a_clean_stop_leaves_no_spool_behind_once_the_last_process_retires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let spool_dir = dir.path().join("spool");
+        let (a, _) = Spool::open(&spool_dir, &store).unwrap();
+        let (b, _) = Spool::open(&spool_dir, &store).unwrap();
+        a.append(&entry("a/0")).unwrap();
+        b.append(&entry("b/0")).unwrap();
+        assert_eq!(a.retire(&store).unwrap(), 1);
+        assert!(spool_dir.is_dir(), "a live process's slot is still in use");
+        assert_eq!(slots_in(&spool_dir).unwrap(), [1]);
+        assert_eq!(b.retire(&store).unwrap(), 1);
+        assert!(
+            !spool_dir.exists(),
+            "the spool directory outlives the last process"
+        );
+        assert_eq!(ids(&store), ["a/0", "b/0"]);
+        // The next process starts from nothing.
+        let (c, replayed) = Spool::open(&spool_dir, &store).unwrap();
+        assert_eq!(replayed, Replayed::default());
+        c.retire(&store).unwrap();
+    }
+
+    #[test]
+    fn a_torn_last_line_keeps_the_spool_for_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let spool_dir = dir.path().join("spool");
+        let (a, _) = Spool::open(&spool_dir, &store).unwrap();
+        a.append(&entry("a/0")).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(a.path())
+            .unwrap()
+            .write_all(b"{\"id\":\"half")
+            .unwrap();
+        let path = a.path();
+        a.retire(&store).unwrap();
+        assert!(
+            path.exists(),
+            "an unfinished line was deleted with its file"
+        );
+        assert_eq!(ids(&store), ["a/0"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_file_deleted_while_someone_opened_it_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let spool_dir = dir.path().join("spool");
+        let (a, _) = Spool::open(&spool_dir, &store).unwrap();
+        // Another process opens slot 0's lock file just before `a` deletes it...
+        let racer = File::open(slot_path(&spool_dir, 0, "lock")).unwrap();
+        a.retire(&store).unwrap();
+        // ...and gets the lock once `a` is gone, on a file nobody else can find.
+        assert!(try_lock(&racer).unwrap());
+        assert!(!still_named(&racer, &slot_path(&spool_dir, 0, "lock")));
+        // Opening the slot properly gives a lock on the file in the directory,
+        // recreating the directory `a` removed.
+        let lock = lock_slot(&spool_dir, 0).unwrap().expect("slot 0 is free");
+        assert!(still_named(&lock, &slot_path(&spool_dir, 0, "lock")));
     }
 
     #[test]

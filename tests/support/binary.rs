@@ -65,9 +65,35 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
+impl Server {
+    /// Stop the gateway as a service manager would (SIGTERM) and wait up to
+    /// `patience` for it to exit; `None` when it did not (it is then killed).
+    pub fn stop(&mut self, patience: Duration) -> Option<std::process::ExitStatus> {
+        #[cfg(unix)]
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let started = std::time::Instant::now();
+            while started.elapsed() < patience {
+                match self.child.try_wait() {
+                    Ok(Some(status)) => return Some(status),
+                    Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) => break,
+                }
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for Server {
+    /// A clean stop first: the gateway then removes its ledger spool from
+    /// /dev/shm instead of leaving one per test behind. Tests about crashes
+    /// send SIGKILL themselves.
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(3));
     }
 }
