@@ -756,6 +756,17 @@ impl Config {
             .and_then(|t| t.line)
     }
 
+    /// The line of a top-level `key:`, for errors found after loading.
+    pub fn line_of_key(&self, key: &str) -> Option<usize> {
+        self.text
+            .lines()
+            .position(|l| {
+                l.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with(':'))
+            })
+            .map(|i| i + 1)
+    }
+
     /// An error located in this file.
     pub fn error_at(&self, line: Option<usize>, message: impl Into<String>) -> ConfigError {
         ConfigError {

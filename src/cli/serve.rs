@@ -76,6 +76,21 @@ async fn serve(config: Config, args: Args) -> u8 {
         policy: config.policy.clone(),
         config: Some(config.path.clone()),
     };
+    if !config.policy.exists() {
+        // Said in the config's terms: the path the user wrote and where.
+        eprintln!(
+            "{}",
+            config.error_at(
+                config.line_of_key("policy"),
+                format!(
+                    "the policy `{}` does not exist; `policy:` names a directory of .route files \
+                     (or one .route file), relative to the config file's directory",
+                    config.policy.display()
+                ),
+            )
+        );
+        return 1;
+    }
     let store = match PolicyStore::load(paths, served_builder(started), Some(metrics.clone())) {
         Ok(s) => s,
         Err(failure) => {
