@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Proxy overhead benchmark: the same wrk load three ways in one run.
+# Proxy overhead benchmark: the same wrk load four ways in one run.
 #
 #   direct     wrk -> nginx (fixed answer)
 #   nginx      wrk -> nginx reverse proxy -> nginx (fixed answer)   the floor for any hop
+#   hyper      wrk -> examples/hyper_floor -> nginx (fixed answer)  routeplane's HTTP stack alone
 #   routeplane wrk -> routeplane serve    -> nginx (fixed answer)
+#
+# `hyper` is a proxy built from routeplane's parts and nothing else (tokio
+# runtime per core, hyper server and pooled client, no parsing or policy):
+# it splits routeplane's cost into what the HTTP stack costs and what
+# routing adds.
 #
 # at 1, 16 and 64 connections, non-streaming and streaming (SSE), reporting
 # median and p99 latency, throughput, non-2xx answers, CPU time per request
@@ -16,6 +22,7 @@
 #   benches/proxy.sh                     # builds --release, 10 s per run
 #   BENCH_DURATION=5 BENCH_CONNS="1 16" benches/proxy.sh
 #   ROUTEPLANE_BIN=target/release/routeplane benches/proxy.sh
+#   HYPER_FLOOR_BIN=target/release/examples/hyper_floor (else it is built)
 #
 # Output is Markdown (tables for docs/performance.md) on stdout.
 set -euo pipefail
@@ -27,6 +34,7 @@ modes="${BENCH_MODES:-plain stream}"
 port_up="${BENCH_PORT_UPSTREAM:-18181}"
 port_px="${BENCH_PORT_NGINX:-18182}"
 port_rp="${BENCH_PORT_ROUTEPLANE:-18183}"
+port_hf="${BENCH_PORT_HYPER:-18184}"
 reloads="${BENCH_RELOADS:-10}"
 
 for tool in nginx wrk curl; do
@@ -40,6 +48,10 @@ nginx_bin="$(command -v nginx || echo /usr/sbin/nginx)"
 if [ -z "${ROUTEPLANE_BIN:-}" ]; then
     (cd "$root" && cargo build --release --quiet)
     ROUTEPLANE_BIN="$root/target/release/routeplane"
+fi
+if [ -z "${HYPER_FLOOR_BIN:-}" ]; then
+    (cd "$root" && cargo build --release --quiet --example hyper_floor)
+    HYPER_FLOOR_BIN="$root/target/release/examples/hyper_floor"
 fi
 
 work="$(mktemp -d /tmp/routeplane-bench.XXXXXX)"
@@ -141,6 +153,12 @@ up_master="$started"
 start_nginx "$work/px"
 px_master="$started"
 wait_port "$port_up" && wait_port "$port_px" || { log "nginx did not start"; cat "$work"/*/error.log >&2; exit 1; }
+
+"$HYPER_FLOOR_BIN" "127.0.0.1:$port_hf" "http://127.0.0.1:$port_up" 2>"$work/hyper_floor.log" &
+hf_pid="$!"
+pids+=("$hf_pid")
+hf_ok=1
+wait_port "$port_hf" || { log "hyper_floor did not start; its rows are skipped"; cat "$work/hyper_floor.log" >&2; hf_ok=0; }
 
 # ---------------------------------------------------------------- routeplane
 mkdir -p "$work/policy"
@@ -291,6 +309,9 @@ for mode in $modes; do
     for c in $conns; do
         run "direct/$mode" "http://127.0.0.1:$port_up$path" "$lua" "$c" "$up_master"
         run "nginx/$mode" "http://127.0.0.1:$port_px$path" "$lua" "$c" "$px_master"
+        if [ "$hf_ok" = 1 ]; then
+            run "hyper/$mode" "http://127.0.0.1:$port_hf$path" "$lua" "$c" "$hf_pid"
+        fi
         if [ "$rp_ok" = 1 ]; then
             run "routeplane/$mode" "http://127.0.0.1:$port_rp/v1/chat/completions" "$lua" "$c" "$rp_pid"
         fi
@@ -355,6 +376,24 @@ if [ "$rp_ok" = 1 ]; then
                 printf "| %s | %s | %d | %d | %d | %d | %s | %s |\n", mc[1], mc[2],
                     p50["routeplane", k] - p50["direct", k], p50["nginx", k] - p50["direct", k],
                     p50["routeplane", k] - p50["nginx", k], p99["routeplane", k] - p99["nginx", k], cr, tr
+            }
+        }' "$results"
+    echo
+    echo "## The HTTP stack alone (\`hyper\`) against nginx and routeplane"
+    echo
+    echo "| mode | conns | hyper CPU ratio to nginx | hyper throughput ratio to nginx | routeplane CPU − hyper µs/req | routeplane throughput ratio to hyper |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+    awk -F'\t' '
+        { split($1, nm, "/"); k = nm[2] "\t" $2; rps[nm[1], k] = $3; cpu[nm[1], k] = $7; order[++n] = k }
+        END {
+            for (i = 1; i <= n; i++) {
+                k = order[i]; if (seen[k]++) continue
+                if (!(("routeplane", k) in rps) || !(("nginx", k) in rps) || !(("hyper", k) in rps)) continue
+                split(k, mc, "\t")
+                hc = (cpu["nginx", k] > 0) ? sprintf("%.2f×", cpu["hyper", k] / cpu["nginx", k]) : "-"
+                ht = (rps["nginx", k] > 0) ? sprintf("%.0f%%", 100 * rps["hyper", k] / rps["nginx", k]) : "-"
+                rt = (rps["hyper", k] > 0) ? sprintf("%.0f%%", 100 * rps["routeplane", k] / rps["hyper", k]) : "-"
+                printf "| %s | %s | %s | %s | %.1f | %s |\n", mc[1], mc[2], hc, ht, cpu["routeplane", k] - cpu["hyper", k], rt
             }
         }' "$results"
     echo
