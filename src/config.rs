@@ -441,24 +441,8 @@ impl Config {
             }]));
         }
         let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
-            let loc = e.location();
-            let message = strip_location(&e.to_string());
-            let (line, column) = match (
-                loc.as_ref().map(|l| (l.line(), l.column())),
-                value_line(text, &message),
-            ) {
-                // A value our own parser refused (`max_body: 10 parsecs`)
-                // comes back located at the start of its mapping.
-                (Some((1, 1)) | None, Some(l)) => (Some(l), None),
-                (Some((l, c)), _) => (Some(l), Some(c)),
-                (None, None) => (None, None),
-            };
-            ConfigErrors(vec![ConfigError {
-                file: file.to_string(),
-                line,
-                column,
-                message,
-            }])
+            let first = located(file, text, &e, 0);
+            ConfigErrors(section_errors(file, text, &first).unwrap_or_else(|| vec![first]))
         })?;
         let mut cx = Checker {
             file,
@@ -908,6 +892,146 @@ fn value_line(text: &str, message: &str) -> Option<usize> {
     }
 }
 
+/// A serde_yaml error of the text starting on line `offset + 1` of the file,
+/// located in the file.
+fn located(file: &str, text: &str, e: &serde_yaml::Error, offset: usize) -> ConfigError {
+    let message = strip_location(&e.to_string());
+    let (line, column) = match (
+        e.location().map(|l| (l.line(), l.column())),
+        value_line(text, &message),
+    ) {
+        // A value our own parser refused (`max_body: 10 parsecs`)
+        // comes back located at the start of its mapping.
+        (Some((1, 1)) | None, Some(l)) => (Some(l), None),
+        (Some((l, c)), _) => (Some(l + offset), Some(c)),
+        (None, None) => (None, None),
+    };
+    ConfigError {
+        file: file.to_string(),
+        line,
+        column,
+        message,
+    }
+}
+
+/// The top-level sections alone, each optional: to check one section of the
+/// file without the others.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[expect(dead_code, reason = "deserialized only for its errors")]
+struct RawSections {
+    #[serde(default)]
+    listen: Option<String>,
+    #[serde(default)]
+    policy: Option<String>,
+    #[serde(default)]
+    providers: Option<Vec<RawProvider>>,
+    #[serde(default)]
+    tenants: Option<Vec<RawTenant>>,
+    #[serde(default)]
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    decision_log: Option<String>,
+    #[serde(default)]
+    max_body: Option<ByteSize>,
+    #[serde(default)]
+    state: Option<RawState>,
+}
+
+/// Every structural error of `text`, not only the first (`first`): serde
+/// stops at the first wrong field, so each top-level section, and each entry
+/// of `providers:` and `tenants:`, is deserialized on its own and its errors
+/// located in the whole file. `None` when that cannot be trusted and `first`
+/// stands alone: the YAML itself is broken, an anchor is used across
+/// sections, or the sections do not find `first` again.
+fn section_errors(file: &str, text: &str, first: &ConfigError) -> Option<Vec<ConfigError>> {
+    serde_yaml::from_str::<serde_yaml::Value>(text).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let is_key = |l: &str| {
+        !l.is_empty()
+            && !l.starts_with(|c: char| {
+                c.is_whitespace() || matches!(c, '#' | '-' | '.' | '}' | ']')
+            })
+    };
+    let starts: Vec<usize> = (0..lines.len())
+        .filter(|i| lines.get(*i).is_some_and(|l| is_key(l)))
+        .collect();
+    let mut errors = Vec::new();
+    for (n, &start) in starts.iter().enumerate() {
+        let end = starts.get(n + 1).copied().unwrap_or(lines.len());
+        let section = lines.get(start..end)?;
+        let Err(e) = serde_yaml::from_str::<RawSections>(&section.join("\n")) else {
+            continue;
+        };
+        let key = section.first()?.split(':').next().unwrap_or("").trim();
+        let entries = match key {
+            "providers" | "tenants" => entry_errors(file, text, key, section, start),
+            _ => Vec::new(),
+        };
+        if entries.is_empty() {
+            errors.push(located(file, text, &e, start));
+        } else {
+            errors.extend(entries);
+        }
+    }
+    let trusted = errors
+        .iter()
+        .any(|e| e.line == first.line && e.message == first.message)
+        && !errors
+            .iter()
+            .any(|e| e.message.contains("anchor") || e.message.contains("alias"));
+    if !trusted {
+        return None;
+    }
+    errors.sort_by_key(|e| (e.line, e.column));
+    errors.dedup_by(|a, b| a.line == b.line && a.message == b.message);
+    Some(errors)
+}
+
+/// The errors of each entry of a block list `key:` (lines `section`, from
+/// line `start + 1` of the file), each deserialized alone.
+fn entry_errors(
+    file: &str,
+    text: &str,
+    key: &str,
+    section: &[&str],
+    start: usize,
+) -> Vec<ConfigError> {
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let is_entry = |l: &str| {
+        let t = l.trim_start();
+        t == "-" || t.starts_with("- ")
+    };
+    let Some(first) = section.iter().skip(1).find(|l| is_entry(l)) else {
+        return Vec::new();
+    };
+    let depth = indent(first);
+    let begins: Vec<usize> = (1..section.len())
+        .filter(|i| {
+            section
+                .get(*i)
+                .is_some_and(|l| is_entry(l) && indent(l) == depth)
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (n, &b) in begins.iter().enumerate() {
+        let end = begins.get(n + 1).copied().unwrap_or(section.len());
+        let Some(entry) = section.get(b..end) else {
+            continue;
+        };
+        let doc = format!("{key}:\n{}", entry.join("\n"));
+        if let Err(e) = serde_yaml::from_str::<RawSections>(&doc) {
+            // Line 2 of `doc` is line `start + b + 1` of the file.
+            let mut err = located(file, text, &e, start + b - 1);
+            if let Some(rest) = err.message.strip_prefix(&format!("{key}[0]")) {
+                err.message = format!("{key}[{n}]{rest}");
+            }
+            out.push(err);
+        }
+    }
+    out
+}
+
 /// serde_yaml appends " at line L column C"; we print the location ourselves.
 fn strip_location(msg: &str) -> String {
     match msg.rfind(" at line ") {
@@ -1080,6 +1204,46 @@ max_body: 1MiB
                 errs.iter().any(|e| e.starts_with(loc) && e.contains(msg)),
                 "for {text:?} expected `{loc} ... {msg}`, got {errs:#?}"
             );
+        }
+    }
+
+    #[test]
+    fn every_structural_error_is_reported_in_one_run() {
+        let text = "policy: p\nprovders: []\nproviders:\n  - name: a\n    kind: openia\n  - name: b\n    kind: mock\n    bogus: 1\n\
+                    tenants:\n  - id: t\n    key: k\n    extra: x\nmax_body: 10 parsecs\nstate: { backend: sqlite, pth: x }\n";
+        let errs = parse(text).unwrap_err();
+        let expected = [
+            "gw.yaml:2:1: unknown field `provders`",
+            "gw.yaml:5:11: providers[0].kind: unknown variant `openia`",
+            "gw.yaml:8:5: providers[1]: unknown field `bogus`",
+            "gw.yaml:12:5: tenants[0]: unknown field `extra`",
+            "gw.yaml:13: invalid size unit `parsecs`",
+            "gw.yaml:14:27: state: unknown field `pth`",
+        ];
+        assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+        for (e, want) in errs.iter().zip(expected) {
+            assert!(e.starts_with(want), "expected `{want}`, got {errs:#?}");
+        }
+    }
+
+    #[test]
+    fn when_sections_cannot_be_read_alone_the_first_error_stands_alone() {
+        // An alias into another section, broken YAML, flow style: one error,
+        // the one serde found, never a wrong one.
+        for (text, want) in [
+            (
+                "a: &x { name: m, kind: mock }\npolicy: p\nproviders:\n  - *x\n  - name: q\n    kind: bad\n",
+                "gw.yaml:1:1: unknown field `a`",
+            ),
+            ("policy: p\nbogus: [\nother: 1\n", "gw.yaml:"),
+            (
+                "{policy: p, bogus: 1, providers: [{name: a, kind: nope}]}\n",
+                "gw.yaml:1:",
+            ),
+        ] {
+            let errs = parse(text).unwrap_err();
+            assert_eq!(errs.len(), 1, "{text:?}: {errs:#?}");
+            assert!(errs[0].starts_with(want), "{text:?}: {errs:#?}");
         }
     }
 
