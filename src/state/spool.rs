@@ -6,27 +6,32 @@
 //! writes the entry as one JSON line with a single `write()` to a file opened
 //! with `O_APPEND`: when it returns the entry is in the OS page cache, which
 //! survives the process being killed (`kill -9`, a panic, an OOM kill), and a
-//! background writer moves the lines into the store in batches
-//! ([`Spool::commit`]).
+//! background writer moves the entries into the store in batches
+//! ([`Spool::commit`]). In the running process the writer takes them from
+//! copies the appends keep in memory, not by reading the file back and
+//! parsing it; the file is read only when that cannot be trusted (a commit
+//! failed after taking the copies) and at replay.
 //!
 //! Layout of the spool directory ([`local_dir`]: in `/dev/shm`, named by a
 //! hash of the database's path or the Redis url), one *slot* per live process:
 //! - `<n>.lock`: held with `flock` by the process that owns slot `n`, for as
 //!   long as it lives; the kernel drops the lock when the process dies, so a
 //!   free lock means nobody appends to that slot any more;
-//! - `<n>.spool`: where the owner appends. The writer reads only what was
-//!   appended since its last commit (complete lines: a line that straddles
-//!   a page may be half visible while its `write()` runs) and remembers how
-//!   far it got, so a commit is one `pread` and one store transaction;
+//! - `<n>.spool`: where the owner appends. A commit records the copies of
+//!   the entries appended since the last one in one store transaction; after
+//!   a failed commit the file is read back whole (complete lines only: a line
+//!   that straddles a page may be half visible while its `write()` runs);
 //! - `<n>.committing`: a `<n>.spool` that grew past [`ROTATE_BYTES`], renamed
 //!   by the writer so the file does not grow forever; deleted once the store
 //!   committed the rest of it.
 //!
 //! INVARIANT: an appended line is deleted only after a store transaction
-//! holding it committed. Rotation swaps the append handle for a new file and
-//! then waits until no append still holds the old one before reading the
-//! rest of it, so no append can land in a file the writer already finished;
-//! appends never wait on the writer. A failed commit keeps the file and no
+//! holding it committed. An append pushes its copy while it still holds the
+//! file handle; rotation swaps the handle for a new file and then waits
+//! until no append still holds the old one before recording the copies, so
+//! the copy of every line of the old file is recorded before it is deleted,
+//! and no append can land in a file the writer already finished; appends
+//! never wait on the writer. A failed commit keeps the file and no
 //! new rotation happens until it is committed. Replaying a line twice is
 //! harmless: the ledger skips ids it already has, which is what makes a
 //! replay of a whole file (after a crash) correct when part of it was
@@ -86,11 +91,19 @@ pub struct Spool {
     dir: PathBuf,
     slot: u32,
     /// The append handle; the writer swaps it when rotating. An append holds
-    /// a reference for the length of its `write()`, which the writer waits out.
+    /// a reference for the length of its `write()` and of its push to
+    /// `pending`, which the writer waits out.
     file: ArcSwap<File>,
-    /// One commit at a time; holds how many bytes of the append file are
-    /// already in the store.
-    committed: Mutex<u64>,
+    /// The entries appended since the writer last took them. The file is
+    /// what survives a crash; in the running process the writer records
+    /// these copies instead of reading the file back and parsing every line
+    /// again (a third of the writer's work per entry).
+    pending: Mutex<Vec<LedgerEntry>>,
+    /// Set when an append could not keep its copy (`pending` is full: the
+    /// writer is stuck); the next commit reads the file back instead.
+    dropped: std::sync::atomic::AtomicBool,
+    /// One commit at a time.
+    commit: Mutex<CommitState>,
     /// [`ROTATE_BYTES`], smaller in tests.
     rotate_at: u64,
     /// Append files started so far.
@@ -98,6 +111,19 @@ pub struct Spool {
     /// Holds the slot's `flock` while the spool lives.
     _lock: File,
 }
+
+/// What the commits carry from one to the next.
+#[derive(Default)]
+struct CommitState {
+    /// A commit failed after taking the pending copies: the append file is
+    /// read back whole (the ledger skips what it already has) until a
+    /// commit succeeds.
+    read_back: bool,
+}
+
+/// Copies `pending` keeps at most: about 3 s of a busy gateway's requests.
+/// Past it the file alone holds the entries, read back by the next commit.
+const MAX_PENDING: usize = 100_000;
 
 /// What opening or recovering found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -416,7 +442,9 @@ impl Spool {
                 dir: dir.to_path_buf(),
                 slot,
                 file: ArcSwap::from_pointee(file),
-                committed: Mutex::new(0),
+                pending: Mutex::new(Vec::new()),
+                dropped: std::sync::atomic::AtomicBool::new(false),
+                commit: Mutex::new(CommitState::default()),
                 rotate_at: ROTATE_BYTES,
                 rotations: std::sync::atomic::AtomicU64::new(0),
                 _lock: lock,
@@ -449,34 +477,81 @@ impl Spool {
                 ),
             ));
         }
+        // Still holding `f`: a rotation that waited this append out finds
+        // its copy here.
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.len() < MAX_PENDING {
+            pending.push(e.clone());
+        } else {
+            self.dropped
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        drop(pending);
+        drop(f);
         Ok(())
+    }
+
+    /// The copies appended since the last call.
+    fn take_pending(&self) -> Vec<LedgerEntry> {
+        std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// Move what was appended since the last commit into the store, and
     /// start a new append file when this one passed [`ROTATE_BYTES`]. A file
     /// left by a failed rotation goes first, and no rotation happens until
     /// it is in.
+    ///
+    /// Normally the entries come from the copies appends keep in memory;
+    /// after a failed commit (or copies dropped) the append file is read back
+    /// whole instead, until a commit succeeds. Either way every line of the
+    /// file is in the store before the file is deleted: a rotation first
+    /// waits out the appends still writing to the old file, and their copies
+    /// are then all in `pending`.
     pub fn commit(&self, store: &dyn BudgetStore) -> Result<usize, StateError> {
-        let mut committed = self
-            .committed
+        let mut state = self
+            .commit
             .lock()
             .map_err(|_| StateError::Backend("ledger spool writer poisoned".into()))?;
         let committing = slot_path(&self.dir, self.slot, "committing");
         let mut n = replay_file(&committing, store)?.entries;
         let path = self.path();
-        let file = self.file.load_full();
-        let len = file.metadata().map_err(|e| io_err("stat", &path, e))?.len();
-        if len > *committed {
-            let bytes = read_range(&file, *committed, len).map_err(|e| io_err("read", &path, e))?;
-            // Only whole lines: the last one may still be being written.
-            let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-            if let Some(lines) = bytes.get(..whole) {
-                n += record_lines(lines, &path, store)?.entries;
-                *committed += whole as u64;
-            }
+        let copies = self.take_pending();
+        if self
+            .dropped
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            state.read_back = true;
         }
-        drop(file);
-        if *committed < self.rotate_at {
+        if state.read_back {
+            // Taken before reading: a copy pushed since is in the file too,
+            // and recorded a second time at worst, which the ledger skips.
+            drop(copies);
+            let file = self.file.load_full();
+            let len = file.metadata().map_err(|e| io_err("stat", &path, e))?.len();
+            let bytes = read_range(&file, 0, len).map_err(|e| io_err("read", &path, e))?;
+            // Only whole lines: the last one may still be being written, and
+            // its copy comes with the next commit.
+            let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            n += record_lines(bytes.get(..whole).unwrap_or_default(), &path, store)?.entries;
+            state.read_back = false;
+        } else {
+            n += record_copies(&copies, store, &mut state)?;
+        }
+        let len = self
+            .file
+            .load()
+            .metadata()
+            .map_err(|e| io_err("stat", &path, e))?
+            .len();
+        if len < self.rotate_at {
             return Ok(n);
         }
         // Appends that still go through the old handle after the rename land
@@ -490,20 +565,18 @@ impl Spool {
                 return Err(io_err("open", &path, e));
             }
         };
-        let done = std::mem::take(&mut *committed);
         self.rotations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // `swap` turned every reader's borrow of the old handle into a
-        // counted reference; each is one `write()` long.
+        // counted reference; each is one `write()` and one push long.
         while Arc::strong_count(&old) > 1 {
             std::thread::yield_now();
         }
-        let len = old
-            .metadata()
-            .map_err(|e| io_err("stat", &committing, e))?
-            .len();
-        let rest = read_range(&old, done, len).map_err(|e| io_err("read", &committing, e))?;
-        n += record_lines(&rest, &committing, store)?.entries;
+        drop(old);
+        // The copies of the old file's last lines (and maybe of the new
+        // file's first ones). On failure `committing` stays for the next
+        // commit to replay, and the new file is read back.
+        n += record_copies(&self.take_pending(), store, &mut state)?;
         std::fs::remove_file(&committing).map_err(|e| io_err("remove", &committing, e))?;
         Ok(n)
     }
@@ -516,21 +589,22 @@ impl Spool {
     pub fn retire(self, store: &dyn BudgetStore) -> Result<usize, StateError> {
         let n = self.commit(store)?;
         let path = self.path();
-        let committed = *self
-            .committed
-            .lock()
-            .map_err(|_| StateError::Backend("ledger spool writer poisoned".into()))?;
-        let len = self
-            .file
-            .load()
-            .metadata()
-            .map_err(|e| io_err("stat", &path, e))?
-            .len();
-        if committed < len {
+        let file = self.file.load_full();
+        let len = file.metadata().map_err(|e| io_err("stat", &path, e))?.len();
+        let last = match len {
+            0 => b'\n',
+            _ => read_range(&file, len - 1, len)
+                .map_err(|e| io_err("read", &path, e))?
+                .first()
+                .copied()
+                .unwrap_or(b'\n'),
+        };
+        if last != b'\n' {
             // A line without its newline (a torn write): the replay at the
             // next start reports it.
             return Ok(n);
         }
+        drop(file);
         std::fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;
         remove_lock(&self.dir, self.slot)?;
         let dir = self.dir.clone();
@@ -538,6 +612,22 @@ impl Spool {
         remove_dir_if_empty(&dir);
         Ok(n)
     }
+}
+
+/// Record the in-memory copies; on failure the append file is read back at
+/// the next commit (the copies are gone, the lines are not).
+fn record_copies(
+    copies: &[LedgerEntry],
+    store: &dyn BudgetStore,
+    state: &mut CommitState,
+) -> Result<usize, StateError> {
+    for chunk in copies.chunks(BATCH) {
+        if let Err(e) = store.record(chunk) {
+            state.read_back = true;
+            return Err(e);
+        }
+    }
+    Ok(copies.len())
 }
 
 #[cfg(test)]
@@ -652,7 +742,22 @@ mod tests {
     }
 
     #[test]
-    fn a_line_still_being_written_waits_for_the_next_commit() {
+    fn a_commit_records_the_copies_without_reading_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let (spool, _) = Spool::open(&dir.path().join("spool"), &store).unwrap();
+        spool.append(&entry("a")).unwrap();
+        spool.append(&entry("b")).unwrap();
+        // Whatever else is in the file is not read while the copies serve.
+        let mut f = open_append(&spool.path()).unwrap();
+        f.write_all(b"not a ledger line\n").unwrap();
+        assert_eq!(spool.commit(&store).unwrap(), 2);
+        assert_eq!(ids(&store), ["a", "b"]);
+        assert_eq!(spool.commit(&store).unwrap(), 0);
+    }
+
+    #[test]
+    fn reading_back_skips_a_line_still_being_written_until_it_is_whole() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
         let (spool, _) = Spool::open(&dir.path().join("spool"), &store).unwrap();
@@ -662,12 +767,36 @@ mod tests {
         let (head, tail) = line.split_at(line.len() / 2);
         let mut f = open_append(&spool.path()).unwrap();
         f.write_all(head).unwrap();
+        // Copies were dropped (a full `pending`): the file is read back.
+        spool
+            .dropped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(spool.commit(&store).unwrap(), 1);
         assert_eq!(ids(&store), ["a"]);
         f.write_all(tail).unwrap();
-        assert_eq!(spool.commit(&store).unwrap(), 1);
+        spool
+            .dropped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(spool.commit(&store).unwrap(), 2, "a again, then b");
         assert_eq!(ids(&store), ["a", "b"]);
         assert_eq!(spool.commit(&store).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_full_pending_list_falls_back_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let (spool, _) = Spool::open(&dir.path().join("spool"), &store).unwrap();
+        spool
+            .pending
+            .lock()
+            .unwrap()
+            .resize(MAX_PENDING, entry("filler"));
+        spool.append(&entry("over")).unwrap();
+        assert_eq!(spool.pending.lock().unwrap().len(), MAX_PENDING);
+        // The commit drops the copies and reads the file: `over` is in it.
+        assert_eq!(spool.commit(&store).unwrap(), 1);
+        assert_eq!(ids(&store), ["over"]);
     }
 
     #[test]
