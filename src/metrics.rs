@@ -32,6 +32,12 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
 
 /// The label value for an absent feature, intent, model or provider.
 pub const NONE: &str = "none";
+/// The `feature` label of features past [`MAX_FEATURE_LABELS`].
+pub const OTHER_FEATURE: &str = "other";
+/// Distinct `feature` label values exported. Features are tags the clients
+/// choose (`x-routeplane-feature`), so without a bound a client could grow
+/// the exposition, and every scraper's database, one series at a time.
+pub const MAX_FEATURE_LABELS: usize = 256;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -186,7 +192,7 @@ impl Series {
             .requests
             .get_or_create(&RequestLabels {
                 tenant: key.tenant.to_string(),
-                feature: key.feature.to_string(),
+                feature: m.feature_label(key.feature),
                 intent: key.intent.to_string(),
                 model: key.model.to_string(),
                 provider: key.provider.to_string(),
@@ -261,6 +267,9 @@ pub struct Metrics {
     registry: Registry,
     /// Each thread's [`Series`] by label set.
     series: thread_local::ThreadLocal<std::cell::RefCell<hashbrown::HashMap<SeriesKey, Series>>>,
+    /// The feature label values exported so far (see [`MAX_FEATURE_LABELS`]);
+    /// looked at only when a thread meets a label set it has not cached.
+    features: std::sync::Mutex<std::collections::HashSet<String>>,
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily<ModelLabels>,
     first_token: HistogramFamily<ModelLabels>,
@@ -413,6 +422,7 @@ impl Metrics {
         );
         Metrics {
             series: thread_local::ThreadLocal::new(),
+            features: std::sync::Mutex::new(std::collections::HashSet::new()),
             budget_spent,
             budget_utilisation,
             budget_actions,
@@ -465,6 +475,23 @@ impl Metrics {
         self.record(series, &key, r);
     }
 
+    /// `feature` as a label value: itself while fewer than
+    /// [`MAX_FEATURE_LABELS`] distinct ones were exported, else `other`.
+    fn feature_label(&self, feature: &str) -> String {
+        let mut seen = self
+            .features
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(feature) {
+            return feature.to_string();
+        }
+        if seen.len() < MAX_FEATURE_LABELS {
+            seen.insert(feature.to_string());
+            return feature.to_string();
+        }
+        OTHER_FEATURE.to_string()
+    }
+
     fn record(&self, series: &mut Series, key: &SeriesRef<'_>, r: &RequestDone<'_>) {
         series.requests.inc();
         series.duration.observe(r.total.as_secs_f64());
@@ -493,7 +520,7 @@ impl Metrics {
             let (estimated, actual) = series.cost.get_or_insert_with(|| {
                 let cl = CostLabels {
                     tenant: key.tenant.to_string(),
-                    feature: key.feature.to_string(),
+                    feature: self.feature_label(key.feature),
                     model: key.model.to_string(),
                 };
                 (
@@ -790,10 +817,23 @@ mod tests {
             "routeplane_input_tokens_total{tenant=\"acme\",model=\"m\",provider=\"p\"} 2002",
             "routeplane_first_token_seconds_count{model=\"m\",provider=\"p\"} 1000",
             "routeplane_request_duration_seconds_count{model=\"m\",provider=\"p\"} 5108",
-            "routeplane_requests_total{tenant=\"acme\",feature=\"f4105\",intent=\"chat\",model=\"m\",provider=\"p\",status=\"200\"} 1",
+            "routeplane_requests_total{tenant=\"acme\",feature=\"f10\",intent=\"chat\",model=\"m\",provider=\"p\",status=\"200\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}`");
         }
+        // Client-chosen features are exported up to a bound, the rest as `other`.
+        let other = format!(
+            "routeplane_requests_total{{tenant=\"acme\",feature=\"other\",intent=\"chat\",model=\"m\",provider=\"p\",status=\"200\"}} {}",
+            SERIES_CACHE_MAX + 10 - (MAX_FEATURE_LABELS - 1)
+        );
+        assert!(text.lines().any(|l| l == other), "missing `{other}`");
+        assert!(!text.contains("feature=\"f4105\""));
+        let features: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("routeplane_requests_total{"))
+            .filter_map(|l| l.split("feature=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(features.len(), MAX_FEATURE_LABELS + 1, "{features:?}");
     }
 
     /// `promtool check metrics` on the exposition, when promtool is installed
