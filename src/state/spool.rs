@@ -573,6 +573,18 @@ impl Spool {
             std::thread::yield_now();
         }
         drop(old);
+        if self
+            .dropped
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            // Appends kept no copy while this commit ran (the store was slow
+            // and `pending` filled up): some lines of the old file are only
+            // in the file, so it is read back whole, and so is the new one
+            // at the next commit.
+            state.read_back = true;
+            n += replay_file(&committing, store)?.entries;
+            return Ok(n);
+        }
         // The copies of the old file's last lines (and maybe of the new
         // file's first ones). On failure `committing` stays for the next
         // commit to replay, and the new file is read back.
@@ -780,6 +792,87 @@ mod tests {
         assert_eq!(spool.commit(&store).unwrap(), 2, "a again, then b");
         assert_eq!(ids(&store), ["a", "b"]);
         assert_eq!(spool.commit(&store).unwrap(), 0);
+    }
+
+    /// A store that, during its first `record`, lets requests fill `pending`
+    /// and append once more: that append keeps no copy.
+    struct SlowStore<'a> {
+        inner: &'a SqliteStore,
+        spool: &'a Spool,
+        stalled: std::sync::atomic::AtomicBool,
+    }
+
+    impl BudgetStore for SlowStore<'_> {
+        fn reserve(
+            &self,
+            id: &str,
+            c: &[crate::state::Charge],
+            a: crate::ir::Micros,
+            n: i64,
+            t: i64,
+        ) -> Result<crate::state::Reservation, StateError> {
+            self.inner.reserve(id, c, a, n, t)
+        }
+        fn settle(
+            &self,
+            r: &crate::state::Reservation,
+            e: &LedgerEntry,
+        ) -> Result<bool, StateError> {
+            self.inner.settle(r, e)
+        }
+        fn record(&self, entries: &[LedgerEntry]) -> Result<(), StateError> {
+            if !self.stalled.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                self.spool
+                    .pending
+                    .lock()
+                    .unwrap()
+                    .resize(MAX_PENDING, entry("filler"));
+                self.spool.append(&entry("no-copy")).unwrap();
+            }
+            self.inner.record(entries)
+        }
+        fn release(&self, r: &crate::state::Reservation) -> Result<(), StateError> {
+            self.inner.release(r)
+        }
+        fn balance(
+            &self,
+            c: &crate::state::Counter,
+            n: i64,
+        ) -> Result<crate::state::Balance, StateError> {
+            self.inner.balance(c, n)
+        }
+        fn ledger(&self, s: Option<i64>) -> Result<Vec<LedgerEntry>, StateError> {
+            self.inner.ledger(s)
+        }
+        fn open_reservations(&self, n: i64) -> Result<usize, StateError> {
+            self.inner.open_reservations(n)
+        }
+    }
+
+    #[test]
+    fn a_copy_dropped_during_a_rotating_commit_is_read_back_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let spool_dir = dir.path().join("spool");
+        let (mut spool, _) = Spool::open(&spool_dir, &store).unwrap();
+        spool.rotate_at = 1;
+        spool.append(&entry("a")).unwrap();
+        let slow = SlowStore {
+            inner: &store,
+            spool: &spool,
+            stalled: false.into(),
+        };
+        // Records `a`, meanwhile `no-copy` is appended without a copy, then
+        // the file rotates: `no-copy` must reach the store before the old
+        // file is deleted.
+        spool.commit(&slow).unwrap();
+        spool.commit(&store).unwrap();
+        assert!(
+            ids(&store).contains(&"no-copy".to_string()),
+            "{:?}",
+            ids(&store)
+        );
+        assert!(!spool_dir.join("0.committing").exists());
     }
 
     #[test]
