@@ -960,12 +960,17 @@ fn section_errors(file: &str, text: &str, first: &ConfigError) -> Option<Vec<Con
     for (n, &start) in starts.iter().enumerate() {
         let end = starts.get(n + 1).copied().unwrap_or(lines.len());
         let section = lines.get(start..end)?;
-        let Err(e) = serde_yaml::from_str::<RawSections>(&section.join("\n")) else {
+        let section_text = section.join("\n");
+        // A section cut where YAML does not allow it (a flow collection or
+        // quoted scalar continued at column 0, an explicit `? key`) would
+        // report errors the file does not have.
+        serde_yaml::from_str::<serde_yaml::Value>(&section_text).ok()?;
+        let Err(e) = serde_yaml::from_str::<RawSections>(&section_text) else {
             continue;
         };
         let key = section.first()?.split(':').next().unwrap_or("").trim();
         let entries = match key {
-            "providers" | "tenants" => entry_errors(file, text, key, section, start),
+            "providers" | "tenants" => entry_errors(file, text, key, section, start)?,
             _ => Vec::new(),
         };
         if entries.is_empty() {
@@ -989,21 +994,22 @@ fn section_errors(file: &str, text: &str, first: &ConfigError) -> Option<Vec<Con
 }
 
 /// The errors of each entry of a block list `key:` (lines `section`, from
-/// line `start + 1` of the file), each deserialized alone.
+/// line `start + 1` of the file), each deserialized alone; `None` when an
+/// entry cut out of the list is not YAML by itself.
 fn entry_errors(
     file: &str,
     text: &str,
     key: &str,
     section: &[&str],
     start: usize,
-) -> Vec<ConfigError> {
+) -> Option<Vec<ConfigError>> {
     let indent = |l: &str| l.len() - l.trim_start().len();
     let is_entry = |l: &str| {
         let t = l.trim_start();
         t == "-" || t.starts_with("- ")
     };
     let Some(first) = section.iter().skip(1).find(|l| is_entry(l)) else {
-        return Vec::new();
+        return Some(Vec::new());
     };
     let depth = indent(first);
     let begins: Vec<usize> = (1..section.len())
@@ -1020,6 +1026,7 @@ fn entry_errors(
             continue;
         };
         let doc = format!("{key}:\n{}", entry.join("\n"));
+        serde_yaml::from_str::<serde_yaml::Value>(&doc).ok()?;
         if let Err(e) = serde_yaml::from_str::<RawSections>(&doc) {
             // Line 2 of `doc` is line `start + b + 1` of the file.
             let mut err = located(file, text, &e, start + b - 1);
@@ -1029,7 +1036,7 @@ fn entry_errors(
             out.push(err);
         }
     }
-    out
+    Some(out)
 }
 
 /// serde_yaml appends " at line L column C"; we print the location ourselves.
@@ -1240,6 +1247,17 @@ max_body: 1MiB
                 "{policy: p, bogus: 1, providers: [{name: a, kind: nope}]}\n",
                 "gw.yaml:1:",
             ),
+            // Valid YAML that cannot be cut at column 0: a flow list and a
+            // quoted scalar continued there, an explicit key.
+            (
+                "policy: p\nbogus: 1\ntenants: [\n{id: t, key: k},\n]\n",
+                "gw.yaml:2:1: unknown field `bogus`",
+            ),
+            (
+                "policy: p\nbogus: 1\nlisten: \"0.0.0.0:\n8080\"\n",
+                "gw.yaml:2:1: unknown field `bogus`",
+            ),
+            ("bogus: 1\n? policy\n: p\n", "gw.yaml:1:1: unknown field `bogus`"),
         ] {
             let errs = parse(text).unwrap_err();
             assert_eq!(errs.len(), 1, "{text:?}: {errs:#?}");
