@@ -478,6 +478,10 @@ impl Metrics {
     /// `feature` as a label value: itself while fewer than
     /// [`MAX_FEATURE_LABELS`] distinct ones were exported, else `other`.
     fn feature_label(&self, feature: &str) -> String {
+        if feature == NONE {
+            // Requests without a feature never turn into `other`.
+            return NONE.to_string();
+        }
         let mut seen = self
             .features
             .lock()
@@ -821,7 +825,19 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}`");
         }
-        // Client-chosen features are exported up to a bound, the rest as `other`.
+        // Client-chosen features are exported up to a bound, the rest as
+        // `other`; requests without one stay `none`.
+        m.request_done(&RequestDone {
+            feature: None,
+            ..done(0, None)
+        });
+        let text = m.encode();
+        assert!(
+            text.lines().any(
+                |l| l.starts_with("routeplane_requests_total{tenant=\"acme\",feature=\"none\"")
+            ),
+            "{text}"
+        );
         let other = format!(
             "routeplane_requests_total{{tenant=\"acme\",feature=\"other\",intent=\"chat\",model=\"m\",provider=\"p\",status=\"200\"}} {}",
             SERIES_CACHE_MAX + 10 - (MAX_FEATURE_LABELS - 1)
@@ -833,7 +849,7 @@ mod tests {
             .filter(|l| l.starts_with("routeplane_requests_total{"))
             .filter_map(|l| l.split("feature=\"").nth(1)?.split('"').next())
             .collect();
-        assert_eq!(features.len(), MAX_FEATURE_LABELS + 1, "{features:?}");
+        assert_eq!(features.len(), MAX_FEATURE_LABELS + 2, "{features:?}");
     }
 
     /// `promtool check metrics` on the exposition, when promtool is installed
