@@ -179,6 +179,8 @@ impl SeriesRef<'_> {
 /// request may not touch (first-token latency, tokens, cost) are created when
 /// first needed, so `/metrics` shows the same series as without the cache.
 struct Series {
+    /// The `feature` label these series carry (see [`Metrics::feature_label`]).
+    feature: String,
     requests: Counter,
     duration: Histogram,
     first_token: Option<Histogram>,
@@ -188,11 +190,12 @@ struct Series {
 
 impl Series {
     fn new(m: &Metrics, key: &SeriesRef<'_>) -> Series {
+        let feature = m.feature_label(key.feature);
         let requests = m
             .requests
             .get_or_create(&RequestLabels {
                 tenant: key.tenant.to_string(),
-                feature: m.feature_label(key.feature),
+                feature: feature.clone(),
                 intent: key.intent.to_string(),
                 model: key.model.to_string(),
                 provider: key.provider.to_string(),
@@ -201,6 +204,7 @@ impl Series {
             .clone();
         let duration = m.duration.get_or_create(&key.model_labels()).clone();
         Series {
+            feature,
             requests,
             duration,
             first_token: None,
@@ -521,10 +525,11 @@ impl Metrics {
             output.inc_by(r.output_tokens);
         }
         if r.estimated_cost > 0 || r.actual_cost > 0 {
+            let feature = &series.feature;
             let (estimated, actual) = series.cost.get_or_insert_with(|| {
                 let cl = CostLabels {
                     tenant: key.tenant.to_string(),
-                    feature: self.feature_label(key.feature),
+                    feature: feature.clone(),
                     model: key.model.to_string(),
                 };
                 (

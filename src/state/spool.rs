@@ -534,13 +534,7 @@ impl Spool {
             // Taken before reading: a copy pushed since is in the file too,
             // and recorded a second time at worst, which the ledger skips.
             drop(copies);
-            let file = self.file.load_full();
-            let len = file.metadata().map_err(|e| io_err("stat", &path, e))?.len();
-            let bytes = read_range(&file, 0, len).map_err(|e| io_err("read", &path, e))?;
-            // Only whole lines: the last one may still be being written, and
-            // its copy comes with the next commit.
-            let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-            n += record_lines(bytes.get(..whole).unwrap_or_default(), &path, store)?.entries;
+            n += self.read_back(store)?;
             state.read_back = false;
         } else {
             n += record_copies(&copies, store, &mut state)?;
@@ -591,6 +585,17 @@ impl Spool {
         n += record_copies(&self.take_pending(), store, &mut state)?;
         std::fs::remove_file(&committing).map_err(|e| io_err("remove", &committing, e))?;
         Ok(n)
+    }
+
+    /// Record every whole line of the append file. The last line may still
+    /// be being written; its copy comes with the next commit.
+    fn read_back(&self, store: &dyn BudgetStore) -> Result<usize, StateError> {
+        let path = self.path();
+        let file = self.file.load_full();
+        let len = file.metadata().map_err(|e| io_err("stat", &path, e))?.len();
+        let bytes = read_range(&file, 0, len).map_err(|e| io_err("read", &path, e))?;
+        let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        Ok(record_lines(bytes.get(..whole).unwrap_or_default(), &path, store)?.entries)
     }
 
     /// A clean stop: commit what is left and delete this slot's files (the
@@ -794,15 +799,14 @@ mod tests {
         assert_eq!(spool.commit(&store).unwrap(), 0);
     }
 
-    /// A store that, during its first `record`, lets requests fill `pending`
-    /// and append once more: that append keeps no copy.
-    struct SlowStore<'a> {
+    /// A SQLite store that runs `before_record` first on every `record`: to
+    /// make the store fail, or to act while a commit is under way.
+    struct HookedStore<'a> {
         inner: &'a SqliteStore,
-        spool: &'a Spool,
-        stalled: std::sync::atomic::AtomicBool,
+        before_record: Box<dyn Fn() -> Result<(), StateError> + Send + Sync + 'a>,
     }
 
-    impl BudgetStore for SlowStore<'_> {
+    impl BudgetStore for HookedStore<'_> {
         fn reserve(
             &self,
             id: &str,
@@ -821,14 +825,7 @@ mod tests {
             self.inner.settle(r, e)
         }
         fn record(&self, entries: &[LedgerEntry]) -> Result<(), StateError> {
-            if !self.stalled.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                self.spool
-                    .pending
-                    .lock()
-                    .unwrap()
-                    .resize(MAX_PENDING, entry("filler"));
-                self.spool.append(&entry("no-copy")).unwrap();
-            }
+            (self.before_record)()?;
             self.inner.record(entries)
         }
         fn release(&self, r: &crate::state::Reservation) -> Result<(), StateError> {
@@ -857,10 +854,22 @@ mod tests {
         let (mut spool, _) = Spool::open(&spool_dir, &store).unwrap();
         spool.rotate_at = 1;
         spool.append(&entry("a")).unwrap();
-        let slow = SlowStore {
+        // During the first `record`, requests fill `pending` and append once
+        // more: that append keeps no copy.
+        let stalled = std::sync::atomic::AtomicBool::new(false);
+        let slow = HookedStore {
             inner: &store,
-            spool: &spool,
-            stalled: false.into(),
+            before_record: Box::new(|| {
+                if !stalled.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    spool
+                        .pending
+                        .lock()
+                        .unwrap()
+                        .resize(MAX_PENDING, entry("filler"));
+                    spool.append(&entry("no-copy")).unwrap();
+                }
+                Ok(())
+            }),
         };
         // Records `a`, meanwhile `no-copy` is appended without a copy, then
         // the file rotates: `no-copy` must reach the store before the old
@@ -1066,60 +1075,25 @@ mod tests {
 
     #[test]
     fn a_failing_store_keeps_the_file_until_it_commits() {
-        struct Failing(SqliteStore, std::sync::atomic::AtomicBool);
-        impl BudgetStore for Failing {
-            fn reserve(
-                &self,
-                id: &str,
-                c: &[super::super::Charge],
-                a: u64,
-                n: i64,
-                t: i64,
-            ) -> Result<super::super::Reservation, StateError> {
-                self.0.reserve(id, c, a, n, t)
-            }
-            fn settle(
-                &self,
-                r: &super::super::Reservation,
-                e: &LedgerEntry,
-            ) -> Result<bool, StateError> {
-                self.0.settle(r, e)
-            }
-            fn record(&self, e: &[LedgerEntry]) -> Result<(), StateError> {
-                if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let down = std::sync::atomic::AtomicBool::new(true);
+        let store = HookedStore {
+            inner: &sqlite,
+            before_record: Box::new(|| {
+                if down.load(std::sync::atomic::Ordering::Relaxed) {
                     return Err(StateError::Backend("down".into()));
                 }
-                self.0.record(e)
-            }
-            fn release(&self, r: &super::super::Reservation) -> Result<(), StateError> {
-                self.0.release(r)
-            }
-            fn balance(
-                &self,
-                c: &super::super::Counter,
-                n: i64,
-            ) -> Result<super::super::Balance, StateError> {
-                self.0.balance(c, n)
-            }
-            fn ledger(&self, s: Option<i64>) -> Result<Vec<LedgerEntry>, StateError> {
-                self.0.ledger(s)
-            }
-            fn open_reservations(&self, n: i64) -> Result<usize, StateError> {
-                self.0.open_reservations(n)
-            }
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let store = Failing(
-            SqliteStore::open(&dir.path().join("s.db")).unwrap(),
-            std::sync::atomic::AtomicBool::new(true),
-        );
+                Ok(())
+            }),
+        };
         let (spool, _) = Spool::open(&dir.path().join("spool"), &store).unwrap();
         spool.append(&entry("f/0")).unwrap();
         assert!(spool.commit(&store).is_err());
         spool.append(&entry("f/1")).unwrap();
         assert!(spool.commit(&store).is_err());
         assert!(ids(&store).is_empty());
-        store.1.store(false, std::sync::atomic::Ordering::Relaxed);
+        down.store(false, std::sync::atomic::Ordering::Relaxed);
         // The stuck file first, then what was appended meanwhile.
         assert_eq!(spool.commit(&store).unwrap(), 2);
         assert_eq!(spool.commit(&store).unwrap(), 0);
