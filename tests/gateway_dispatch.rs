@@ -49,6 +49,50 @@ async fn answers_with_routing_headers_and_the_upstream_body() {
 }
 
 #[tokio::test]
+async fn the_upstream_gets_the_clients_bytes_with_only_the_model_replaced() {
+    let a = upstream("a", |_| Act::Ok).await;
+    let gw = gateway(&config(&[("pa", &a.url)]), policy(&[("model-a", "pa")], "")).await;
+    // Key order, a seed above 2^64, a number's spelling and escapes: a JSON
+    // tree written back out would change all four.
+    let sent = r#"{"seed": 18446744073709551617, "model": "auto",
+        "messages": [{"role": "user", "content": "caf\u00e9"}], "temperature": 1.0E0}"#;
+    let r = gw
+        .client
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth("sk-demo")
+        .header("content-type", "application/json")
+        .body(sent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let got = String::from_utf8(a.raw_bodies.lock().unwrap()[0].clone()).unwrap();
+    assert_eq!(got, sent.replace(r#""auto""#, r#""model-a""#));
+}
+
+#[tokio::test]
+async fn a_second_model_field_is_refused_before_any_upstream() {
+    let a = upstream("a", |_| Act::Ok).await;
+    let gw = gateway(&config(&[("pa", &a.url)]), policy(&[("model-a", "pa")], "")).await;
+    // An upstream that keeps the first `model` would serve a model the
+    // gateway never decided on.
+    let r = gw
+        .client
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth("sk-demo")
+        .header("content-type", "application/json")
+        .body(r#"{"model":"other","messages":[{"role":"user","content":"hi"}],"model":"auto"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("`model` appears more than once"), "{msg}");
+    assert_eq!(a.hits(), 0);
+}
+
+#[tokio::test]
 async fn retries_a_5xx_then_succeeds_on_the_same_model() {
     let a = upstream("a", |n| {
         if n == 0 {

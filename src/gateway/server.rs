@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use super::dispatch::{self, RequestCtx};
 use super::engine::{decide, Denial, Endpoint, RequestFeatures};
 use super::error::{full, ApiError, Body};
-use super::providers::{openai::multipart_field, ClientBody};
+use super::providers::{body::JsonBody, openai::multipart_field, ClientBody};
 use super::{Gateway, LiveStats, Runtime};
 use crate::config::sha256;
 use crate::ir::{LimitScope, ModelKind};
@@ -338,10 +338,9 @@ fn features(
             return Err(ApiError::bad_request("the body must be a JSON object"));
         }
         check_shape(endpoint, &v)?;
-        (
-            RequestFeatures::from_openai_json(endpoint, &v),
-            ClientBody::Json(v),
-        )
+        let features = RequestFeatures::from_openai_json(endpoint, &v);
+        let body = JsonBody::new(body, v).map_err(ApiError::bad_request)?;
+        (features, ClientBody::Json(body))
     };
     if let Some(feature) = header_str(parts, "x-routeplane-feature") {
         f.feature = Some(feature.to_string());
@@ -561,13 +560,10 @@ async fn prepare(
         }
     }
     // Streams report their usage in a final chunk only when asked; settling needs it.
-    if let (Some(_), true, Endpoint::Chat, ClientBody::Json(serde_json::Value::Object(o))) =
+    if let (Some(_), true, Endpoint::Chat, ClientBody::Json(b)) =
         (&check, features.stream, endpoint, &mut body)
     {
-        o.entry("stream_options")
-            .or_insert_with(|| serde_json::json!({}))
-            .as_object_mut()
-            .map(|so| so.insert("include_usage".into(), serde_json::Value::Bool(true)));
+        b.ask_stream_usage();
     }
     let live = LiveStats { rt, now: started };
     let stats = crate::budget::BudgetStats {
@@ -613,7 +609,7 @@ async fn prepare(
             features.max_tokens,
             features.input_tokens,
             match &body {
-                ClientBody::Json(v) => Some(v),
+                ClientBody::Json(b) => Some(b.value()),
                 ClientBody::Multipart { .. } => None,
             },
             &decision.attempts,

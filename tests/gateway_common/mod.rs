@@ -42,6 +42,8 @@ pub struct Upstream {
     pub hits: Arc<AtomicUsize>,
     /// The JSON bodies received.
     pub bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// The same bodies, as the bytes received.
+    pub raw_bodies: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl Upstream {
@@ -59,18 +61,24 @@ pub async fn upstream(
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let hits = Arc::new(AtomicUsize::new(0));
     let bodies = Arc::new(Mutex::new(Vec::new()));
+    let raw_bodies = Arc::new(Mutex::new(Vec::new()));
     let script = Arc::new(script);
-    let (h, b) = (hits.clone(), bodies.clone());
+    let (h, b, rb) = (hits.clone(), bodies.clone(), raw_bodies.clone());
     tokio::spawn(async move {
         loop {
             let Ok((sock, _)) = listener.accept().await else {
                 return;
             };
-            let (h, b, script) = (h.clone(), b.clone(), script.clone());
-            tokio::spawn(async move { serve_conn(name, sock, h, b, script).await });
+            let (h, b, rb, script) = (h.clone(), b.clone(), rb.clone(), script.clone());
+            tokio::spawn(async move { serve_conn(name, sock, h, (b, rb), script).await });
         }
     });
-    Upstream { url, hits, bodies }
+    Upstream {
+        url,
+        hits,
+        bodies,
+        raw_bodies,
+    }
 }
 
 async fn read_request(sock: &mut TcpStream) -> Option<(String, Vec<u8>)> {
@@ -123,11 +131,13 @@ fn chunked(data: &str) -> String {
     format!("{:x}\r\n{data}\r\n", data.len())
 }
 
+type Bodies = (Arc<Mutex<Vec<serde_json::Value>>>, Arc<Mutex<Vec<Vec<u8>>>>);
+
 async fn serve_conn(
     name: &'static str,
     mut sock: TcpStream,
     hits: Arc<AtomicUsize>,
-    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    (bodies, raw_bodies): Bodies,
     script: Arc<dyn Fn(usize) -> Act + Send + Sync>,
 ) {
     while let Some((_head, body)) = read_request(&mut sock).await {
@@ -136,6 +146,7 @@ async fn serve_conn(
         let stream = json["stream"].as_bool().unwrap_or(false);
         let model = json["model"].as_str().unwrap_or("").to_string();
         bodies.lock().unwrap().push(json);
+        raw_bodies.lock().unwrap().push(body.to_vec());
         let mut act = script(n);
         if let Act::Slow(d) = act {
             tokio::time::sleep(d).await;
@@ -302,20 +313,22 @@ pub async fn raw_upstream(
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let hits = Arc::new(AtomicUsize::new(0));
     let bodies = Arc::new(Mutex::new(Vec::new()));
+    let raw_bodies = Arc::new(Mutex::new(Vec::new()));
     let respond = Arc::new(respond);
-    let (h, b) = (hits.clone(), bodies.clone());
+    let (h, b, rb) = (hits.clone(), bodies.clone(), raw_bodies.clone());
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else {
                 return;
             };
-            let (h, b, respond) = (h.clone(), b.clone(), respond.clone());
+            let (h, b, rb, respond) = (h.clone(), b.clone(), rb.clone(), respond.clone());
             tokio::spawn(async move {
                 while let Some((_head, body)) = read_request(&mut sock).await {
                     h.fetch_add(1, Ordering::SeqCst);
                     let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                     let out = respond(&json);
                     b.lock().unwrap().push(json);
+                    rb.lock().unwrap().push(body.to_vec());
                     if sock.write_all(out.as_bytes()).await.is_err() {
                         return;
                     }
@@ -323,7 +336,12 @@ pub async fn raw_upstream(
             });
         }
     });
-    Upstream { url, hits, bodies }
+    Upstream {
+        url,
+        hits,
+        bodies,
+        raw_bodies,
+    }
 }
 
 pub fn http_json(status: u16, body: &str) -> String {

@@ -25,7 +25,7 @@ pub async fn send(up: &Upstream, req: UpstreamRequest<'_>) -> Result<Reply, Atte
             req.endpoint,
         )));
     };
-    let translated = to_messages(body, req.model, req.stream);
+    let translated = to_messages(body.value(), req.model, req.stream);
     let resp = up
         .post(MESSAGES_PATH, None, Bytes::from(translated.to_string()))
         .await?;

@@ -25,7 +25,7 @@ fn fails(n: u64, rate: f64) -> bool {
 fn prompt_tokens(m: &MockSettings, body: &ClientBody) -> u64 {
     m.prompt_tokens.unwrap_or_else(|| match body {
         // About four characters a token, like the estimators do for unknown tokenizers.
-        ClientBody::Json(v) => (v.to_string().len() as u64 / 4).max(1),
+        ClientBody::Json(b) => (b.raw().len() as u64 / 4).max(1),
         ClientBody::Multipart { body, .. } => (body.len() as u64 / 4).max(1),
     })
 }
@@ -75,7 +75,7 @@ pub async fn send(
         ),
         Endpoint::Embeddings => {
             let inputs = match req.body {
-                ClientBody::Json(v) => v.get("input").and_then(|i| i.as_array()).map_or(1, Vec::len),
+                ClientBody::Json(b) => b.value().get("input").and_then(|i| i.as_array()).map_or(1, Vec::len),
                 ClientBody::Multipart { .. } => 1,
             };
             let data: Vec<_> = (0..inputs)

@@ -3,6 +3,7 @@
 //! ending in `data: [DONE]`, so dispatch treats them all alike.
 
 pub mod anthropic;
+pub mod body;
 pub mod http;
 pub mod mock;
 pub mod openai;
@@ -24,7 +25,7 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, AttemptError>> + S
 /// The request body as the client sent it.
 #[derive(Clone, Debug)]
 pub enum ClientBody {
-    Json(serde_json::Value),
+    Json(body::JsonBody),
     /// `multipart/form-data` (audio transcription), passed through.
     Multipart {
         content_type: String,

@@ -1,5 +1,5 @@
 //! Any OpenAI-compatible API: the client's body goes through untouched
-//! except the `model` field.
+//! except the `model` field (see [`super::body`]).
 
 use bytes::Bytes;
 use hyper::header::HeaderValue;
@@ -12,9 +12,9 @@ use super::{
 pub async fn send(up: &Upstream, req: UpstreamRequest<'_>) -> Result<Reply, AttemptError> {
     let path = endpoint_path(req.endpoint);
     let (content_type, body) = match req.body {
-        ClientBody::Json(v) => (
+        ClientBody::Json(b) => (
             HeaderValue::from_static("application/json"),
-            Bytes::from(with_model(v, req.model)),
+            b.with_model(req.model),
         ),
         ClientBody::Multipart { content_type, body } => (
             HeaderValue::from_str(content_type).map_err(|_| {
@@ -69,40 +69,6 @@ pub async fn send(up: &Upstream, req: UpstreamRequest<'_>) -> Result<Reply, Atte
     })
 }
 
-/// The client's JSON body with `model` set to the upstream's model id,
-/// serialised straight from the parsed body, with no copy of the tree: every
-/// other field passes through with the value the client sent.
-pub fn with_model(body: &serde_json::Value, model: &str) -> Vec<u8> {
-    struct WithModel<'a> {
-        body: &'a serde_json::Map<String, serde_json::Value>,
-        model: &'a str,
-    }
-    impl serde::Serialize for WithModel<'_> {
-        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            use serde::ser::SerializeMap;
-            let has_model = self.body.contains_key("model");
-            let mut m = s.serialize_map(Some(self.body.len() + usize::from(!has_model)))?;
-            if !has_model {
-                m.serialize_entry("model", self.model)?;
-            }
-            for (k, v) in self.body {
-                if k == "model" {
-                    m.serialize_entry(k, self.model)?;
-                } else {
-                    m.serialize_entry(k, v)?;
-                }
-            }
-            m.end()
-        }
-    }
-    let out = match body.as_object() {
-        Some(obj) => serde_json::to_vec(&WithModel { body: obj, model }),
-        // Not an object (the server refuses those before dispatch): as it came.
-        None => serde_json::to_vec(body),
-    };
-    out.unwrap_or_default()
-}
-
 /// Replace the value of the `model` form field in a multipart body; the rest
 /// (the audio file) is passed through byte for byte.
 pub fn replace_multipart_model(body: &Bytes, model: &str) -> Bytes {
@@ -140,23 +106,6 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_model_is_replaced_and_the_rest_passes_through() {
-        let body: serde_json::Value = serde_json::from_str(
-            r#"{"stream":true,"model":"auto","messages":[{"role":"user","content":"hi \"x\""}],"n":1}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            String::from_utf8(with_model(&body, "gpt-4o")).unwrap(),
-            r#"{"messages":[{"content":"hi \"x\"","role":"user"}],"model":"gpt-4o","n":1,"stream":true}"#
-        );
-        let body = serde_json::json!({ "input": "x" });
-        assert_eq!(
-            String::from_utf8(with_model(&body, "m")).unwrap(),
-            r#"{"model":"m","input":"x"}"#
-        );
-    }
 
     const FORM: &str = "--X\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--X\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nauto\r\n--X--\r\n";
 

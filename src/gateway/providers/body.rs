@@ -1,0 +1,424 @@
+//! The client's JSON body, kept two ways: parsed, for the fields the gateway
+//! reads, and as the bytes the client sent, for forwarding.
+//!
+//! A provider that forwards the body (OpenAI-compatible ones) sends the
+//! client's bytes with only the `model` value replaced, so every other field
+//! reaches the upstream exactly as sent: key order, the spelling of numbers
+//! (a `seed` above 2^64 stays exact instead of becoming a float), escapes.
+//! Splicing is also cheaper than writing a JSON tree back out.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+/// Top-level fields the gateway reads, by index. Each may appear once: with
+/// two `model`s, the gateway would decide on one while an upstream that keeps
+/// the first occurrence served the other, outside the policy.
+fn read_field(key: &str) -> Option<usize> {
+    Some(match key {
+        "model" => 0,
+        "stream" => 1,
+        "stream_options" => 2,
+        "messages" => 3,
+        "metadata" => 4,
+        "max_tokens" => 5,
+        "max_completion_tokens" => 6,
+        "max_output_tokens" => 7,
+        "response_format" => 8,
+        "tools" => 9,
+        "functions" => 10,
+        "input" => 11,
+        "prompt" => 12,
+        _ => return None,
+    })
+}
+const READ_FIELDS: usize = 13;
+
+#[derive(Clone, Debug)]
+pub struct JsonBody {
+    value: Value,
+    raw: Bytes,
+    /// Where the top-level object's members start: just after its `{`.
+    members_at: usize,
+    has_members: bool,
+    /// The byte range of the value of top-level `model`, when there is one.
+    model: Option<Range<usize>>,
+    /// The same for `stream_options`.
+    stream_options: Option<Range<usize>>,
+}
+
+impl JsonBody {
+    /// `raw` and the `value` parsed from it. `Err`: a message for the client
+    /// (a field the gateway reads appears twice, or the body is not an object).
+    pub fn new(raw: Bytes, value: Value) -> Result<JsonBody, String> {
+        let layout = Layout::of(&raw)?;
+        Ok(JsonBody {
+            value,
+            members_at: layout.members_at,
+            has_members: layout.has_members,
+            model: layout.model,
+            stream_options: layout.stream_options,
+            raw,
+        })
+    }
+
+    /// The parsed body.
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
+    /// The bytes as the client sent them (after [`JsonBody::ask_stream_usage`], if called).
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+
+    /// The body with `model` set to `model`, everything else byte for byte.
+    pub fn with_model(&self, model: &str) -> Bytes {
+        let value = serde_json::to_vec(model).unwrap_or_default();
+        Bytes::from(self.spliced("model", self.model.as_ref(), &value))
+    }
+
+    /// Make a streamed chat completion report its usage in a final chunk
+    /// (`stream_options.include_usage`), which settling a budget needs. The
+    /// client's other stream options are kept.
+    pub fn ask_stream_usage(&mut self) {
+        let mut options = match self.value.get("stream_options") {
+            Some(Value::Object(o)) => o.clone(),
+            _ => serde_json::Map::new(),
+        };
+        if options.get("include_usage") == Some(&Value::Bool(true)) {
+            return;
+        }
+        options.insert("include_usage".into(), Value::Bool(true));
+        let options = Value::Object(options);
+        let bytes = serde_json::to_vec(&options).unwrap_or_default();
+        let raw = Bytes::from(self.spliced("stream_options", self.stream_options.as_ref(), &bytes));
+        let Ok(layout) = Layout::of(&raw) else {
+            // Cannot happen: a valid object with one valid value replaced.
+            return;
+        };
+        if let Value::Object(o) = &mut self.value {
+            o.insert("stream_options".into(), options);
+        }
+        self.raw = raw;
+        self.members_at = layout.members_at;
+        self.has_members = layout.has_members;
+        self.model = layout.model;
+        self.stream_options = layout.stream_options;
+    }
+
+    /// The raw body with `key`'s value (at `at`) replaced by `value`, or the
+    /// member added first when the body has no `key`.
+    fn spliced(&self, key: &str, at: Option<&Range<usize>>, value: &[u8]) -> Vec<u8> {
+        let raw: &[u8] = &self.raw;
+        let mut out = Vec::with_capacity(raw.len() + key.len() + value.len() + 4);
+        match at {
+            Some(r) => {
+                out.extend_from_slice(raw.get(..r.start).unwrap_or_default());
+                out.extend_from_slice(value);
+                out.extend_from_slice(raw.get(r.end..).unwrap_or_default());
+            }
+            None => {
+                out.extend_from_slice(raw.get(..self.members_at).unwrap_or_default());
+                out.push(b'"');
+                out.extend_from_slice(key.as_bytes());
+                out.extend_from_slice(b"\":");
+                out.extend_from_slice(value);
+                if self.has_members {
+                    out.push(b',');
+                }
+                out.extend_from_slice(raw.get(self.members_at..).unwrap_or_default());
+            }
+        }
+        out
+    }
+}
+
+/// Where the fields the gateway may replace sit in the raw body.
+struct Layout {
+    members_at: usize,
+    has_members: bool,
+    model: Option<Range<usize>>,
+    stream_options: Option<Range<usize>>,
+}
+
+impl Layout {
+    /// Scan the top-level object of `raw`, which serde_json has already
+    /// parsed: only its structure matters here, so strings are skipped by
+    /// their quotes and escapes, nested values by their brackets, and no
+    /// value is built. Malformed input is an error, never a panic.
+    fn of(raw: &[u8]) -> Result<Layout, String> {
+        const NOT_JSON: &str = "the body is not valid JSON";
+        let open = skip_ws(raw, 0);
+        if raw.get(open) != Some(&b'{') {
+            return Err("the body must be a JSON object".into());
+        }
+        let mut layout = Layout {
+            members_at: open + 1,
+            has_members: false,
+            model: None,
+            stream_options: None,
+        };
+        let mut seen = [false; READ_FIELDS];
+        let mut i = skip_ws(raw, open + 1);
+        if raw.get(i) == Some(&b'}') {
+            return Ok(layout);
+        }
+        loop {
+            let key_end = string_end(raw, i).ok_or(NOT_JSON)?;
+            let key = key_text(raw.get(i..key_end).ok_or(NOT_JSON)?).ok_or(NOT_JSON)?;
+            i = skip_ws(raw, key_end);
+            if raw.get(i) != Some(&b':') {
+                return Err(NOT_JSON.into());
+            }
+            let start = skip_ws(raw, i + 1);
+            let end = value_end(raw, start).ok_or(NOT_JSON)?;
+            layout.has_members = true;
+            if let Some(f) = read_field(&key) {
+                if seen.get_mut(f).is_some_and(|s| std::mem::replace(s, true)) {
+                    return Err(format!(
+                        "`{key}` appears more than once in the body: send each field once"
+                    ));
+                }
+                match &*key {
+                    "model" => layout.model = Some(start..end),
+                    "stream_options" => layout.stream_options = Some(start..end),
+                    _ => {}
+                }
+            }
+            i = skip_ws(raw, end);
+            match raw.get(i) {
+                Some(b',') => i = skip_ws(raw, i + 1),
+                Some(b'}') => return Ok(layout),
+                _ => return Err(NOT_JSON.into()),
+            }
+        }
+    }
+}
+
+fn skip_ws(raw: &[u8], mut i: usize) -> usize {
+    while raw
+        .get(i)
+        .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        i += 1;
+    }
+    i
+}
+
+/// The index just after the string that starts (with its `"`) at `i`.
+fn string_end(raw: &[u8], i: usize) -> Option<usize> {
+    if raw.get(i) != Some(&b'"') {
+        return None;
+    }
+    let mut j = i + 1;
+    loop {
+        j += memchr::memchr2(b'"', b'\\', raw.get(j..)?)?;
+        match raw.get(j)? {
+            b'"' => return Some(j + 1),
+            _ => j += 2,
+        }
+    }
+}
+
+/// The index just after the value that starts at `i`.
+fn value_end(raw: &[u8], i: usize) -> Option<usize> {
+    match raw.get(i)? {
+        b'"' => string_end(raw, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match raw.get(j)? {
+                    b'"' => {
+                        j = string_end(raw, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        // A number, `true`, `false` or `null`.
+        _ => {
+            let mut j = i;
+            while raw
+                .get(j)
+                .is_some_and(|b| !matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+            {
+                j += 1;
+            }
+            (j > i).then_some(j)
+        }
+    }
+}
+
+/// A key (with its quotes) as text: borrowed, unless it has escapes.
+fn key_text(quoted: &[u8]) -> Option<Cow<'_, str>> {
+    if quoted.contains(&b'\\') {
+        serde_json::from_slice::<String>(quoted)
+            .ok()
+            .map(Cow::Owned)
+    } else {
+        let inner = quoted.get(1..quoted.len().checked_sub(1)?)?;
+        std::str::from_utf8(inner).ok().map(Cow::Borrowed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(s: &str) -> JsonBody {
+        let raw = Bytes::copy_from_slice(s.as_bytes());
+        let value = serde_json::from_slice(&raw).unwrap();
+        JsonBody::new(raw, value).unwrap()
+    }
+
+    fn text(b: Bytes) -> String {
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn only_the_model_value_changes() {
+        let src = r#"{ "stream": true, "model" : "auto", "z": 1, "a": {"model": "inner"},
+            "seed": 18446744073709551616, "temperature": 1.0E0, "s": "\u00e9\/" }"#;
+        let out = text(body(src).with_model("gpt-4o"));
+        assert_eq!(out, src.replace(r#""auto""#, r#""gpt-4o""#));
+        // Still JSON, with the model an upstream will read.
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["model"], "gpt-4o");
+        assert_eq!(v["a"]["model"], "inner");
+    }
+
+    #[test]
+    fn a_missing_model_is_added_first() {
+        assert_eq!(
+            text(body(r#" {"input": "x"}"#).with_model("m")),
+            r#" {"model":"m","input": "x"}"#
+        );
+        assert_eq!(text(body("{ }").with_model("m")), r#"{"model":"m" }"#);
+    }
+
+    #[test]
+    fn model_names_are_escaped() {
+        let out = text(body(r#"{"model":"auto"}"#).with_model("a\"b"));
+        assert_eq!(out, r#"{"model":"a\"b"}"#);
+    }
+
+    #[test]
+    fn an_escaped_key_is_the_same_field() {
+        let out = text(body(r#"{"mod\u0065l":"auto","n":1}"#).with_model("m"));
+        assert_eq!(out, r#"{"mod\u0065l":"m","n":1}"#);
+    }
+
+    #[test]
+    fn a_field_the_gateway_reads_may_not_appear_twice() {
+        for src in [
+            r#"{"model":"cheap","messages":[],"model":"denied"}"#,
+            r#"{"model":"cheap","mod\u0065l":"denied"}"#,
+            r#"{"stream":false,"stream":true}"#,
+        ] {
+            let raw = Bytes::copy_from_slice(src.as_bytes());
+            let value = serde_json::from_slice(&raw).unwrap();
+            let err = JsonBody::new(raw, value).unwrap_err();
+            assert!(err.contains("appears more than once"), "{src}: {err}");
+        }
+        // Other fields are the upstream's business.
+        body(r#"{"user":"a","user":"b"}"#);
+    }
+
+    #[test]
+    fn stream_usage_is_asked_for_and_other_options_kept() {
+        let mut b = body(r#"{"model":"auto","stream":true}"#);
+        b.ask_stream_usage();
+        assert_eq!(
+            text(b.raw().clone()),
+            r#"{"stream_options":{"include_usage":true},"model":"auto","stream":true}"#
+        );
+        assert_eq!(b.value()["stream_options"]["include_usage"], true);
+        // The model is still found after the body moved.
+        assert_eq!(
+            text(b.with_model("m")),
+            r#"{"stream_options":{"include_usage":true},"model":"m","stream":true}"#
+        );
+
+        let mut b = body(r#"{"stream_options":{"x":1},"stream":true}"#);
+        b.ask_stream_usage();
+        assert_eq!(
+            text(b.raw().clone()),
+            r#"{"stream_options":{"include_usage":true,"x":1},"stream":true}"#
+        );
+        let mut b = body(r#"{"stream_options":null}"#);
+        b.ask_stream_usage();
+        assert_eq!(
+            text(b.raw().clone()),
+            r#"{"stream_options":{"include_usage":true}}"#
+        );
+        // Already asked: untouched.
+        let src = r#"{"stream_options": {"include_usage": true}}"#;
+        let mut b = body(src);
+        b.ask_stream_usage();
+        assert_eq!(text(b.raw().clone()), src);
+    }
+
+    fn json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            "[a-z\"\\\\\u{e9}\n{}\\[\\],: ]{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z\"\\\\{}]{0,4}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever the body, compact or pretty, the upstream reads it back
+        /// with only `model` changed.
+        #[test]
+        fn splicing_the_model_changes_only_the_model(
+            fields in proptest::collection::btree_map("[a-z_\"]{1,6}|model|stream_options", json(), 0..6),
+            pretty: bool,
+        ) {
+            let body = Value::Object(fields.into_iter().collect());
+            let raw = if pretty {
+                serde_json::to_vec_pretty(&body).unwrap()
+            } else {
+                serde_json::to_vec(&body).unwrap()
+            };
+            // Compared as parsed by the same parser (serde_json's float
+            // parsing does not always round-trip the last digit).
+            let parsed: Value = serde_json::from_slice(&raw).unwrap();
+            let b = JsonBody::new(Bytes::from(raw), parsed.clone()).unwrap();
+            let out: Value = serde_json::from_slice(&b.with_model("chosen")).unwrap();
+            let mut expected = parsed;
+            expected["model"] = Value::from("chosen");
+            proptest::prop_assert_eq!(out, expected);
+        }
+
+        /// Bytes that are not JSON are an error, never a panic.
+        #[test]
+        fn any_bytes_scan_without_panicking(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let _ = Layout::of(&raw);
+        }
+    }
+}
