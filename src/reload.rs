@@ -166,6 +166,8 @@ pub enum Trigger {
     Start,
     Watch,
     Sighup,
+    /// `POST /admin/reload`.
+    Admin,
     Manual,
 }
 
@@ -256,7 +258,7 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
 
     /// Re-read and rebuild; swap only when the build succeeds, else keep the
     /// last good policy, log the diagnostics and record the failure.
-    pub async fn reload(self: &Arc<Self>, trigger: Trigger) -> Result<String, Failure> {
+    pub async fn reload(&self, trigger: Trigger) -> Result<String, Failure> {
         let _one_at_a_time = self.reloading.lock().await;
         let started = Instant::now();
         let paths = self.paths.clone();

@@ -1240,3 +1240,63 @@ fn a_running_gateway_keeps_its_last_good_policy_through_every_broken_edit() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn an_admin_reload_answers_with_the_outcome_and_keeps_the_good_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    lay_out(dir.path(), None);
+    let server = binary::Server::start(
+        dir.path(),
+        &dir.path().join("gateway.yaml"),
+        &["--no-watch"],
+        &ENVS,
+    );
+    let addr = server.addr.clone();
+    let (_, version) = chat(&addr);
+
+    let (status, _, body) = http(&addr, "POST", "/admin/reload", "wrong", "");
+    assert_eq!(status, 401, "{body}");
+    let (status, _, body) = http(&addr, "GET", "/admin/reload", ADMIN, "");
+    assert_eq!(status, 405, "{body}");
+
+    // Nothing changed: the same version.
+    let (status, _, body) = http(&addr, "POST", "/admin/reload", ADMIN, "");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["serving"].as_str(), Some(version.as_str()));
+
+    // A broken edit: 422 with the diagnostics, the good version serving on.
+    let main = dir.path().join("policy/main.route");
+    std::fs::write(
+        &main,
+        POLICY.replace("candidates [small]", "candidates [smal]"),
+    )
+    .unwrap();
+    let (status, _, body) = http(&addr, "POST", "/admin/reload", ADMIN, "");
+    assert_eq!(status, 422, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["serving"].as_str(), Some(version.as_str()));
+    let diagnostics = v["error"]["diagnostics"].to_string();
+    assert!(diagnostics.contains("main.route"), "{body}");
+    assert!(diagnostics.contains("smal"), "{body}");
+    assert!(
+        v["error"]["rendered"]
+            .as_str()
+            .unwrap()
+            .contains("candidates [smal]"),
+        "{body}"
+    );
+    assert_eq!(chat(&addr).1, version);
+    assert_eq!(admin(&addr)["last_reload"]["trigger"], "admin");
+
+    // The fix: 200 with the new version, which serves the next request.
+    std::fs::write(&main, policy_v2()).unwrap();
+    let (status, _, body) = http(&addr, "POST", "/admin/reload", ADMIN, "");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let new = v["serving"].as_str().unwrap();
+    assert_ne!(new, version);
+    assert_eq!(chat(&addr).1, new);
+}

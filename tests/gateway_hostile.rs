@@ -122,6 +122,10 @@ fn cases() -> Vec<(String, Vec<u8>)> {
         "{\"model\":\"auto\"\"messages\":[]}",
         "NaN",
         "{\"model\":\"\\ud800\"}",
+        // A field the gateway decides on, twice (the second spelled with an escape).
+        "{\"model\":\"auto\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"model\":\"x\"}",
+        "{\"model\":\"auto\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"mod\\u0065l\":\"x\"}",
+        "{\"stream\":false,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}",
     ] {
         c.push((
             format!("malformed json: {body:?}"),
@@ -314,6 +318,8 @@ fn cases() -> Vec<(String, Vec<u8>)> {
         ("GET", "/%2e%2e/%2e%2e/"),
         ("POST", "/v1/chat/completions/extra"),
         ("GET", "/admin/policy"),
+        ("POST", "/admin/reload"),
+        ("GET", "/admin/reload"),
         ("GET", "/admin/../v1/models"),
         ("PATCH", "/metrics"),
         ("GET", "//v1//models"),
@@ -323,6 +329,7 @@ fn cases() -> Vec<(String, Vec<u8>)> {
     // Admin with wrong tokens.
     for tok in ["", "wrong", "sk-demo", "admin-dem", "admin-demo2"] {
         c.push((format!("admin token {tok:?}"), format!("GET /admin/policy HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {tok}\r\n\r\n").into_bytes()));
+        c.push((format!("admin reload token {tok:?}"), format!("POST /admin/reload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {tok}\r\nContent-Length: 0\r\n\r\n").into_bytes()));
     }
     // Other endpoints with bad bodies.
     for (path, body) in [

@@ -50,7 +50,18 @@ pub trait PolicySource: Send + Sync {
     fn admin_json(&self) -> Option<serde_json::Value> {
         None
     }
+    /// `POST /admin/reload`: rebuild from the files now, swapping only when
+    /// the build has no errors; the new version or why not. `None` when the
+    /// source does not read files.
+    fn reload_now(&self) -> Option<ReloadFuture<'_>> {
+        None
+    }
 }
+
+/// A reload in progress: the new version, or why the old one keeps serving.
+pub type ReloadFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<String, crate::reload::Failure>> + Send + 'a>,
+>;
 
 /// A policy that changes only when someone calls [`FixedPolicy::set`].
 pub struct FixedPolicy(ArcSwap<CompiledPolicy>);
@@ -83,6 +94,9 @@ impl PolicySource for crate::reload::PolicyStore<crate::reload::Served> {
     }
     fn admin_json(&self) -> Option<serde_json::Value> {
         Some(self.admin_policy_json())
+    }
+    fn reload_now(&self) -> Option<ReloadFuture<'_>> {
+        Some(Box::pin(self.reload(crate::reload::Trigger::Admin)))
     }
 }
 

@@ -170,6 +170,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> 
         (&Method::GET, "/v1/models") => return models(&gw, &req),
         (&Method::GET, "/metrics") => return metrics(&gw),
         (&Method::GET, "/admin/policy") => return admin_policy(&gw, &req),
+        (&Method::POST, "/admin/reload") => return admin_reload(&gw, &req).await,
         (&Method::POST, "/v1/chat/completions") => Endpoint::Chat,
         (&Method::POST, "/v1/embeddings") => Endpoint::Embeddings,
         (&Method::POST, "/v1/images/generations") => Endpoint::Images,
@@ -186,6 +187,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> 
                 "/healthz",
                 "/metrics",
                 "/admin/policy",
+                "/admin/reload",
             ];
             return if known.contains(&path) {
                 ApiError::new(
@@ -731,15 +733,12 @@ fn metrics(gw: &Gateway) -> Response<Body> {
     r
 }
 
-/// `GET /admin/policy`: the serving version, reload history and the last
-/// failure's diagnostics. Needs the admin token.
-fn admin_policy(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
-    let rt = gw.runtime();
+/// The admin token check every admin endpoint starts with.
+fn admin_auth(rt: &Runtime, req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(expected) = rt.config.admin_token_sha256 else {
-        return ApiError::not_found(
+        return Err(ApiError::not_found(
             "admin endpoints are disabled: set `admin:` in the gateway config",
-        )
-        .into_response();
+        ));
     };
     let given = req
         .headers()
@@ -747,12 +746,64 @@ fn admin_policy(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|k| sha256(k.trim()));
-    let ok = given.is_some_and(|h| bool::from(h.ct_eq(&expected)));
-    if !ok {
-        return ApiError::unauthorized(
+    if given.is_some_and(|h| bool::from(h.ct_eq(&expected))) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized(
             "the admin endpoints need `Authorization: Bearer <admin token>`",
-        )
-        .into_response();
+        ))
+    }
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(full(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// `POST /admin/reload`: rebuild the policy (and config) from disk now, as a
+/// SIGHUP does, and answer with the outcome: 200 and the version serving, or
+/// 422 with the diagnostics while the last good version keeps serving. For
+/// deploys that cannot send signals and want to know the edit took.
+async fn admin_reload(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
+    if let Err(e) = admin_auth(&gw.runtime(), req) {
+        return e.into_response();
+    }
+    let Some(reload) = gw.policies.reload_now() else {
+        return ApiError::not_found("this gateway's policy is not loaded from files")
+            .into_response();
+    };
+    match reload.await {
+        Ok(version) => json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "ok": true, "serving": version }),
+        ),
+        Err(failure) => json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &serde_json::json!({
+                "ok": false,
+                "serving": gw.runtime().policy.version(),
+                "error": {
+                    "type": "policy_invalid",
+                    "message": format!("{}; the last good policy keeps serving", failure.summary),
+                    "diagnostics": failure.diagnostics,
+                    "rendered": failure.rendered,
+                },
+            }),
+        ),
+    }
+}
+
+/// `GET /admin/policy`: the serving version, reload history and the last
+/// failure's diagnostics. Needs the admin token.
+fn admin_policy(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
+    let rt = gw.runtime();
+    if let Err(e) = admin_auth(&rt, req) {
+        return e.into_response();
     }
     let mut body = gw
         .policies
@@ -767,12 +818,7 @@ fn admin_policy(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
         obj.insert("breakers".into(), serde_json::Value::Object(breakers));
         obj.insert("serving".into(), serde_json::json!(rt.policy.version()));
     }
-    let mut r = Response::new(full(body.to_string()));
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
+    json_response(StatusCode::OK, &body)
 }
 
 #[cfg(test)]
