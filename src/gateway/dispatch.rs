@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -720,7 +720,7 @@ struct Tracker {
     collect: bool,
     /// Content chunks not read yet: most streams end with their usage, and
     /// then the chunks never need parsing.
-    deltas: Vec<String>,
+    deltas: Vec<Vec<u8>>,
     deltas_bytes: usize,
     text: String,
 }
@@ -730,21 +730,28 @@ struct Tracker {
 /// usage holds little memory.
 const MAX_UNREAD_DELTAS: usize = 256 * 1024;
 
+/// The keys a tracker looks for in each event, with their searchers built
+/// once (building one per search cost more than the search).
+static USAGE_KEY: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+static CONTENT_KEY: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"content\""));
+
 impl Tracker {
     fn feed(&mut self, b: &[u8]) {
         for e in self.parser.feed(b) {
-            if e.data == "[DONE]" {
+            if e.data == b"[DONE]" {
                 self.done = true;
                 continue;
             }
             // Some APIs send `"usage": null` in every chunk and the counts in the last.
-            if e.data.contains("\"usage\"") {
-                if let Ok(Some(u)) = Usage::from_openai_bytes(e.data.as_bytes()) {
+            if USAGE_KEY.find(&e.data).is_some() {
+                if let Ok(Some(u)) = Usage::from_openai_bytes(&e.data) {
                     self.usage = Some(u);
                     continue;
                 }
             }
-            if self.collect && self.usage.is_none() && e.data.contains("\"content\"") {
+            if self.collect && self.usage.is_none() && CONTENT_KEY.find(&e.data).is_some() {
                 self.deltas_bytes += e.data.len();
                 self.deltas.push(e.data);
                 if self.deltas_bytes > MAX_UNREAD_DELTAS {
@@ -756,7 +763,7 @@ impl Tracker {
 
     fn read_deltas(&mut self) {
         for d in self.deltas.drain(..) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&d) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&String::from_utf8_lossy(&d)) {
                 crate::estimate::push_delta_text(&v, &mut self.text);
             }
         }

@@ -7,7 +7,10 @@ use bytes::Bytes;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Event {
     pub event: Option<String>,
-    pub data: String,
+    /// As the upstream sent them: kept as bytes because a passed-through
+    /// stream only looks into a few events, and checking every one for
+    /// UTF-8 was half the parser's work. A reader that wants text converts.
+    pub data: Vec<u8>,
 }
 
 /// Feed it chunks as they arrive; it returns every event completed so far.
@@ -101,9 +104,9 @@ impl Parser {
         match field {
             b"data" => {
                 if self.has_data {
-                    self.current.data.push('\n');
+                    self.current.data.push(b'\n');
                 }
-                self.current.data.push_str(&String::from_utf8_lossy(value));
+                self.current.data.extend_from_slice(value);
                 self.has_data = true;
             }
             b"event" => self.current.event = Some(String::from_utf8_lossy(value).into_owned()),
@@ -148,15 +151,15 @@ mod tests {
         let expect = vec![
             Event {
                 event: Some("message_start".into()),
-                data: "{\"a\":1}".into(),
+                data: b"{\"a\":1}".to_vec(),
             },
             Event {
                 event: None,
-                data: "x\ny".into(),
+                data: b"x\ny".to_vec(),
             },
             Event {
                 event: None,
-                data: "[DONE]".into(),
+                data: b"[DONE]".to_vec(),
             },
         ];
         for size in 1..text.len() {

@@ -271,7 +271,7 @@ impl StreamState {
 
     /// One Anthropic event -> zero or more OpenAI chunks.
     fn event(&mut self, e: &sse::Event, out: &mut Vec<u8>) -> Result<(), AttemptError> {
-        let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
+        let Ok(v) = serde_json::from_str::<Value>(&String::from_utf8_lossy(&e.data)) else {
             return Ok(());
         };
         let ty = v
@@ -477,7 +477,7 @@ mod tests {
         let evs = p.feed(text.as_bytes());
         let content: String = evs
             .iter()
-            .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
+            .filter_map(|e| serde_json::from_slice::<Value>(&e.data).ok())
             .filter_map(|v| {
                 v["choices"][0]["delta"]["content"]
                     .as_str()
@@ -485,7 +485,7 @@ mod tests {
             })
             .collect();
         assert_eq!(content, "Hello");
-        assert_eq!(evs.last().unwrap().data, "[DONE]");
+        assert_eq!(evs.last().unwrap().data, b"[DONE]");
         assert!(text.contains("\"completion_tokens\":2"));
     }
 }

@@ -84,6 +84,25 @@ impl JsonBody {
     /// (`stream_options.include_usage`), which settling a budget needs. The
     /// client's other stream options are kept.
     pub fn ask_stream_usage(&mut self) {
+        const ASK: &[u8] = br#"{"include_usage":true}"#;
+        let Some(at) = &self.stream_options else {
+            // The usual case, on every streamed request: add the member in
+            // front; everything after it moves by what was added.
+            let raw = self.spliced("stream_options", None, ASK);
+            let added = raw.len().saturating_sub(self.raw.len());
+            let value_at = self.members_at + br#""stream_options":"#.len();
+            self.model = self.model.take().map(|m| m.start + added..m.end + added);
+            self.stream_options = Some(value_at..value_at + ASK.len());
+            self.has_members = true;
+            self.raw = Bytes::from(raw);
+            if let Value::Object(o) = &mut self.value {
+                o.insert(
+                    "stream_options".into(),
+                    serde_json::json!({ "include_usage": true }),
+                );
+            }
+            return;
+        };
         let mut options = match self.value.get("stream_options") {
             Some(Value::Object(o)) => o.clone(),
             _ => serde_json::Map::new(),
@@ -94,7 +113,7 @@ impl JsonBody {
         options.insert("include_usage".into(), Value::Bool(true));
         let options = Value::Object(options);
         let bytes = serde_json::to_vec(&options).unwrap_or_default();
-        let raw = Bytes::from(self.spliced("stream_options", self.stream_options.as_ref(), &bytes));
+        let raw = Bytes::from(self.spliced("stream_options", Some(at), &bytes));
         let Ok(layout) = Layout::of(&raw) else {
             // Cannot happen: a valid object with one valid value replaced.
             return;
@@ -346,6 +365,11 @@ mod tests {
             r#"{"stream_options":{"include_usage":true},"model":"auto","stream":true}"#
         );
         assert_eq!(b.value()["stream_options"]["include_usage"], true);
+        let fresh = Layout::of(b.raw()).unwrap();
+        assert_eq!(
+            (b.model.clone(), b.stream_options.clone()),
+            (fresh.model, fresh.stream_options)
+        );
         // The model is still found after the body moved.
         assert_eq!(
             text(b.with_model("m")),
@@ -405,14 +429,27 @@ mod tests {
             } else {
                 serde_json::to_vec(&body).unwrap()
             };
-            // Compared as parsed by the same parser (serde_json's float
-            // parsing does not always round-trip the last digit).
             let parsed: Value = serde_json::from_slice(&raw).unwrap();
             let b = JsonBody::new(Bytes::from(raw), parsed.clone()).unwrap();
             let out: Value = serde_json::from_slice(&b.with_model("chosen")).unwrap();
             let mut expected = parsed;
             expected["model"] = Value::from("chosen");
-            proptest::prop_assert_eq!(out, expected);
+            proptest::prop_assert_eq!(out, expected.clone());
+
+            // The same after asking for the stream's usage.
+            let mut b = b;
+            b.ask_stream_usage();
+            let out: Value = serde_json::from_slice(&b.with_model("chosen")).unwrap();
+            match expected.get_mut("stream_options") {
+                Some(Value::Object(o)) => {
+                    o.insert("include_usage".into(), Value::Bool(true));
+                }
+                _ => expected["stream_options"] = serde_json::json!({ "include_usage": true }),
+            }
+            proptest::prop_assert_eq!(&out, &expected);
+            // The parsed body still says what the bytes say.
+            let reparsed: Value = serde_json::from_slice(b.raw()).unwrap();
+            proptest::prop_assert_eq!(b.value(), &reparsed);
         }
 
         /// Bytes that are not JSON are an error, never a panic.
