@@ -41,6 +41,7 @@
 //! Integer micro-dollars, rounded up.
 
 use serde::Serialize;
+use smallvec::SmallVec;
 
 use crate::compile::{value_ref, FieldVal, MetaKind, ModelSet, Node, Slot, SIGNALS};
 pub use crate::compile::{CompiledPolicy, TenantView};
@@ -652,33 +653,23 @@ pub(crate) fn run<T: Tracer>(
         attempts.push(m);
         seen.insert(m);
     } else {
-        let kept = route.candidates.iter().filter(|m| keep(**m)).count();
-        let mut stack = [CAND0; STACK_CANDS];
-        let mut heap = Vec::new();
-        let cands: &mut [Cand] = if kept <= STACK_CANDS {
-            stack.get_mut(..kept).unwrap_or(&mut [])
-        } else {
-            heap.resize(kept, CAND0);
-            &mut heap
-        };
-        let mut n = 0;
+        // Inline up to STACK_CANDS and never initialised ahead: zeroing a
+        // fixed array of them was most of a small policy's decision.
+        let mut kept: SmallVec<[Cand; STACK_CANDS]> = SmallVec::new();
         for (order, &m) in route.candidates.iter().enumerate() {
             if !keep(m) || seen.contains(m) {
                 continue;
             }
             seen.insert(m);
-            if let Some(c) = cands.get_mut(n) {
-                *c = Cand {
-                    model: m,
-                    order: order as u32,
-                    cost: estimate_cost(p, m, r),
-                    stats: s.model(m),
-                    ..CAND0
-                };
-                n += 1;
-            }
+            kept.push(Cand {
+                model: m,
+                order: order as u32,
+                cost: estimate_cost(p, m, r),
+                stats: s.model(m),
+                ..CAND0
+            });
         }
-        let cands = cands.get_mut(..n).unwrap_or(&mut []);
+        let cands = kept.as_mut_slice();
         score(p, route.weights, cands);
         for c in cands.iter() {
             tr.scored(c);
