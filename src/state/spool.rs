@@ -462,7 +462,9 @@ impl Spool {
     /// survives the process dying. On `Err` the caller must record the entry
     /// some other way (a torn line is skipped at replay).
     pub fn append(&self, e: &LedgerEntry) -> io::Result<()> {
-        let mut line = serde_json::to_vec(e)?;
+        // Sized for a typical entry, so the line is not regrown as it is written.
+        let mut line = Vec::with_capacity(256);
+        serde_json::to_writer(&mut line, e)?;
         line.push(b'\n');
         let f = self.file.load();
         // One write on an O_APPEND file: the kernel places it at the end
