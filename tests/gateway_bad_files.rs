@@ -1139,9 +1139,8 @@ fn sighup(pid: u32) {
     assert!(ok.success());
 }
 
-#[test]
-fn a_running_gateway_keeps_its_last_good_policy_through_every_broken_edit() {
-    let all = cases();
+/// A gateway on the good setup, reloading only when told (SIGHUP, admin).
+fn start_good_without_watcher() -> (tempfile::TempDir, binary::Server) {
     let dir = tempfile::tempdir().unwrap();
     lay_out(dir.path(), None);
     let server = binary::Server::start(
@@ -1150,6 +1149,13 @@ fn a_running_gateway_keeps_its_last_good_policy_through_every_broken_edit() {
         &["--no-watch"],
         &ENVS,
     );
+    (dir, server)
+}
+
+#[test]
+fn a_running_gateway_keeps_its_last_good_policy_through_every_broken_edit() {
+    let all = cases();
+    let (dir, server) = start_good_without_watcher();
     let pid = server.child.id();
     let addr = server.addr.clone();
     let (_, version) = chat(&addr);
@@ -1243,14 +1249,7 @@ fn a_running_gateway_keeps_its_last_good_policy_through_every_broken_edit() {
 
 #[test]
 fn an_admin_reload_answers_with_the_outcome_and_keeps_the_good_policy() {
-    let dir = tempfile::tempdir().unwrap();
-    lay_out(dir.path(), None);
-    let server = binary::Server::start(
-        dir.path(),
-        &dir.path().join("gateway.yaml"),
-        &["--no-watch"],
-        &ENVS,
-    );
+    let (dir, server) = start_good_without_watcher();
     let addr = server.addr.clone();
     let (_, version) = chat(&addr);
 

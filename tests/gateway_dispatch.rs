@@ -56,15 +56,7 @@ async fn the_upstream_gets_the_clients_bytes_with_only_the_model_replaced() {
     // tree written back out would change all four.
     let sent = r#"{"seed": 18446744073709551617, "model": "auto",
         "messages": [{"role": "user", "content": "caf\u00e9"}], "temperature": 1.0E0}"#;
-    let r = gw
-        .client
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth("sk-demo")
-        .header("content-type", "application/json")
-        .body(sent)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat_raw("sk-demo", sent).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let got = String::from_utf8(a.raw_bodies.lock().unwrap()[0].clone()).unwrap();
     assert_eq!(got, sent.replace(r#""auto""#, r#""model-a""#));
@@ -77,11 +69,10 @@ async fn a_second_model_field_is_refused_before_any_upstream() {
     // An upstream that keeps the first `model` would serve a model the
     // gateway never decided on.
     let r = gw
-        .client
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth("sk-demo")
-        .header("content-type", "application/json")
-        .body(r#"{"model":"other","messages":[{"role":"user","content":"hi"}],"model":"auto"}"#)
+        .chat_raw(
+            "sk-demo",
+            r#"{"model":"other","messages":[{"role":"user","content":"hi"}],"model":"auto"}"#,
+        )
         .send()
         .await
         .unwrap();

@@ -247,6 +247,15 @@ impl Gw {
             .bearer_auth(key)
             .json(&body)
     }
+
+    /// A chat request with this exact body, byte for byte.
+    pub fn chat_raw(&self, key: &str, body: &'static str) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}/v1/chat/completions", self.url))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(body)
+    }
 }
 
 pub fn header(r: &reqwest::Response, name: &str) -> String {
