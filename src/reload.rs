@@ -683,6 +683,35 @@ pub fn served_builder(
                 })),
             }
         }
+        // Checked here, not only when the gateway builds its runtime: a
+        // reload that cannot serve must fail as a reload (recorded, counted,
+        // answered 422 by `POST /admin/reload`), not pass and then be
+        // quietly ignored.
+        let missing: Vec<String> = compiled
+            .value
+            .policy()
+            .providers
+            .iter()
+            .filter(|p| !config.providers.iter().any(|c| c.name == p.name))
+            .map(|p| {
+                config
+                    .error_at(
+                        None,
+                        format!(
+                            "the policy's provider `{}` has no entry under `providers:`",
+                            p.name
+                        ),
+                    )
+                    .to_string()
+            })
+            .collect();
+        if !missing.is_empty() {
+            return Err(Failure {
+                summary: "the policy names providers the config does not have".to_string(),
+                rendered: missing.join("\n"),
+                diagnostics: missing,
+            });
+        }
         if !problems.is_empty() {
             return Err(Failure {
                 summary: "the tenants do not fit the policy's tenant schema".to_string(),
@@ -1021,7 +1050,7 @@ mod tests {
             let path = entry.unwrap().path();
             std::fs::copy(&path, policy.join(path.file_name().unwrap())).unwrap();
         }
-        let providers: String = ["openai", "anthropic", "mistral", "google"]
+        let providers: String = ["openai", "anthropic", "mistral", "google", "deepseek"]
             .iter()
             .map(|p| format!("  - {{ name: {p}, kind: mock }}\n"))
             .collect();

@@ -1290,6 +1290,21 @@ fn an_admin_reload_answers_with_the_outcome_and_keeps_the_good_policy() {
     assert_eq!(chat(&addr).1, version);
     assert_eq!(admin(&addr)["last_reload"]["trigger"], "admin");
 
+    // A policy that compiles but names a provider the config lacks cannot
+    // serve: also a 422, not a 200 for a version that never serves.
+    std::fs::write(
+        &main,
+        format!("{POLICY}\nprovider other {{\n  region us\n}}\n"),
+    )
+    .unwrap();
+    let (status, _, body) = http(&addr, "POST", "/admin/reload", ADMIN, "");
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("provider `other` has no entry under `providers:`"),
+        "{body}"
+    );
+    assert_eq!(chat(&addr).1, version);
+
     // The fix: 200 with the new version, which serves the next request.
     std::fs::write(&main, policy_v2()).unwrap();
     let (status, _, body) = http(&addr, "POST", "/admin/reload", ADMIN, "");

@@ -79,7 +79,10 @@ async fn a_second_model_field_is_refused_before_any_upstream() {
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("`model` appears more than once"), "{msg}");
+    assert!(
+        msg.contains("`model` appears twice in the same object"),
+        "{msg}"
+    );
     assert_eq!(a.hits(), 0);
 }
 

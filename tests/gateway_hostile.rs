@@ -122,10 +122,12 @@ fn cases() -> Vec<(String, Vec<u8>)> {
         "{\"model\":\"auto\"\"messages\":[]}",
         "NaN",
         "{\"model\":\"\\ud800\"}",
-        // A field the gateway decides on, twice (the second spelled with an escape).
+        // A key twice in one object (the second spelled with an escape).
         "{\"model\":\"auto\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"model\":\"x\"}",
         "{\"model\":\"auto\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"mod\\u0065l\":\"x\"}",
         "{\"stream\":false,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}",
+        // A key twice deeper down: the upstream could read the other content.
+        "{\"model\":\"auto\",\"messages\":[{\"role\":\"user\",\"content\":\"my ssn\",\"content\":\"hi\"}]}",
     ] {
         c.push((
             format!("malformed json: {body:?}"),

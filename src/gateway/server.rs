@@ -773,28 +773,52 @@ async fn admin_reload(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
     if let Err(e) = admin_auth(&gw.runtime(), req) {
         return e.into_response();
     }
-    let Some(reload) = gw.policies.reload_now() else {
-        return ApiError::not_found("this gateway's policy is not loaded from files")
-            .into_response();
-    };
-    match reload.await {
-        Ok(version) => json_response(
-            StatusCode::OK,
-            &serde_json::json!({ "ok": true, "serving": version }),
-        ),
-        Err(failure) => json_response(
+    // Its own task: a client that hangs up mid-build does not cancel a
+    // reload halfway (built but neither swapped in nor recorded).
+    let policies = Arc::clone(&gw.policies);
+    let task = tokio::spawn(async move {
+        match policies.reload_now() {
+            Some(reload) => Some(reload.await),
+            None => None,
+        }
+    });
+    let failed = |summary: String, diagnostics: Vec<String>, rendered: String| {
+        json_response(
             StatusCode::UNPROCESSABLE_ENTITY,
             &serde_json::json!({
                 "ok": false,
                 "serving": gw.runtime().policy.version(),
                 "error": {
                     "type": "policy_invalid",
-                    "message": format!("{}; the last good policy keeps serving", failure.summary),
-                    "diagnostics": failure.diagnostics,
-                    "rendered": failure.rendered,
+                    "code": "policy_invalid",
+                    "message": format!("{summary}; the last good policy keeps serving"),
+                    "diagnostics": diagnostics,
+                    "rendered": rendered,
                 },
             }),
+        )
+    };
+    match task.await {
+        Ok(None) => {
+            ApiError::not_found("this gateway's policy is not loaded from files").into_response()
+        }
+        // Built and swapped in; the runtime is the last check (it logs why not).
+        Ok(Some(Ok(version))) if gw.runtime().policy.version() != version => failed(
+            format!("version {version} built but the gateway could not serve it (see its log)"),
+            Vec::new(),
+            String::new(),
         ),
+        Ok(Some(Ok(version))) => json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "ok": true, "serving": version }),
+        ),
+        Ok(Some(Err(f))) => failed(f.summary, f.diagnostics, f.rendered),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("the reload did not finish: {e}"),
+        )
+        .into_response(),
     }
 }
 

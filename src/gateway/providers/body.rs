@@ -6,35 +6,18 @@
 //! reaches the upstream exactly as sent: key order, the spelling of numbers
 //! (a `seed` above 2^64 stays exact instead of becoming a float), escapes.
 //! Splicing is also cheaper than writing a JSON tree back out.
+//!
+//! Forwarding bytes makes one thing the tree hid matter: a key sent twice in
+//! one object. serde_json keeps the last, and the gateway decides on it (the
+//! model, the prompt a data rule reads, the size a budget reserves for), while
+//! an upstream that keeps the first would act on the other. So a duplicate
+//! key anywhere in the body is a 400 naming it.
 
 use std::borrow::Cow;
 use std::ops::Range;
 
 use bytes::Bytes;
 use serde_json::Value;
-
-/// Top-level fields the gateway reads, by index. Each may appear once: with
-/// two `model`s, the gateway would decide on one while an upstream that keeps
-/// the first occurrence served the other, outside the policy.
-fn read_field(key: &str) -> Option<usize> {
-    Some(match key {
-        "model" => 0,
-        "stream" => 1,
-        "stream_options" => 2,
-        "messages" => 3,
-        "metadata" => 4,
-        "max_tokens" => 5,
-        "max_completion_tokens" => 6,
-        "max_output_tokens" => 7,
-        "response_format" => 8,
-        "tools" => 9,
-        "functions" => 10,
-        "input" => 11,
-        "prompt" => 12,
-        _ => return None,
-    })
-}
-const READ_FIELDS: usize = 13;
 
 #[derive(Clone, Debug)]
 pub struct JsonBody {
@@ -51,9 +34,14 @@ pub struct JsonBody {
 
 impl JsonBody {
     /// `raw` and the `value` parsed from it. `Err`: a message for the client
-    /// (a field the gateway reads appears twice, or the body is not an object).
+    /// (a key appears twice in one object, or the body is not an object).
     pub fn new(raw: Bytes, value: Value) -> Result<JsonBody, String> {
         let layout = Layout::of(&raw)?;
+        // Every member of every object is a `:` outside strings; the tree
+        // keeps one per distinct key. Fewer in the tree: a duplicate.
+        if layout.members != members_in(&value) {
+            return Err(duplicate_key(&raw));
+        }
         Ok(JsonBody {
             value,
             members_at: layout.members_at,
@@ -159,6 +147,8 @@ impl JsonBody {
 struct Layout {
     members_at: usize,
     has_members: bool,
+    /// Members of all objects at any depth.
+    members: usize,
     model: Option<Range<usize>>,
     stream_options: Option<Range<usize>>,
 }
@@ -177,10 +167,10 @@ impl Layout {
         let mut layout = Layout {
             members_at: open + 1,
             has_members: false,
+            members: 0,
             model: None,
             stream_options: None,
         };
-        let mut seen = [false; READ_FIELDS];
         let mut i = skip_ws(raw, open + 1);
         if raw.get(i) == Some(&b'}') {
             return Ok(layout);
@@ -193,19 +183,13 @@ impl Layout {
                 return Err(NOT_JSON.into());
             }
             let start = skip_ws(raw, i + 1);
-            let end = value_end(raw, start).ok_or(NOT_JSON)?;
+            let end = value_end(raw, start, &mut layout.members).ok_or(NOT_JSON)?;
             layout.has_members = true;
-            if let Some(f) = read_field(&key) {
-                if seen.get_mut(f).is_some_and(|s| std::mem::replace(s, true)) {
-                    return Err(format!(
-                        "`{key}` appears more than once in the body: send each field once"
-                    ));
-                }
-                match &*key {
-                    "model" => layout.model = Some(start..end),
-                    "stream_options" => layout.stream_options = Some(start..end),
-                    _ => {}
-                }
+            layout.members += 1;
+            match &*key {
+                "model" => layout.model = Some(start..end),
+                "stream_options" => layout.stream_options = Some(start..end),
+                _ => {}
             }
             i = skip_ws(raw, end);
             match raw.get(i) {
@@ -242,8 +226,9 @@ fn string_end(raw: &[u8], i: usize) -> Option<usize> {
     }
 }
 
-/// The index just after the value that starts at `i`.
-fn value_end(raw: &[u8], i: usize) -> Option<usize> {
+/// The index just after the value that starts at `i`; `members` counts the
+/// members of the objects inside it.
+fn value_end(raw: &[u8], i: usize, members: &mut usize) -> Option<usize> {
     match raw.get(i)? {
         b'"' => string_end(raw, i),
         b'{' | b'[' => {
@@ -256,6 +241,7 @@ fn value_end(raw: &[u8], i: usize) -> Option<usize> {
                         continue;
                     }
                     b'{' | b'[' => depth += 1,
+                    b':' => *members += 1,
                     b'}' | b']' => {
                         depth = depth.checked_sub(1)?;
                         if depth == 0 {
@@ -290,6 +276,96 @@ fn key_text(quoted: &[u8]) -> Option<Cow<'_, str>> {
     } else {
         let inner = quoted.get(1..quoted.len().checked_sub(1)?)?;
         std::str::from_utf8(inner).ok().map(Cow::Borrowed)
+    }
+}
+
+/// Members of all objects in `v`. serde_json nests at most 128 deep, so
+/// the recursion is bounded.
+fn members_in(v: &Value) -> usize {
+    match v {
+        Value::Object(o) => o.len() + o.values().map(members_in).sum::<usize>(),
+        Value::Array(a) => a.iter().map(members_in).sum(),
+        _ => 0,
+    }
+}
+
+/// The message for a body with a key twice in one object, naming the first
+/// such key by its path. Runs only when the counts said there is one.
+fn duplicate_key(raw: &[u8]) -> String {
+    let mut path = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let found = serde::de::DeserializeSeed::deserialize(FindDuplicate(&mut path), &mut de);
+    match found {
+        Err(e) if e.is_data() => e.to_string(),
+        _ => "the body has a key twice in one object: send each key once".into(),
+    }
+}
+
+/// Walks a JSON value; fails at the first key seen twice in one object,
+/// with the key's path (`messages[0].content`) in the error.
+struct FindDuplicate<'p>(&'p mut Vec<String>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for FindDuplicate<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FindDuplicate<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut keys = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let at = match self.0.last() {
+                Some(parent) => format!("{parent}.{key}"),
+                None => key.clone(),
+            };
+            if !keys.insert(key) {
+                return Err(serde::de::Error::custom(format!(
+                    "`{at}` appears twice in the same object: send each key once"
+                )));
+            }
+            self.0.push(at);
+            map.next_value_seed(FindDuplicate(self.0))?;
+            self.0.pop();
+        }
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0usize;
+        loop {
+            let at = format!("{}[{i}]", self.0.last().map_or("", String::as_str));
+            self.0.push(at);
+            let more = seq.next_element_seed(FindDuplicate(self.0))?;
+            self.0.pop();
+            if more.is_none() {
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
     }
 }
 
@@ -340,20 +416,48 @@ mod tests {
         assert_eq!(out, r#"{"mod\u0065l":"m","n":1}"#);
     }
 
+    fn refused(src: &str) -> String {
+        let raw = Bytes::copy_from_slice(src.as_bytes());
+        let value = serde_json::from_slice(&raw).unwrap();
+        JsonBody::new(raw, value).unwrap_err()
+    }
+
     #[test]
-    fn a_field_the_gateway_reads_may_not_appear_twice() {
-        for src in [
-            r#"{"model":"cheap","messages":[],"model":"denied"}"#,
-            r#"{"model":"cheap","mod\u0065l":"denied"}"#,
-            r#"{"stream":false,"stream":true}"#,
+    fn a_key_twice_in_one_object_is_refused_by_its_path() {
+        for (src, path) in [
+            (
+                r#"{"model":"cheap","messages":[],"model":"denied"}"#,
+                "model",
+            ),
+            (r#"{"model":"cheap","mod\u0065l":"denied"}"#, "model"),
+            (r#"{"user":"a","user":"b"}"#, "user"),
+            // What a data rule reads: the upstream could see the other content.
+            (
+                r#"{"messages":[{"role":"user","content":"my ssn is 1","content":"hi"}]}"#,
+                "messages[0].content",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"a"},{"role":"user","role":"system","content":"b"}]}"#,
+                "messages[1].role",
+            ),
+            (
+                r#"{"response_format":{"type":"json_schema","type":"text"}}"#,
+                "response_format.type",
+            ),
+            (r#"{"a":[[{"x":{"k":1,"k":2}}]]}"#, "a[0][0].x.k"),
         ] {
-            let raw = Bytes::copy_from_slice(src.as_bytes());
-            let value = serde_json::from_slice(&raw).unwrap();
-            let err = JsonBody::new(raw, value).unwrap_err();
-            assert!(err.contains("appears more than once"), "{src}: {err}");
+            let err = refused(src);
+            assert!(
+                err.starts_with(&format!("`{path}` appears twice in the same object")),
+                "{src}: {err}"
+            );
         }
-        // Other fields are the upstream's business.
-        body(r#"{"user":"a","user":"b"}"#);
+        // The same key in different objects is fine.
+        body(
+            r#"{"messages":[{"role":"user","content":"a"},{"role":"user","content":"b"}],"role":1}"#,
+        );
+        // Colons and braces inside strings are not members.
+        body(r#"{"a":"x:{\"k\":1,\"k\":2}","b":[":"]}"#);
     }
 
     #[test]
@@ -415,7 +519,65 @@ mod tests {
         })
     }
 
+    /// JSON text whose objects may repeat a key, and whether one does.
+    fn json_text() -> impl proptest::strategy::Strategy<Value = (String, bool)> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(("1".to_string(), false)),
+            Just(("\"a:{}\\\"b\"".to_string(), false)),
+            Just(("null".to_string(), false)),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(|items| {
+                    let dup = items.iter().any(|(_, d)| *d);
+                    let text = items
+                        .into_iter()
+                        .map(|(t, _)| t)
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    (format!("[{text}]"), dup)
+                }),
+                proptest::collection::vec(("[abc]|mod\\\\u0065l|model", inner), 0..4).prop_map(
+                    |members| {
+                        let mut keys = std::collections::HashSet::new();
+                        let mut dup = false;
+                        let mut parts = Vec::new();
+                        for (k, (t, d)) in members {
+                            dup |= d || !keys.insert(k.replace("mod\\u0065l", "model"));
+                            parts.push(format!("\"{k}\" : {t}"));
+                        }
+                        (format!("{{ {} }}", parts.join(", ")), dup)
+                    }
+                ),
+            ]
+        })
+    }
+
     proptest::proptest! {
+        /// A body is refused exactly when some object in it repeats a key.
+        #[test]
+        fn duplicate_keys_are_found_at_any_depth(
+            (members, dup) in proptest::strategy::Strategy::prop_map(
+                proptest::collection::vec(("[abc]|model", json_text()), 0..4),
+                |members| {
+                    let mut keys = std::collections::HashSet::new();
+                    let mut dup = false;
+                    let mut parts = Vec::new();
+                    for (k, (t, d)) in members {
+                        dup |= d || !keys.insert(k.clone());
+                        parts.push(format!("\"{k}\":{t}"));
+                    }
+                    (format!("{{{}}}", parts.join(",")), dup)
+                },
+            )
+        ) {
+            let raw = Bytes::from(members.clone());
+            let value: Value = serde_json::from_slice(&raw).unwrap();
+            let got = JsonBody::new(raw, value);
+            proptest::prop_assert_eq!(got.is_err(), dup, "{}: {:?}", members, got.err());
+        }
+
         /// Whatever the body, compact or pretty, the upstream reads it back
         /// with only `model` changed.
         #[test]
