@@ -746,7 +746,11 @@ impl Tracker {
             }
             // Some APIs send `"usage": null` in every chunk and the counts in the last.
             if USAGE_KEY.find(&e.data).is_some() {
-                if let Ok(Some(u)) = Usage::from_openai_bytes(&e.data) {
+                // Lossy, as the text readers are: one bad byte elsewhere in
+                // the chunk must not lose the counts.
+                if let Ok(Some(u)) =
+                    Usage::from_openai_bytes(String::from_utf8_lossy(&e.data).as_bytes())
+                {
                     self.usage = Some(u);
                     continue;
                 }

@@ -22,7 +22,8 @@ pub struct Parser {
     has_data: bool,
     /// The last byte was `\r`, so a following `\n` belongs to the same line end.
     after_cr: bool,
-    /// Bounds memory for hostile upstreams that never end a line.
+    /// Bounds memory for hostile upstreams that never end a line, or never
+    /// end an event: the longest line, and the most data an event keeps.
     max_line: usize,
 }
 
@@ -103,10 +104,14 @@ impl Parser {
         let value = value.strip_prefix(b" ".as_slice()).unwrap_or(value);
         match field {
             b"data" => {
-                if self.has_data {
+                let room = self.max_line.saturating_sub(self.current.data.len());
+                if self.has_data && room > 0 {
                     self.current.data.push(b'\n');
                 }
-                self.current.data.extend_from_slice(value);
+                let room = self.max_line.saturating_sub(self.current.data.len());
+                self.current
+                    .data
+                    .extend_from_slice(value.get(..room.min(value.len())).unwrap_or_default());
                 self.has_data = true;
             }
             b"event" => self.current.event = Some(String::from_utf8_lossy(value).into_owned()),
@@ -165,6 +170,21 @@ mod tests {
         for size in 1..text.len() {
             assert_eq!(parse_in_chunks(text, size), expect, "chunk size {size}");
         }
+    }
+
+    #[test]
+    fn an_event_that_never_ends_holds_bounded_data() {
+        let mut p = Parser {
+            max_line: 64,
+            ..Parser::default()
+        };
+        for _ in 0..1000 {
+            assert!(p.feed(b"data: 0123456789\n").is_empty());
+        }
+        assert!(p.current.data.len() <= 64, "{}", p.current.data.len());
+        let events = p.feed(b"\n");
+        assert_eq!(events.len(), 1);
+        assert!(events[0].data.starts_with(b"0123456789\n0123456789"));
     }
 
     #[test]
