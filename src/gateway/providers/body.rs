@@ -296,7 +296,17 @@ fn duplicate_key(raw: &[u8]) -> String {
     let mut de = serde_json::Deserializer::from_slice(raw);
     let found = serde::de::DeserializeSeed::deserialize(FindDuplicate(&mut path), &mut de);
     match found {
-        Err(e) if e.is_data() => e.to_string(),
+        // The error is the key's path; serde_json adds where it is.
+        Err(e) if e.is_data() => {
+            let text = e.to_string();
+            let at = format!(" at line {} column {}", e.line(), e.column());
+            let path = text.strip_suffix(&at).unwrap_or(&text);
+            format!(
+                "`{path}` appears twice in the same object (line {}, column {}): send each key once",
+                e.line(),
+                e.column()
+            )
+        }
         _ => "the body has a key twice in one object: send each key once".into(),
     }
 }
@@ -326,9 +336,7 @@ impl<'de> serde::de::Visitor<'de> for FindDuplicate<'_> {
                 None => key.clone(),
             };
             if !keys.insert(key) {
-                return Err(serde::de::Error::custom(format!(
-                    "`{at}` appears twice in the same object: send each key once"
-                )));
+                return Err(serde::de::Error::custom(at));
             }
             self.0.push(at);
             map.next_value_seed(FindDuplicate(self.0))?;
@@ -448,7 +456,9 @@ mod tests {
         ] {
             let err = refused(src);
             assert!(
-                err.starts_with(&format!("`{path}` appears twice in the same object")),
+                err.starts_with(&format!(
+                    "`{path}` appears twice in the same object (line 1, column "
+                )),
                 "{src}: {err}"
             );
         }
