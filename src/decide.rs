@@ -216,6 +216,53 @@ impl RequestFeatures {
         f
     }
 
+    /// Checks the values sent for the policy's declared request attributes
+    /// against their types. A value that fits no rule (an enum variant with
+    /// a typo, `yes please` for a bool) would otherwise read as a value no
+    /// condition matches and silently skip a constraint; it is refused here,
+    /// naming the attribute, the value and what it accepts.
+    pub fn check_declared(&self, p: &CompiledPolicy) -> Result<(), String> {
+        for attr in &p.policy().request_attrs {
+            let sent = if attr.name == "feature" {
+                self.feature.as_deref()
+            } else {
+                self.meta
+                    .iter()
+                    .find(|(k, _)| *k == attr.name)
+                    .map(|(_, v)| v.as_str())
+            };
+            let Some(v) = sent else { continue };
+            let expected = match &attr.ty {
+                Type::String | Type::List(_) => continue,
+                Type::Bool if !matches!(typed(MetaKind::Bool, v), FieldVal::Missing) => continue,
+                Type::Number if !matches!(typed(MetaKind::Num, v), FieldVal::Missing) => continue,
+                Type::Enum(names) if names.iter().any(|n| n == v) => continue,
+                Type::Bool => "`true` or `false`".to_string(),
+                Type::Number => "a number".to_string(),
+                Type::Enum(names) => format!(
+                    "one of {}",
+                    names
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            let how = if attr.name == "feature" {
+                "`x-routeplane-feature` or `metadata.feature`".to_string()
+            } else {
+                format!("`x-routeplane-meta-{0}` or `metadata.{0}`", attr.name)
+            };
+            let shown: String = v.chars().take(64).collect();
+            let cut = if shown.len() < v.len() { "..." } else { "" };
+            return Err(format!(
+                "request attribute `{}` is `{shown}{cut}`, which the policy does not accept: send {expected} ({how})",
+                attr.name
+            ));
+        }
+        Ok(())
+    }
+
     /// True when the request leaves the choice to the policy.
     pub fn is_auto(&self) -> bool {
         self.model
@@ -465,7 +512,10 @@ fn typed(kind: MetaKind, v: &str) -> FieldVal<'_> {
             "false" | "0" | "no" => FieldVal::Bool(false),
             _ => FieldVal::Missing,
         },
-        MetaKind::Num => v.trim().parse().map_or(FieldVal::Missing, FieldVal::Num),
+        MetaKind::Num => match v.trim().parse::<f64>() {
+            Ok(n) if n.is_finite() => FieldVal::Num(n),
+            _ => FieldVal::Missing,
+        },
     }
 }
 

@@ -348,6 +348,18 @@ impl Lowerer {
                 );
                 continue;
             }
+            if let (ast::SchemaScope::Request, ast::TypeExpr::List(_, span)) = (s.scope, &a.ty) {
+                // A client sends one string per attribute (a header or a
+                // `metadata` string); a list could only ever hold its default.
+                self.err(
+                    "unsupported-type",
+                    format!("`request.{name}` cannot be a list"),
+                    *span,
+                    "requests send one value per attribute",
+                    "declare it as `string` or `enum(...)`; lists are for tenant attributes, set in the gateway config",
+                );
+                continue;
+            }
             let ty = lower_type(&a.ty);
             let default = match &a.default {
                 Some(lit) => {

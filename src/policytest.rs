@@ -316,6 +316,22 @@ pub fn run_case(p: &CompiledPolicy, file: &TestFile, case: &Case) -> Vec<String>
         Err(e) => return vec![e],
     };
     let r = case.request.features();
+    let declared = |k: &str| p.policy().request_attrs.iter().any(|a| a.name == k);
+    let undeclared: Vec<String> = case
+        .request
+        .meta
+        .keys()
+        .filter(|k| !declared(k))
+        .map(|k| {
+            format!("request attribute `{k}` is not declared: add it to a `request {{ }}` block or remove it from the test")
+        })
+        .collect();
+    if !undeclared.is_empty() {
+        return undeclared;
+    }
+    if let Err(e) = r.check_declared(p) {
+        return vec![e];
+    }
     let d = decide(p, &tenant, &r, &stats);
     check(p, &d, &case.expect)
 }

@@ -79,6 +79,7 @@ pub const RULES: &[Rule] = &[
     error("duplicate-property", "a property is given twice in one declaration"),
     error("missing-property", "a required property is missing"),
     error("type-mismatch", "a value does not have the type of the field it is compared with"),
+    error("unsupported-type", "a request attribute is declared with a type a request cannot send (a list)"),
     error("unit-mismatch", "a quantity has the wrong unit or none where one is required"),
     error("invalid-range", "a number is outside its allowed range"),
     error("invalid-regex", "a regular expression does not compile"),
@@ -1115,7 +1116,7 @@ mod tests {
                 r.name
             );
         }
-        assert_eq!(RULES.len(), 34);
+        assert_eq!(RULES.len(), 35);
         assert!(rule("route::zero-weights").is_some_and(|r| r.severity == Severity::Warning));
     }
 }

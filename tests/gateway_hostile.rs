@@ -361,7 +361,101 @@ fn cases() -> Vec<(String, Vec<u8>)> {
             ),
         ));
     }
+    // Routing headers and metadata that do not fit what the policy declares.
+    let hi = br#"{"model":"auto","messages":[{"role":"user","content":"hi"}]}"#;
+    for (name, headers) in [
+        (
+            "enum value with a typo",
+            "X-Routeplane-Meta-Priority: hihg\r\n".to_string(),
+        ),
+        (
+            "enum value in capitals",
+            "X-Routeplane-Meta-Priority: HIGH\r\n".to_string(),
+        ),
+        (
+            "feature tag of 4 KB",
+            format!("X-Routeplane-Feature: {}\r\n", "f".repeat(4096)),
+        ),
+        (
+            "confirm header `maybe`",
+            "X-Routeplane-Confirm: maybe\r\n".to_string(),
+        ),
+    ] {
+        c.push((name.into(), post(CHAT, &format!("{AUTH}{headers}"), hi)));
+    }
+    let mut latin1 = post(CHAT, AUTH, hi);
+    let at = latin1.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 2;
+    latin1.splice(at..at, b"X-Routeplane-Feature: caf\xe9\r\n".iter().copied());
+    c.push(("feature tag not ASCII".into(), latin1));
+    c.push((
+        "metadata enum value with a typo".into(),
+        post(
+            CHAT,
+            AUTH,
+            br#"{"model":"auto","metadata":{"priority":"hihg"},"messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+    ));
     c
+}
+
+/// A value the policy would not recognise is refused with a message that
+/// names the attribute, the value and what it accepts, not routed as if the
+/// client had sent nothing.
+#[test]
+fn routing_values_that_do_not_fit_the_policy_are_refused_by_name() {
+    let server = start();
+    let hi = br#"{"model":"auto","messages":[{"role":"user","content":"hi"}]}"#;
+    let ask = |headers: &str, body: &[u8]| {
+        let (status, body) = raw(&server.addr, &post(CHAT, &format!("{AUTH}{headers}"), body));
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        (
+            status,
+            json["error"]["message"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let (status, message) = ask("X-Routeplane-Meta-Priority: hihg\r\n", hi);
+    assert_eq!(status, 400, "{message}");
+    assert!(
+        message.contains("`priority` is `hihg`")
+            && message.contains("one of `low`, `normal`, `high`")
+            && message.contains("x-routeplane-meta-priority"),
+        "{message}"
+    );
+    let (status, message) = ask(
+        "",
+        br#"{"model":"auto","metadata":{"priority":"urgent"},"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(status, 400, "{message}");
+    assert!(message.contains("`priority` is `urgent`"), "{message}");
+    let (status, message) = ask("X-Routeplane-Confirm: maybe\r\n", hi);
+    assert_eq!(status, 400, "{message}");
+    assert!(
+        message.contains("`x-routeplane-confirm` is `maybe`"),
+        "{message}"
+    );
+    let (status, message) = ask(
+        &format!("X-Routeplane-Feature: {}\r\n", "f".repeat(129)),
+        hi,
+    );
+    assert_eq!(status, 400, "{message}");
+    assert!(
+        message.contains("129 bytes") && message.contains("128"),
+        "{message}"
+    );
+    // What fits is served: a declared variant, a confirmation declined, an undeclared attribute.
+    for headers in [
+        "X-Routeplane-Meta-Priority: high\r\n",
+        "X-Routeplane-Confirm: no\r\n",
+        "X-Routeplane-Meta-Anything: at all\r\n",
+    ] {
+        let (status, message) = ask(headers, hi);
+        assert_eq!(status, 200, "{headers}: {message}");
+    }
+    let (status, message) = ask(
+        &format!("X-Routeplane-Feature: {}\r\n", "f".repeat(128)),
+        hi,
+    );
+    assert_eq!(status, 200, "{message}");
 }
 
 fn assert_serves(addr: &str) {

@@ -561,3 +561,64 @@ fn classification_tree_switches_and_indexes() {
         "late",
     );
 }
+
+#[test]
+fn sent_request_attributes_are_checked_against_their_declared_types() {
+    let mut src = Sources::new();
+    src.add(
+        "p.route",
+        r#"request {
+  feature: enum(search, other) = other
+  sensitivity: enum(public, confidential) = public
+  urgent: bool = false
+  weight: number = 1
+  note: string = ""
+}
+provider p { region us }
+model m { provider p kind chat }
+constraints {
+  secret: deny models where model.quality > 2 when request.sensitivity == confidential and request.urgent and request.weight > 1 and request.note == "x" and request.feature == search
+}
+classify { chat otherwise }
+route chat { candidates [m] }
+"#,
+    );
+    let p = crate::compile::compile(&src).unwrap();
+    let with = |feature: Option<&str>, meta: &[(&str, &str)]| RequestFeatures {
+        feature: feature.map(str::to_string),
+        meta: meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..RequestFeatures::default()
+    };
+    let fine = [
+        with(None, &[]),
+        with(Some("search"), &[("sensitivity", "confidential")]),
+        with(None, &[("urgent", "yes"), ("urgent2", "whatever")]),
+        with(None, &[("weight", " 2.5 "), ("note", "anything at all")]),
+    ];
+    for r in &fine {
+        assert_eq!(r.check_declared(&p), Ok(()), "{r:?}");
+    }
+    for (r, want) in [
+        (
+            with(None, &[("sensitivity", "Confidential")]),
+            "`sensitivity` is `Confidential`, which the policy does not accept: send one of `public`, `confidential` (`x-routeplane-meta-sensitivity` or `metadata.sensitivity`)",
+        ),
+        (
+            with(Some("serch"), &[]),
+            "`feature` is `serch`, which the policy does not accept: send one of `search`, `other` (`x-routeplane-feature` or `metadata.feature`)",
+        ),
+        (with(None, &[("urgent", "yes please")]), "send `true` or `false`"),
+        (with(None, &[("weight", "NaN")]), "send a number"),
+        (with(None, &[("weight", "1e999")]), "send a number"),
+    ] {
+        let got = r.check_declared(&p).unwrap_err();
+        assert!(got.contains(want), "{got}");
+    }
+    let long = with(Some(&"x".repeat(500)), &[])
+        .check_declared(&p)
+        .unwrap_err();
+    assert!(long.contains(&format!("`{}...`", "x".repeat(64))), "{long}");
+}

@@ -344,22 +344,58 @@ fn features(
         let body = JsonBody::new(body, v).map_err(ApiError::bad_request)?;
         (features, ClientBody::Json(body))
     };
-    if let Some(feature) = header_str(parts, "x-routeplane-feature") {
+    if let Some(feature) = routing_header(parts, "x-routeplane-feature")? {
         f.feature = Some(feature.to_string());
     }
-    if let Some(c) = header_str(parts, "x-routeplane-confirm") {
-        f.confirmed = matches!(c.to_ascii_lowercase().as_str(), "true" | "1" | "yes");
+    if let Some(feature) = &f.feature {
+        if feature.len() > MAX_FEATURE_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "the feature tag is {} bytes long: a feature tag names a part of your product in at most {MAX_FEATURE_BYTES} bytes",
+                feature.len()
+            )));
+        }
     }
-    for (name, value) in &parts.headers {
-        if let (Some(meta), Ok(v)) = (
-            name.as_str().strip_prefix("x-routeplane-meta-"),
-            value.to_str(),
-        ) {
+    if let Some(c) = routing_header(parts, "x-routeplane-confirm")? {
+        f.confirmed = match c.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "`x-routeplane-confirm` is `{c}`: send `true` to confirm premium spend, or leave the header out"
+                )))
+            }
+        };
+    }
+    for name in parts.headers.keys() {
+        if let Some(meta) = name.as_str().strip_prefix("x-routeplane-meta-") {
+            let v = routing_header(parts, name.as_str())?.unwrap_or_default();
             f.meta.retain(|(k, _)| k != meta);
             f.meta.push((meta.to_string(), v.to_string()));
         }
     }
     Ok((f, body))
+}
+
+/// The longest feature tag accepted. Tags key budgets, ledger rows and
+/// decision log lines, so an unbounded one would grow all three per request.
+const MAX_FEATURE_BYTES: usize = 128;
+
+/// A routing header, trimmed; `None` when absent or empty. A value that is
+/// not visible ASCII is refused rather than ignored: ignoring it would route
+/// the request as if the client had not asked.
+fn routing_header<'a>(
+    parts: &'a hyper::http::request::Parts,
+    name: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    let Some(v) = parts.headers.get(name) else {
+        return Ok(None);
+    };
+    let v = v.to_str().map_err(|_| {
+        ApiError::bad_request(format!(
+            "the header `{name}` is not plain ASCII text: send visible ASCII characters only"
+        ))
+    })?;
+    Ok(Some(v.trim()).filter(|v| !v.is_empty()))
 }
 
 /// Shape checks on the fields the gateway reads (see `validate`): a wrong type
@@ -526,6 +562,9 @@ async fn prepare(
 ) -> Result<Prepared, (ApiError, Option<String>)> {
     let (parts, body) = read_body(rt, req).await.map_err(|e| (e, None))?;
     let (features, mut body) = features(endpoint, &parts, body).map_err(|e| (e, None))?;
+    features
+        .check_declared(&rt.policy)
+        .map_err(|m| (ApiError::bad_request(m), None))?;
     let slots = request_limits(gw, rt, &tenant.id, &features, started).map_err(|e| (e, None))?;
     // Budgets: where they stand now decides the threshold action for `decide`.
     let check = match &gw.budgets {
