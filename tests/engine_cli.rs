@@ -73,6 +73,46 @@ fn failing_cases_exit_1_and_render_as_junit() {
     assert_eq!(v["summary"]["failed"], 1);
 }
 
+/// A case that sends a value the policy would refuse at the gateway, or an
+/// attribute the policy does not declare, fails by name: it would otherwise
+/// test a request no client can make.
+#[test]
+fn cases_with_undeclared_or_ill_typed_metadata_fail_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    std::fs::create_dir(&p).unwrap();
+    for f in [
+        "catalogue.route",
+        "constraints.route",
+        "protect.route",
+        "routing.route",
+    ] {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("policies/saas")
+                .join(f),
+        )
+        .unwrap();
+        std::fs::write(p.join(f), text).unwrap();
+    }
+    std::fs::write(
+        p.join("x.test.yaml"),
+        "cases:\n  - name: typo\n    tenant: { attrs: {} }\n    request: { meta: { priority: hihg } }\n    expect: { intent: chat }\n  - name: undeclared\n    tenant: { attrs: {} }\n    request: { meta: { priorty: low } }\n    expect: { intent: chat }\n",
+    )
+    .unwrap();
+    let (code, out, _) = routeplane(&["test", p.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("`priority` is `hihg`, which the policy does not accept: send one of `low`, `normal`, `high`"),
+        "{out}"
+    );
+    assert!(
+        out.contains("request attribute `priorty` is not declared"),
+        "{out}"
+    );
+    assert!(out.contains("0 passed; 2 failed"), "{out}");
+}
+
 #[test]
 fn explain_names_the_rule_and_the_line() {
     let dir = tempfile::tempdir().unwrap();
