@@ -23,13 +23,8 @@ use serde_json::Value;
 pub struct JsonBody {
     value: Value,
     raw: Bytes,
-    /// Where the top-level object's members start: just after its `{`.
-    members_at: usize,
-    has_members: bool,
-    /// The byte range of the value of top-level `model`, when there is one.
-    model: Option<Range<usize>>,
-    /// The same for `stream_options`.
-    stream_options: Option<Range<usize>>,
+    /// Where `model` and `stream_options` sit in `raw`.
+    layout: Layout,
 }
 
 impl JsonBody {
@@ -42,14 +37,7 @@ impl JsonBody {
         if layout.members != members_in(&value) {
             return Err(duplicate_key(&raw));
         }
-        Ok(JsonBody {
-            value,
-            members_at: layout.members_at,
-            has_members: layout.has_members,
-            model: layout.model,
-            stream_options: layout.stream_options,
-            raw,
-        })
+        Ok(JsonBody { value, raw, layout })
     }
 
     /// The parsed body.
@@ -65,7 +53,7 @@ impl JsonBody {
     /// The body with `model` set to `model`, everything else byte for byte.
     pub fn with_model(&self, model: &str) -> Bytes {
         let value = serde_json::to_vec(model).unwrap_or_default();
-        Bytes::from(self.spliced("model", self.model.as_ref(), &value))
+        Bytes::from(self.spliced("model", self.layout.model.as_ref(), &value))
     }
 
     /// Make a streamed chat completion report its usage in a final chunk
@@ -73,15 +61,16 @@ impl JsonBody {
     /// client's other stream options are kept.
     pub fn ask_stream_usage(&mut self) {
         const ASK: &[u8] = br#"{"include_usage":true}"#;
-        let Some(at) = &self.stream_options else {
+        let Some(at) = &self.layout.stream_options else {
             // The usual case, on every streamed request: add the member in
             // front; everything after it moves by what was added.
             let raw = self.spliced("stream_options", None, ASK);
             let added = raw.len().saturating_sub(self.raw.len());
-            let value_at = self.members_at + br#""stream_options":"#.len();
-            self.model = self.model.take().map(|m| m.start + added..m.end + added);
-            self.stream_options = Some(value_at..value_at + ASK.len());
-            self.has_members = true;
+            let layout = &mut self.layout;
+            let value_at = layout.members_at + br#""stream_options":"#.len();
+            layout.model = layout.model.take().map(|m| m.start + added..m.end + added);
+            layout.stream_options = Some(value_at..value_at + ASK.len());
+            layout.has_members = true;
             self.raw = Bytes::from(raw);
             if let Value::Object(o) = &mut self.value {
                 o.insert(
@@ -110,10 +99,7 @@ impl JsonBody {
             o.insert("stream_options".into(), options);
         }
         self.raw = raw;
-        self.members_at = layout.members_at;
-        self.has_members = layout.has_members;
-        self.model = layout.model;
-        self.stream_options = layout.stream_options;
+        self.layout = layout;
     }
 
     /// The raw body with `key`'s value (at `at`) replaced by `value`, or the
@@ -128,15 +114,15 @@ impl JsonBody {
                 out.extend_from_slice(raw.get(r.end..).unwrap_or_default());
             }
             None => {
-                out.extend_from_slice(raw.get(..self.members_at).unwrap_or_default());
+                out.extend_from_slice(raw.get(..self.layout.members_at).unwrap_or_default());
                 out.push(b'"');
                 out.extend_from_slice(key.as_bytes());
                 out.extend_from_slice(b"\":");
                 out.extend_from_slice(value);
-                if self.has_members {
+                if self.layout.has_members {
                     out.push(b',');
                 }
-                out.extend_from_slice(raw.get(self.members_at..).unwrap_or_default());
+                out.extend_from_slice(raw.get(self.layout.members_at..).unwrap_or_default());
             }
         }
         out
@@ -144,6 +130,7 @@ impl JsonBody {
 }
 
 /// Where the fields the gateway may replace sit in the raw body.
+#[derive(Clone, Debug)]
 struct Layout {
     members_at: usize,
     has_members: bool,
@@ -481,7 +468,7 @@ mod tests {
         assert_eq!(b.value()["stream_options"]["include_usage"], true);
         let fresh = Layout::of(b.raw()).unwrap();
         assert_eq!(
-            (b.model.clone(), b.stream_options.clone()),
+            (b.layout.model.clone(), b.layout.stream_options.clone()),
             (fresh.model, fresh.stream_options)
         );
         // The model is still found after the body moved.
