@@ -380,6 +380,18 @@ fn cases() -> Vec<(String, Vec<u8>)> {
             "confirm header `maybe`",
             "X-Routeplane-Confirm: maybe\r\n".to_string(),
         ),
+        (
+            "misspelt routing header",
+            "X-Routeplane-Featur: search\r\n".to_string(),
+        ),
+        (
+            "undeclared attribute header",
+            "X-Routeplane-Meta-Priorty: low\r\n".to_string(),
+        ),
+        (
+            "feature header twice",
+            "X-Routeplane-Feature: a\r\nX-Routeplane-Feature: b\r\n".to_string(),
+        ),
     ] {
         c.push((name.into(), post(CHAT, &format!("{AUTH}{headers}"), hi)));
     }
@@ -442,11 +454,23 @@ fn routing_values_that_do_not_fit_the_policy_are_refused_by_name() {
         message.contains("129 bytes") && message.contains("128"),
         "{message}"
     );
-    // What fits is served: a declared variant, a confirmation declined, an undeclared attribute.
+    // A header naming an attribute the policy does not declare is a misspelling
+    // until shown otherwise; the body's `metadata` is OpenAI's and may carry anything.
+    let (status, message) = ask("X-Routeplane-Meta-Priorty: low\r\n", hi);
+    assert_eq!(status, 400, "{message}");
+    assert!(
+        message.contains("does not declare: did you mean `x-routeplane-meta-priority`?"),
+        "{message}"
+    );
+    let (status, message) = ask(
+        "",
+        br#"{"model":"auto","metadata":{"trace":"abc"},"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(status, 200, "{message}");
+    // What fits is served: a declared variant, a confirmation declined.
     for headers in [
         "X-Routeplane-Meta-Priority: high\r\n",
         "X-Routeplane-Confirm: no\r\n",
-        "X-Routeplane-Meta-Anything: at all\r\n",
     ] {
         let (status, message) = ask(headers, hi);
         assert_eq!(status, 200, "{headers}: {message}");

@@ -344,7 +344,26 @@ fn features(
         let body = JsonBody::new(body, v).map_err(ApiError::bad_request)?;
         (features, ClientBody::Json(body))
     };
+    for name in parts.headers.keys() {
+        let Some(ours) = name.as_str().strip_prefix("x-routeplane-") else {
+            continue;
+        };
+        if ours == "meta-feature" {
+            return Err(ApiError::bad_request(
+                "the feature tag is sent as `x-routeplane-feature`, not `x-routeplane-meta-feature`",
+            ));
+        }
+        if !(ours == "feature" || ours == "confirm" || ours.starts_with("meta-")) {
+            let hint = crate::diag::did_you_mean(ours, ["feature", "confirm"])
+                .map(|m| format!(" (did you mean `x-routeplane-{m}`?)"))
+                .unwrap_or_default();
+            return Err(ApiError::bad_request(format!(
+                "unknown header `{name}`{hint}: routeplane reads `x-routeplane-feature`, `x-routeplane-confirm` and `x-routeplane-meta-<attribute>`"
+            )));
+        }
+    }
     if let Some(feature) = routing_header(parts, "x-routeplane-feature")? {
+        agree("feature", f.feature.as_deref(), feature)?;
         f.feature = Some(feature.to_string());
     }
     if let Some(feature) = &f.feature {
@@ -369,11 +388,71 @@ fn features(
     for name in parts.headers.keys() {
         if let Some(meta) = name.as_str().strip_prefix("x-routeplane-meta-") {
             let v = routing_header(parts, name.as_str())?.unwrap_or_default();
+            let in_body = f
+                .meta
+                .iter()
+                .find(|(k, _)| k == meta)
+                .map(|(_, v)| v.as_str());
+            agree(meta, in_body, v)?;
             f.meta.retain(|(k, _)| k != meta);
             f.meta.push((meta.to_string(), v.to_string()));
         }
     }
     Ok((f, body))
+}
+
+/// An attribute sent both as a header and in the body's `metadata` must say
+/// the same thing in both; otherwise which one routing used would be a guess.
+fn agree(name: &str, in_body: Option<&str>, in_header: &str) -> Result<(), ApiError> {
+    match in_body {
+        Some(b) if b != in_header => {
+            let header = if name == "feature" {
+                "x-routeplane-feature".to_string()
+            } else {
+                format!("x-routeplane-meta-{name}")
+            };
+            Err(ApiError::bad_request(format!(
+                "`{name}` is `{in_header}` in the header `{header}` but `{b}` in `metadata.{name}`: send one of them, or the same value in both"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A routing header naming a request attribute the policy does not declare
+/// is most likely a misspelling (`x-routeplane-meta-priorty`); routing would
+/// go on as if it had not been sent. Attributes in the body's `metadata` are
+/// OpenAI's field and may carry anything.
+fn undeclared_meta_header(
+    parts: &hyper::http::request::Parts,
+    rt: &Runtime,
+) -> Result<(), ApiError> {
+    let declared = &rt.policy.policy().request_attrs;
+    for name in parts.headers.keys() {
+        let Some(meta) = name.as_str().strip_prefix("x-routeplane-meta-") else {
+            continue;
+        };
+        if declared.iter().any(|a| a.name == meta) {
+            continue;
+        }
+        let names = declared.iter().map(|a| a.name.as_str());
+        let hint = match crate::diag::did_you_mean(meta, names) {
+            Some(m) => format!("did you mean `x-routeplane-meta-{m}`?"),
+            None if declared.is_empty() => "the policy declares no request attributes".into(),
+            None => format!(
+                "it declares {}",
+                declared
+                    .iter()
+                    .map(|a| format!("`{}`", a.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        return Err(ApiError::bad_request(format!(
+            "`{name}` names the request attribute `{meta}`, which the policy does not declare: {hint}"
+        )));
+    }
+    Ok(())
 }
 
 /// The longest feature tag accepted. Tags key budgets, ledger rows and
@@ -387,9 +466,15 @@ fn routing_header<'a>(
     parts: &'a hyper::http::request::Parts,
     name: &str,
 ) -> Result<Option<&'a str>, ApiError> {
-    let Some(v) = parts.headers.get(name) else {
+    let mut values = parts.headers.get_all(name).iter();
+    let Some(v) = values.next() else {
         return Ok(None);
     };
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(format!(
+            "the header `{name}` is sent more than once: send it once, with one value"
+        )));
+    }
     let v = v.to_str().map_err(|_| {
         ApiError::bad_request(format!(
             "the header `{name}` is not plain ASCII text: send visible ASCII characters only"
@@ -562,6 +647,7 @@ async fn prepare(
 ) -> Result<Prepared, (ApiError, Option<String>)> {
     let (parts, body) = read_body(rt, req).await.map_err(|e| (e, None))?;
     let (features, mut body) = features(endpoint, &parts, body).map_err(|e| (e, None))?;
+    undeclared_meta_header(&parts, rt).map_err(|e| (e, None))?;
     features
         .check_declared(&rt.policy)
         .map_err(|m| (ApiError::bad_request(m), None))?;
@@ -977,5 +1063,84 @@ mod tests {
         assert!(f
             .meta
             .contains(&("priority".to_string(), "low".to_string())));
+    }
+
+    #[test]
+    fn routing_headers_that_would_be_guessed_at_are_refused() {
+        let hi = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        let refused = |headers: &[(&str, &str)], body: &str| {
+            features(
+                Endpoint::Chat,
+                &parts(headers),
+                Bytes::from(body.to_string()),
+            )
+            .map(|_| ())
+            .unwrap_err()
+            .message
+        };
+        let m = refused(&[("x-routeplane-featur", "search")], hi);
+        assert!(
+            m.starts_with(
+                "unknown header `x-routeplane-featur` (did you mean `x-routeplane-feature`?)"
+            ),
+            "{m}"
+        );
+        let m = refused(&[("x-routeplane-meta-feature", "search")], hi);
+        assert!(m.contains("sent as `x-routeplane-feature`"), "{m}");
+        let m = refused(
+            &[("x-routeplane-feature", "a"), ("x-routeplane-feature", "b")],
+            hi,
+        );
+        assert!(m.contains("sent more than once"), "{m}");
+        let m = refused(
+            &[
+                ("x-routeplane-meta-priority", "low"),
+                ("x-routeplane-meta-priority", "high"),
+            ],
+            hi,
+        );
+        assert!(
+            m.contains("`x-routeplane-meta-priority` is sent more than once"),
+            "{m}"
+        );
+        let with_meta = r#"{"metadata":{"feature":"code-review","priority":"high"},"messages":[{"role":"user","content":"hi"}]}"#;
+        let m = refused(&[("x-routeplane-feature", "search")], with_meta);
+        assert_eq!(
+            m,
+            "`feature` is `search` in the header `x-routeplane-feature` but `code-review` in `metadata.feature`: send one of them, or the same value in both"
+        );
+        let m = refused(&[("x-routeplane-meta-priority", "low")], with_meta);
+        assert!(
+            m.starts_with(
+                "`priority` is `low` in the header `x-routeplane-meta-priority` but `high`"
+            ),
+            "{m}"
+        );
+        // The same value in both places is one request, not a conflict.
+        let same = parts(&[
+            ("x-routeplane-feature", "code-review"),
+            ("x-routeplane-meta-priority", "high"),
+        ]);
+        assert!(features(Endpoint::Chat, &same, Bytes::from(with_meta)).is_ok());
+    }
+
+    #[test]
+    fn output_caps_must_be_read_and_agree() {
+        use Endpoint::Chat;
+        check(
+            Chat,
+            r#"{"max_output_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#,
+            Err("`max_output_tokens` is a field of the Responses API"),
+        );
+        check(
+            Chat,
+            r#"{"max_tokens":10,"max_completion_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#,
+            Err("`max_completion_tokens` is 20 but `max_tokens` is 10"),
+        );
+        check(
+            Chat,
+            r#"{"max_tokens":10,"max_completion_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#,
+            Ok(()),
+        );
     }
 }

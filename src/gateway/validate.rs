@@ -121,6 +121,23 @@ const ROLES: &[&str] = &[
 const FORMATS: &[&str] = &["text", "json_object", "json_schema"];
 
 fn chat(o: &serde_json::Map<String, Value>) -> Result<(), String> {
+    // The output cap prices the request before it is sent; a cap the
+    // estimate does not read, or two that disagree, would price it wrong.
+    if o.get("max_output_tokens").is_some_and(|v| !v.is_null()) {
+        return Err(
+            "`max_output_tokens` is a field of the Responses API: Chat Completions takes `max_completion_tokens`".into(),
+        );
+    }
+    if let (Some(a), Some(b)) = (
+        o.get("max_completion_tokens").and_then(Value::as_u64),
+        o.get("max_tokens").and_then(Value::as_u64),
+    ) {
+        if a != b {
+            return Err(format!(
+                "`max_completion_tokens` is {a} but `max_tokens` is {b}: send one cap (`max_completion_tokens`), or the same in both"
+            ));
+        }
+    }
     let messages = match o.get("messages") {
         Some(Value::Array(a)) if !a.is_empty() => a,
         Some(Value::Array(_)) => return Err("`messages` must not be empty".into()),
