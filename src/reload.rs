@@ -705,6 +705,14 @@ pub fn served_builder(
                     .to_string()
             })
             .collect();
+        let unmapped = unknown_model_ids(compiled.value.policy(), &config);
+        if !unmapped.is_empty() {
+            return Err(Failure {
+                summary: "the config maps models the policy does not have".to_string(),
+                rendered: unmapped.join("\n"),
+                diagnostics: unmapped,
+            });
+        }
         if !missing.is_empty() {
             return Err(Failure {
                 summary: "the policy names providers the config does not have".to_string(),
@@ -731,6 +739,63 @@ pub fn served_builder(
             warnings: compiled.warnings,
         })
     }
+}
+
+/// Entries of a provider's `models:` map that name no model of that provider
+/// in the policy: a misspelt key would otherwise send the policy's name
+/// upstream, untranslated, without a word.
+fn unknown_model_ids(policy: &crate::ir::Policy, config: &Config) -> Vec<String> {
+    let mut errors = Vec::new();
+    for c in &config.providers {
+        let ours: Vec<&str> = policy
+            .models
+            .iter()
+            .filter(|m| {
+                policy
+                    .provider(m.provider)
+                    .is_some_and(|p| p.name == c.name)
+            })
+            .map(|m| m.name.as_str())
+            .collect();
+        for key in c.model_ids.keys() {
+            if ours.contains(&key.as_str()) {
+                continue;
+            }
+            let hint = match crate::diag::did_you_mean(key, ours.iter().copied()) {
+                Some(m) => format!("did you mean `{m}`?"),
+                None if ours.is_empty() => "the policy has no model on this provider".to_string(),
+                None => format!(
+                    "its models are {}",
+                    ours.iter()
+                        .map(|m| format!("`{m}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            // The key's own line, else the provider's.
+            let line = c.line.and_then(|from| {
+                config
+                    .text()
+                    .lines()
+                    .enumerate()
+                    .skip(from.saturating_sub(1))
+                    .find(|(_, l)| l.contains(&format!("{key}:")))
+                    .map(|(i, _)| i + 1)
+            });
+            errors.push(
+                config
+                    .error_at(
+                        line.or(c.line),
+                        format!(
+                            "provider `{}` maps `{key}` under `models:`, but the policy has no model `{key}` on this provider: {hint}",
+                            c.name
+                        ),
+                    )
+                    .to_string(),
+            );
+        }
+    }
+    errors
 }
 
 /// A short hex hash of the file names and texts.
@@ -1116,6 +1181,26 @@ mod tests {
         .unwrap();
         let v = store.reload(Trigger::Manual).await.unwrap();
         assert_ne!(v, first.version);
+        // A misspelt key under a provider's `models:` would send the policy's
+        // name upstream untranslated: refused, at its line, with the fix.
+        let yaml = tmp.path().join("gateway.yaml");
+        let text = std::fs::read_to_string(&yaml).unwrap().replace(
+            "  - { name: openai, kind: mock }\n",
+            "  - name: openai\n    kind: openai\n    base_url: http://127.0.0.1:9/v1\n    models:\n      gpt-4o-mini: mini-deployment\n      gpt-4o-minni: my-deployment\n",
+        );
+        std::fs::write(&yaml, &text).unwrap();
+        let err = store.reload(Trigger::Manual).await.unwrap_err();
+        let line = text
+            .lines()
+            .position(|l| l.contains("gpt-4o-minni"))
+            .unwrap()
+            + 1;
+        assert_eq!(
+            err.diagnostics,
+            [format!("{}:{line}: provider `openai` maps `gpt-4o-minni` under `models:`, but the policy has no model `gpt-4o-minni` on this provider: did you mean `gpt-4o-mini`?", yaml.display())],
+            "{err}"
+        );
+        assert_eq!(store.current().version, v);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
