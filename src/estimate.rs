@@ -53,7 +53,8 @@ pub enum Tokenizer {
 
 impl Tokenizer {
     /// The tokenizer the catalogue names (`o200k`, `o200k_base`, `cl100k`,
-    /// `cl100k_base`); anything else is the approximation.
+    /// `cl100k_base`); `approx`, or none, is the approximation (`lower`
+    /// refuses any other name).
     pub fn from_name(name: Option<&str>) -> Tokenizer {
         match name.map(str::to_ascii_lowercase).as_deref() {
             Some("o200k" | "o200k_base") => Tokenizer::O200k,

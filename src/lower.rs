@@ -131,6 +131,8 @@ const MODEL_FIELDS: [&str; 12] = [
     "enabled",
 ];
 const PROVIDER_FIELDS: [&str; 2] = ["region", "labels"];
+/// Tokenizer names `estimate::Tokenizer::from_name` knows.
+const TOKENIZERS: [&str; 5] = ["o200k", "o200k_base", "cl100k", "cl100k_base", "approx"];
 const TIERS: [&str; 2] = ["standard", "premium"];
 const PRICE_UNITS: [&str; 3] = ["image", "second", "minute"];
 
@@ -543,7 +545,21 @@ impl Lowerer {
                         }
                     }
                 }
-                ast::PropKind::Tokenizer(t) => m.tokenizer = Some(t.name.clone()),
+                ast::PropKind::Tokenizer(t) => {
+                    if TOKENIZERS.contains(&t.name.to_ascii_lowercase().as_str()) {
+                        m.tokenizer = Some(t.name.clone());
+                    } else {
+                        // An unknown name would quietly count by characters.
+                        self.unknown(
+                            "unknown-word",
+                            "tokenizer",
+                            &t.name,
+                            t.span,
+                            TOKENIZERS,
+                            "the tokenizers are `o200k` and `cl100k` (tiktoken's), and `approx` (characters / 4)",
+                        );
+                    }
+                }
                 ast::PropKind::Enabled(b) => m.enabled = *b,
                 ast::PropKind::Labels(ls) => m.labels = ls.iter().map(|l| l.name.clone()).collect(),
             }
