@@ -107,6 +107,67 @@ async fn anthropic_streams_become_openai_chunks() {
     assert_eq!(up.bodies.lock().unwrap()[0]["stream"], true);
 }
 
+#[tokio::test]
+async fn anthropic_gets_tool_choice_and_a_json_instruction() {
+    let up = raw_upstream(|_| {
+        http_json(
+            200,
+            &json!({ "id": "msg_1", "type": "message", "role": "assistant",
+            "content": [{ "type": "tool_use", "id": "t1", "name": "lookup", "input": { "q": "x" } }],
+            "stop_reason": "tool_use", "usage": { "input_tokens": 9, "output_tokens": 4 } })
+            .to_string(),
+        )
+    })
+    .await;
+    let gw = gateway(&anthropic_config(&up.url), policy(&[("model-a", "pa")], "")).await;
+    let body = json!({ "model": "auto", "max_completion_tokens": null, "max_tokens": 30,
+        "messages": [{ "role": "user", "content": "look it up" }],
+        "tools": [{ "type": "function", "function": { "name": "lookup", "parameters": { "type": "object" } } }],
+        "tool_choice": { "type": "function", "function": { "name": "lookup" } },
+        "parallel_tool_calls": false, "user": "u-1",
+        "response_format": { "type": "json_schema", "json_schema": { "name": "hit",
+            "schema": { "type": "object", "properties": { "q": { "type": "string" } } } } } });
+    let r = gw.chat("sk-demo", body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    let sent = up.bodies.lock().unwrap()[0].clone();
+    assert_eq!(
+        sent["tool_choice"],
+        json!({ "type": "tool", "name": "lookup", "disable_parallel_tool_use": true })
+    );
+    assert_eq!(sent["max_tokens"], 30);
+    assert_eq!(sent["metadata"], json!({ "user_id": "u-1" }));
+    let system = sent["system"].as_str().unwrap();
+    assert!(system.contains("single JSON object"), "{system}");
+    assert!(
+        system.contains(r#"{"properties":{"q":{"type":"string"}},"type":"object"}"#),
+        "{system}"
+    );
+    for key in ["response_format", "parallel_tool_calls", "user"] {
+        assert!(sent.get(key).is_none(), "`{key}` leaked upstream: {sent}");
+    }
+}
+
+#[tokio::test]
+async fn anthropic_refuses_n_above_one_with_a_400_naming_it() {
+    let up = raw_upstream(|_| http_json(200, "{}")).await;
+    let gw = gateway(&anthropic_config(&up.url), policy(&[("model-a", "pa")], "")).await;
+    let body =
+        json!({ "model": "auto", "n": 2, "messages": [{ "role": "user", "content": "hi" }] });
+    let r = gw.chat("sk-demo", body).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["error"]["param"], "n");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("`n`"), "{msg}");
+    assert!(
+        up.bodies.lock().unwrap().is_empty(),
+        "the refused request reached the upstream"
+    );
+}
+
 const MOCK: &str = "policy: unused\ntenants:\n  - id: demo\n    key: sk-demo\nproviders:\n  - name: pm\n    kind: mock\n    mock: { latency: 20ms, first_token: 5ms, usage: { prompt_tokens: 3, completion_tokens: 8 }, chunks: 4 }\n";
 
 fn mock_policy() -> routeplane::gateway::engine::CompiledPolicy {
