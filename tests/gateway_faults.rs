@@ -178,6 +178,49 @@ async fn a_slow_total_everywhere_is_a_504_within_the_timeout() {
     assert!(!v["error"]["message"].as_str().unwrap().is_empty());
 }
 
+/// An upstream's 400 is about the request, not the upstream: however many a
+/// client provokes, the breaker stays closed for everyone else.
+#[tokio::test]
+async fn client_errors_do_not_open_a_breaker() {
+    let a = upstream("a", |n| {
+        if n < 5 {
+            Act::Status(400, None)
+        } else {
+            Act::Ok
+        }
+    })
+    .await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let protect = "protect { breaker per model open after 2 failures within 10s, probe after 10s }";
+    let gw = gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], protect),
+    )
+    .await;
+    for _ in 0..5 {
+        let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+        assert_eq!(r.status(), 400);
+    }
+    assert_eq!(
+        a.hits(),
+        5,
+        "each bad request reached model-a and came back 400"
+    );
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(
+        header(&r, "x-routeplane-model"),
+        "model-a",
+        "the breaker opened"
+    );
+    let states = gw.gw.breaker_states();
+    assert!(
+        states
+            .iter()
+            .all(|(_, s)| *s == routeplane::gateway::engine::BreakerState::Closed),
+        "{states:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_breaker_recovers_through_a_half_open_probe() {
     let healthy = Arc::new(AtomicBool::new(false));

@@ -291,7 +291,20 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                     if let Some(b) = &ctx.budget {
                         b.release();
                     }
-                    record_result(&gw, &rt, m, false, None, None);
+                    if e.is_client_error() {
+                        // Refused for what the request asks, not because the
+                        // upstream is unwell: neither the breakers nor the live
+                        // success rate hear of it, or one client sending bad
+                        // requests could open a breaker for every tenant.
+                        if mp == Permit::Probe {
+                            m.model_breaker.release_probe();
+                        }
+                        if pp == Permit::Probe {
+                            m.provider_breaker.release_probe();
+                        }
+                    } else {
+                        record_result(&gw, &rt, m, false, None, None);
+                    }
                     let mut a = att(m, e.code(), tries, ms(elapsed));
                     a.error = Some(crate::decision_log::redact(&e.to_string()));
                     out.attempts.push(a);
