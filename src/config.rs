@@ -157,7 +157,9 @@ impl ProviderConfig {
 pub struct MockSettings {
     /// Time to the complete answer (non-streaming) or to the last chunk (streaming).
     pub latency: Duration,
-    /// Time to the first streamed chunk (and the response head).
+    /// Time to the first streamed chunk (and the response head); at most
+    /// `latency` (a file giving both with `first_token` later is refused; one
+    /// giving `first_token` alone has `latency` raised to it).
     pub first_token: Duration,
     /// Fraction of requests, in [0, 1], answered with `error_status`. Deterministic:
     /// exactly `round(n * rate)` of the first `n` requests fail.
@@ -166,7 +168,7 @@ pub struct MockSettings {
     /// Usage reported per answer.
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: u64,
-    /// The number of streamed content chunks.
+    /// The number of streamed content chunks, at least 1.
     pub chunks: u32,
 }
 
@@ -197,21 +199,143 @@ pub struct TenantConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    #[serde(default = "default_listen")]
-    listen: String,
+    #[serde(default)]
+    listen: Section<String>,
     policy: String,
     #[serde(default)]
-    providers: Vec<RawProvider>,
+    providers: Section<Vec<RawProvider>>,
     #[serde(default)]
-    tenants: Vec<RawTenant>,
+    tenants: Section<Vec<RawTenant>>,
     #[serde(default)]
-    admin: Option<RawAdmin>,
+    admin: Section<RawAdmin>,
     #[serde(default)]
-    decision_log: Option<String>,
+    decision_log: Section<String>,
     #[serde(default)]
-    max_body: Option<ByteSize>,
+    max_body: Section<ByteSize>,
     #[serde(default)]
-    state: Option<RawState>,
+    state: Section<RawState>,
+}
+
+/// An optional key: absent (the default applies), written with no value
+/// (`admin:` with its body commented out, `admin: ~`: an error, since the
+/// default is rarely what the writer meant), or given.
+#[derive(Debug, Default)]
+enum Section<T> {
+    #[default]
+    Absent,
+    Empty,
+    Given(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Section<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Option::<T>::deserialize(d)? {
+            None => Section::Empty,
+            Some(v) => Section::Given(v),
+        })
+    }
+}
+
+impl<T> Section<T> {
+    /// The value, `None` when absent or empty.
+    fn given(self) -> Option<T> {
+        match self {
+            Section::Given(v) => Some(v),
+            Section::Absent | Section::Empty => None,
+        }
+    }
+}
+
+/// The entries of a map of free-form keys, in file order. A key given twice
+/// is an error located at the repeat: serde_json's and std's maps keep one
+/// silently, and with `attrs: { plan: free, plan: enterprise }` the last
+/// would win (a free tenant on the enterprise plan).
+fn unique_entries<'de, D, V>(d: D, what: &'static str) -> Result<Vec<(String, V)>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Entries<V> {
+        what: &'static str,
+        value: std::marker::PhantomData<V>,
+    }
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Entries<V> {
+        type Value = Vec<(String, V)>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a map of {} names to values", self.what)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out: Vec<(String, V)> = Vec::new();
+            let mut seen = std::collections::BTreeSet::new();
+            while let Some(key) = map.next_key_seed(NewKey {
+                what: self.what,
+                seen: &seen,
+            })? {
+                let value = map.next_value()?;
+                seen.insert(key.clone());
+                out.push((key, value));
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Entries {
+        what,
+        value: std::marker::PhantomData,
+    })
+}
+
+/// A map key not seen before. The check runs inside the key's own
+/// deserialization, so serde_yaml locates the error at the repeated key.
+struct NewKey<'a> {
+    what: &'static str,
+    seen: &'a std::collections::BTreeSet<String>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for NewKey<'_> {
+    type Value = String;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NewKey<'_> {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string key")
+    }
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<String, E> {
+        if self.seen.contains(key) {
+            return Err(E::custom(format!("{} `{key}` {GIVEN_TWICE}", self.what)));
+        }
+        Ok(key.to_string())
+    }
+}
+
+/// The end of every repeated-key message, to find them again for
+/// [`name_entry`].
+const GIVEN_TWICE: &str = "is given twice: keep one";
+
+/// A tenant's `attrs:`, each attribute once.
+#[derive(Debug, Default)]
+struct Attrs(serde_json::Map<String, serde_json::Value>);
+
+impl<'de> Deserialize<'de> for Attrs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Attrs(unique_entries(d, "attribute")?.into_iter().collect()))
+    }
+}
+
+/// A provider's `models:`, each policy model once.
+#[derive(Debug, Default)]
+struct Models(BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for Models {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Models(unique_entries(d, "model")?.into_iter().collect()))
+    }
 }
 
 /// `state: { backend: sqlite, path: ... }`, `{ backend: redis, url: ... }` or `{ backend: memory }`.
@@ -238,9 +362,7 @@ enum StateBackendKind {
 /// directory for edits, and every write of the database would wake it.
 pub const DEFAULT_STATE_FILE: &str = "routeplane-state/state.db";
 
-fn default_listen() -> String {
-    "127.0.0.1:8080".into()
-}
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -252,9 +374,9 @@ struct RawProvider {
     #[serde(default)]
     api_key_env: Option<String>,
     #[serde(default)]
-    models: BTreeMap<String, String>,
+    models: Section<Models>,
     #[serde(default)]
-    mock: Option<RawMock>,
+    mock: Section<RawMock>,
 }
 
 #[derive(Deserialize)]
@@ -292,7 +414,7 @@ struct RawTenant {
     #[serde(default)]
     key_sha256: Option<String>,
     #[serde(default)]
-    attrs: serde_json::Map<String, serde_json::Value>,
+    attrs: Section<Attrs>,
 }
 
 #[derive(Deserialize)]
@@ -441,7 +563,19 @@ impl Config {
             }]));
         }
         let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
-            let first = located(file, text, &e, 0);
+            let mut first = located(file, text, &e, 0);
+            first.message = name_entry(text, first.message);
+            // serde locates a repeated top-level key at the top mapping's
+            // start; the repeat is the second line with it.
+            if let Some(key) = first
+                .message
+                .strip_prefix("duplicate field `")
+                .and_then(|k| k.strip_suffix('`'))
+            {
+                if let Some(l) = key_lines(text, key).nth(1) {
+                    (first.line, first.column) = (Some(l), Some(1));
+                }
+            }
             ConfigErrors(section_errors(file, text, &first).unwrap_or_else(|| vec![first]))
         })?;
         let mut cx = Checker {
@@ -450,23 +584,46 @@ impl Config {
             errors: Vec::new(),
             warnings: Vec::new(),
         };
+        // The maps of free-form keys check their own; this catches a repeat
+        // in any other mapping (a map inside an attribute's value).
+        cx.errors.extend(repeated_key(file, text));
 
-        let listen = match raw.listen.parse::<SocketAddr>() {
+        let listen_text = cx
+            .section(raw.listen, "listen", &format!("listen on {DEFAULT_LISTEN}"))
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen = match listen_text.parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
-                cx.error(cx.line_of("listen:", None), format!("invalid listen address `{}`: expected `host:port` such as `127.0.0.1:8080`", raw.listen));
+                cx.error(cx.line_of("listen:", None), format!("invalid listen address `{listen_text}`: expected `host:port` such as `127.0.0.1:8080`"));
                 SocketAddr::from(([127, 0, 0, 1], 8080))
             }
         };
+        if raw.policy.trim().is_empty() {
+            cx.error(
+                key_line(text, "policy"),
+                "`policy:` has no value: name the policy directory or file".to_string(),
+            );
+        }
         let policy = normalize(&base.join(&raw.policy));
 
         let mut providers: Vec<ProviderConfig> = Vec::new();
-        let names: Vec<String> = raw.providers.iter().map(|p| p.name.clone()).collect();
-        for (i, p) in raw.providers.into_iter().enumerate() {
+        let raw_providers = cx
+            .section(raw.providers, "providers", "no providers")
+            .unwrap_or_default();
+        let names: Vec<String> = raw_providers.iter().map(|p| p.name.clone()).collect();
+        for (i, p) in raw_providers.into_iter().enumerate() {
             let seen = names.iter().take(i).filter(|n| **n == p.name).count();
             let line = cx.line_of_nth("name:", Some(&p.name), seen);
             if seen > 0 {
                 cx.error(line, format!("duplicate provider `{}`", p.name));
+                continue;
+            }
+            if p.name.trim().is_empty() {
+                cx.error(
+                    line,
+                    "a provider's `name` is empty: give the name the policy uses for it"
+                        .to_string(),
+                );
                 continue;
             }
             let default_url = match p.kind {
@@ -495,7 +652,7 @@ impl Config {
                     format!("provider `{}`: a mock provider takes no base_url", p.name),
                 );
             }
-            if p.kind != ProviderKind::Mock && p.mock.is_some() {
+            if p.kind != ProviderKind::Mock && !matches!(p.mock, Section::Absent) {
                 cx.error(
                     line,
                     format!(
@@ -505,6 +662,18 @@ impl Config {
                 );
             }
             let api_key = match &p.api_key_env {
+                // The mock answers in-process and never reads a key; a
+                // variable named here would only look like it mattered.
+                Some(_) if p.kind == ProviderKind::Mock => {
+                    cx.error(
+                        cx.line_in_entry(line, "api_key_env").or(line),
+                        format!(
+                            "provider `{}`: a mock provider takes no API key: delete `api_key_env`",
+                            p.name
+                        ),
+                    );
+                    None
+                }
                 // The public APIs answer 401 to every request without a key:
                 // say so now rather than on every request.
                 None if p.kind != ProviderKind::Mock && p.base_url.is_none() => {
@@ -530,11 +699,34 @@ impl Config {
                 },
             };
             let mock = match p.mock {
-                None => MockSettings::default(),
-                Some(m) => {
+                Section::Absent => MockSettings::default(),
+                Section::Empty => {
+                    cx.error(
+                        cx.line_in_entry(line, "mock").or(line),
+                        format!("provider `{}`: `mock:` has no value: fill it in, or delete the key for the defaults", p.name),
+                    );
+                    MockSettings::default()
+                }
+                Section::Given(m) => {
                     let d = MockSettings::default();
-                    let latency = m.latency.map_or(d.latency, |x| x.0);
-                    let first_token = m.first_token.map_or(d.first_token.min(latency), |x| x.0);
+                    let first_token = m.first_token.map_or(d.first_token, |x| x.0);
+                    // Only `first_token` given: the answer ends when it starts.
+                    let latency = m.latency.map_or(d.latency, |x| x.0).max(first_token);
+                    if let (Some(l), Some(f)) = (m.latency, m.first_token) {
+                        if f.0 > l.0 {
+                            cx.error(
+                                cx.line_in_entry(line, "first_token").or(line),
+                                format!("provider `{}`: `first_token` ({:?}) is later than `latency` ({:?}), the time to the whole answer: raise `latency` or lower `first_token`", p.name, f.0, l.0),
+                            );
+                        }
+                    }
+                    let chunks = m.chunks.unwrap_or(d.chunks);
+                    if chunks == 0 {
+                        cx.error(
+                            cx.line_in_entry(line, "chunks").or(line),
+                            format!("provider `{}`: `chunks` must be at least 1, got 0", p.name),
+                        );
+                    }
                     let error_rate = m.error_rate.unwrap_or(0.0);
                     if !(0.0..=1.0).contains(&error_rate) {
                         cx.error(cx.line_of("error_rate:", None).or(line), format!("provider `{}`: error_rate must be between 0 and 1, got {error_rate}", p.name));
@@ -548,14 +740,25 @@ impl Config {
                         completion_tokens: None,
                     });
                     MockSettings {
-                        latency: latency.max(first_token),
+                        latency,
                         first_token,
                         error_rate,
                         error_status,
                         prompt_tokens: usage.prompt_tokens,
                         completion_tokens: usage.completion_tokens.unwrap_or(d.completion_tokens),
-                        chunks: m.chunks.unwrap_or(d.chunks).max(1),
+                        chunks,
                     }
+                }
+            };
+            let model_ids = match p.models {
+                Section::Given(m) => m.0,
+                Section::Absent => BTreeMap::new(),
+                Section::Empty => {
+                    cx.error(
+                        cx.line_in_entry(line, "models").or(line),
+                        format!("provider `{}`: `models:` has no value: fill it in, or delete the key to send the policy's model names", p.name),
+                    );
+                    BTreeMap::new()
                 }
             };
             providers.push(ProviderConfig {
@@ -563,21 +766,63 @@ impl Config {
                 kind: p.kind,
                 base_url: base_url.trim_end_matches('/').to_string(),
                 api_key,
-                model_ids: p.models,
+                model_ids,
                 mock,
                 line,
             });
         }
 
         let mut tenants: Vec<TenantConfig> = Vec::new();
-        let ids: Vec<String> = raw.tenants.iter().map(|t| t.id.clone()).collect();
-        for (i, t) in raw.tenants.into_iter().enumerate() {
+        // No tenant: every request would get a 401.
+        const NO_TENANT: &str = "a gateway without tenants refuses every request (401)";
+        let raw_tenants = match raw.tenants {
+            Section::Given(t) if t.is_empty() => {
+                cx.error(
+                    key_line(text, "tenants"),
+                    format!("`tenants:` lists no tenant: {NO_TENANT}"),
+                );
+                t
+            }
+            Section::Given(t) => t,
+            Section::Empty => {
+                cx.error(
+                    key_line(text, "tenants"),
+                    format!("`tenants:` has no value: list the tenants; {NO_TENANT}"),
+                );
+                Vec::new()
+            }
+            Section::Absent => {
+                cx.warnings
+                    .push(format!("{file}: no `tenants:`: {NO_TENANT}"));
+                Vec::new()
+            }
+        };
+        let ids: Vec<String> = raw_tenants.iter().map(|t| t.id.clone()).collect();
+        for (i, t) in raw_tenants.into_iter().enumerate() {
             let seen = ids.iter().take(i).filter(|n| **n == t.id).count();
             let line = cx.line_of_nth("id:", Some(&t.id), seen);
             if seen > 0 {
                 cx.error(line, format!("duplicate tenant `{}`", t.id));
                 continue;
             }
+            if t.id.trim().is_empty() {
+                cx.error(
+                    line,
+                    "a tenant's `id` is empty: give each tenant a name (it appears in logs, budgets and the policy's errors)".to_string(),
+                );
+                continue;
+            }
+            let attrs = match t.attrs {
+                Section::Given(a) => a.0,
+                Section::Absent => serde_json::Map::new(),
+                Section::Empty => {
+                    cx.error(
+                        cx.line_in_entry(line, "attrs").or(line),
+                        format!("tenant `{}`: `attrs:` has no value: fill it in, or delete the key for the policy's defaults", t.id),
+                    );
+                    serde_json::Map::new()
+                }
+            };
             let hash = match (&t.key, &t.key_sha256) {
                 (Some(_), Some(_)) => {
                     cx.error(
@@ -626,12 +871,13 @@ impl Config {
             tenants.push(TenantConfig {
                 id: t.id,
                 key_sha256: hash,
-                attrs: t.attrs,
+                attrs,
                 line,
             });
         }
 
-        let admin_token_sha256 = match raw.admin {
+        let admin = cx.section(raw.admin, "admin", "the admin endpoints are off");
+        let admin_token_sha256 = match admin {
             None => None,
             Some(a) => match (a.token_env, a.token_sha256) {
                 (Some(var), None) => match env(&var) {
@@ -664,7 +910,9 @@ impl Config {
             },
         };
 
-        let max_body_bytes = raw.max_body.map_or(DEFAULT_MAX_BODY_BYTES, |b| b.0);
+        let max_body_bytes = cx
+            .section(raw.max_body, "max_body", "32MiB")
+            .map_or(DEFAULT_MAX_BODY_BYTES, |b| b.0);
         if max_body_bytes == 0 {
             cx.error(
                 cx.line_of("max_body:", None),
@@ -672,7 +920,11 @@ impl Config {
             );
         }
 
-        let state = match raw.state {
+        let state = match cx.section(
+            raw.state,
+            "state",
+            &format!("SQLite in `{DEFAULT_STATE_FILE}`"),
+        ) {
             None => crate::state::Backend::Sqlite(normalize(&base.join(DEFAULT_STATE_FILE))),
             Some(st) => match (st.backend, st.path, st.url) {
                 (StateBackendKind::Sqlite, path, None) => crate::state::Backend::Sqlite(normalize(
@@ -709,7 +961,18 @@ impl Config {
             }
         }
 
+        let decision_log = cx.section(raw.decision_log, "decision_log", "no decision log");
+        if decision_log.as_ref().is_some_and(|p| p.trim().is_empty()) {
+            cx.error(
+                key_line(text, "decision_log"),
+                "`decision_log:` is empty: name a file, or delete the key for no decision log"
+                    .to_string(),
+            );
+        }
+
         if !cx.errors.is_empty() {
+            // In file order, whatever order the checks ran in.
+            cx.errors.sort_by_key(|e| (e.line.is_none(), e.line));
             return Err(ConfigErrors(cx.errors));
         }
         Ok(Config {
@@ -719,7 +982,7 @@ impl Config {
             providers,
             tenants,
             admin_token_sha256,
-            decision_log: raw.decision_log.map(|p| normalize(&base.join(p))),
+            decision_log: decision_log.map(|p| normalize(&base.join(p))),
             max_body_bytes,
             state,
             warnings: cx.warnings,
@@ -742,13 +1005,7 @@ impl Config {
 
     /// The line of a top-level `key:`, for errors found after loading.
     pub fn line_of_key(&self, key: &str) -> Option<usize> {
-        self.text
-            .lines()
-            .position(|l| {
-                l.strip_prefix(key)
-                    .is_some_and(|rest| rest.trim_start().starts_with(':'))
-            })
-            .map(|i| i + 1)
+        key_line(&self.text, key)
     }
 
     /// An error located in this file.
@@ -1039,6 +1296,99 @@ fn entry_errors(
     Some(out)
 }
 
+/// The 1-based line of the top-level `key:`.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    key_lines(text, key).next()
+}
+
+/// The 1-based lines of every top-level `key:`.
+fn key_lines<'a>(text: &'a str, key: &'a str) -> impl Iterator<Item = usize> + 'a {
+    text.lines().enumerate().filter_map(move |(i, l)| {
+        l.strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with(':'))
+            .then_some(i + 1)
+    })
+}
+
+/// The list entry an error path starts in, by its name: `tenants[2].attrs`
+/// -> ("tenant `hobby`", "attrs"). The file is read leniently for the
+/// names (everything else ignored), so this works while it has errors.
+fn entry_of(text: &str, path: &str) -> Option<(String, String)> {
+    #[derive(Deserialize)]
+    struct Names {
+        #[serde(default)]
+        providers: Vec<Named>,
+        #[serde(default)]
+        tenants: Vec<Named>,
+    }
+    #[derive(Deserialize)]
+    struct Named {
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        id: Option<String>,
+    }
+    let (list, rest) = path.split_once('[')?;
+    let (index, field) = rest.split_once(']')?;
+    let index: usize = index.parse().ok()?;
+    let names: Names = serde_yaml::from_str(text).ok()?;
+    let (what, name) = match list {
+        "tenants" => ("tenant", names.tenants.into_iter().nth(index)?.id?),
+        "providers" => ("provider", names.providers.into_iter().nth(index)?.name?),
+        _ => return None,
+    };
+    Some((
+        format!("{what} `{name}`"),
+        field.trim_start_matches('.').to_string(),
+    ))
+}
+
+/// `tenants[2].attrs: attribute `plan` is given twice: keep one` ->
+/// `tenant `hobby`: attribute `plan` is given twice: keep one`.
+fn name_entry(text: &str, message: String) -> String {
+    if !message.ends_with(GIVEN_TWICE) {
+        return message;
+    }
+    let named = message
+        .split_once(": ")
+        .and_then(|(path, rest)| Some((entry_of(text, path)?, rest)));
+    match named {
+        Some(((entry, _), rest)) => format!("{entry}: {rest}"),
+        None => message,
+    }
+}
+
+/// A key repeated in any mapping of `text`, which must deserialize as a
+/// config (so every mapping the config's types do not check themselves is
+/// plain data): serde_yaml's own `Mapping` refuses a repeat, located at the
+/// start of its mapping.
+fn repeated_key(file: &str, text: &str) -> Option<ConfigError> {
+    let e = serde_yaml::from_str::<serde_yaml::Value>(text).err()?;
+    let msg = strip_location(&e.to_string());
+    let (path, repeat) = match msg.split_once(": duplicate entry") {
+        Some((path, repeat)) => (path.to_string(), repeat),
+        None => (String::new(), msg.strip_prefix("duplicate entry")?),
+    };
+    let key = match repeat.strip_prefix(" with key ") {
+        Some(k) => format!("key `{}`", k.trim_matches('"')),
+        None => "a key".to_string(),
+    };
+    let message = match entry_of(text, &path) {
+        Some((entry, field)) if !field.is_empty() => {
+            format!("{entry}: {key} in `{field}` {GIVEN_TWICE}")
+        }
+        Some((entry, _)) => format!("{entry}: {key} {GIVEN_TWICE}"),
+        None if path.is_empty() => format!("{key} {GIVEN_TWICE}"),
+        None => format!("{path}: {key} {GIVEN_TWICE}"),
+    };
+    Some(ConfigError {
+        file: file.to_string(),
+        line: e.location().map(|l| l.line()),
+        column: e.location().map(|l| l.column()),
+        message,
+    })
+}
+
 /// serde_yaml appends " at line L column C"; we print the location ourselves.
 fn strip_location(msg: &str) -> String {
     match msg.rfind(" at line ") {
@@ -1062,6 +1412,53 @@ impl Checker<'_> {
             column: None,
             message,
         });
+    }
+
+    /// A top-level section's value; written with no value (`admin:` with
+    /// its body commented out) is an error at its line, `default` saying
+    /// what deleting the key gives instead.
+    fn section<T>(&mut self, section: Section<T>, key: &str, default: &str) -> Option<T> {
+        if matches!(section, Section::Empty) {
+            self.error(
+                key_line(self.text, key),
+                format!("`{key}:` has no value: fill it in, or delete the key for the default ({default})"),
+            );
+        }
+        section.given()
+    }
+
+    /// The line setting `key` (block `key: v` or flow `{ key: v }`) in the
+    /// list entry whose line is `entry`, from that line to the entry's end
+    /// (the next line indented less than its fields).
+    fn line_in_entry(&self, entry: Option<usize>, key: &str) -> Option<usize> {
+        let start = entry?.checked_sub(1)?;
+        let indent = |l: &str| l.len() - l.trim_start().len();
+        let mut lines = self.text.lines().enumerate().skip(start);
+        let (_, first) = lines.next()?;
+        let fields = indent(first)
+            + first
+                .trim_start()
+                .strip_prefix("- ")
+                .map_or(0, |rest| 2 + rest.len() - rest.trim_start().len());
+        let pattern = format!("{key}:");
+        let sets = |l: &str| {
+            let code = l.split(" #").next().unwrap_or("");
+            code.match_indices(&pattern).any(|(i, _)| {
+                code.get(..i).is_some_and(|before| {
+                    before.is_empty() || before.ends_with([' ', '\t', '{', ',', '-'])
+                })
+            })
+        };
+        if sets(first) {
+            return Some(start + 1);
+        }
+        lines
+            .take_while(|(_, l)| {
+                let t = l.trim_start();
+                t.is_empty() || t.starts_with('#') || indent(l) >= fields
+            })
+            .find(|(_, l)| sets(l))
+            .map(|(i, _)| i + 1)
     }
 
     /// The 1-based line of the first `key: value` (or `key:` when `value` is None).
@@ -1162,7 +1559,7 @@ max_body: 1MiB
 
     #[test]
     fn a_state_file_where_the_watcher_looks_is_a_warning() {
-        let base = "policy: policies/saas\nproviders: []\ntenants: []\n";
+        let base = "policy: policies/saas\nproviders: []\ntenants: [{ id: t, key_sha256: 2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824 }]\n";
         let warned = |state: &str| {
             let c = parse(&format!("{base}{state}")).unwrap();
             c.warnings
@@ -1212,6 +1609,159 @@ max_body: 1MiB
                 "for {text:?} expected `{loc} ... {msg}`, got {errs:#?}"
             );
         }
+    }
+
+    /// The one error of `text`, whole.
+    fn only_error(text: &str) -> String {
+        let errs = parse(text).unwrap_err();
+        assert_eq!(errs.len(), 1, "{text:?}: {errs:#?}");
+        errs.into_iter().next().unwrap()
+    }
+
+    const TENANT: &str = "tenants:\n  - id: t\n    key: k\n";
+
+    #[test]
+    fn a_key_given_twice_in_any_map_is_refused_where_it_repeats() {
+        // Found by review: the last `plan` won, a free tenant got enterprise.
+        for (text, want) in [
+            (
+                "policy: p\ntenants:\n  - id: hobby\n    key: k\n    attrs: { plan: free, plan: enterprise }\n",
+                "gw.yaml:5:26: tenant `hobby`: attribute `plan` is given twice: keep one",
+            ),
+            (
+                "policy: p\ntenants:\n  - id: a\n    key: k\n  - key: k2\n    attrs:\n      plan: free\n      seats: 3\n      plan: enterprise\n    id: hobby\n",
+                "gw.yaml:9:7: tenant `hobby`: attribute `plan` is given twice: keep one",
+            ),
+            (
+                "policy: p\nproviders:\n  - name: up\n    kind: openai\n    base_url: http://127.0.0.1:1/v1\n    models: { small: cheap-v1, big: big-v1, small: big-v1 }\n",
+                "gw.yaml:6:45: provider `up`: model `small` is given twice: keep one",
+            ),
+            // A map inside an attribute's value (no policy type takes one,
+            // but it must not slip through either).
+            (
+                "policy: p\ntenants:\n  - id: t\n    key: k\n    attrs: { plan: pro, limits: { a: 1, a: 2 } }\n",
+                "gw.yaml:5:33: tenant `t`: key `a` in `attrs.limits` is given twice: keep one",
+            ),
+            // Fixed keys were already refused by serde.
+            (
+                "policy: p\nmax_body: 1MiB\nmax_body: 2MiB\n",
+                "gw.yaml:3:1: duplicate field `max_body`",
+            ),
+        ] {
+            assert_eq!(only_error(text), want, "{text:?}");
+        }
+        let c = parse(&format!(
+            "policy: p\n{TENANT}    attrs: {{ plan: free, tags: [a, a] }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.tenants[0].attrs["plan"], "free");
+    }
+
+    #[test]
+    fn a_section_written_without_a_value_is_an_error_not_the_default() {
+        // Found by review: with its body commented out, each of these
+        // started cleanly with the default (no admin, no tenants, ...).
+        for (text, want) in [
+            (
+                "policy: p\nadmin:\n  # token_env: ADMIN\n",
+                "gw.yaml:2: `admin:` has no value: fill it in, or delete the key for the default (the admin endpoints are off)",
+            ),
+            (
+                "policy: p\nstate: ~\n",
+                "gw.yaml:2: `state:` has no value: fill it in, or delete the key for the default (SQLite in `routeplane-state/state.db`)",
+            ),
+            (
+                "policy: p\ndecision_log:\n",
+                "gw.yaml:2: `decision_log:` has no value: fill it in, or delete the key for the default (no decision log)",
+            ),
+            (
+                "policy: p\nmax_body: null\n",
+                "gw.yaml:2: `max_body:` has no value: fill it in, or delete the key for the default (32MiB)",
+            ),
+            (
+                "policy: p\nlisten:\n",
+                "gw.yaml:2: `listen:` has no value: fill it in, or delete the key for the default (listen on 127.0.0.1:8080)",
+            ),
+            (
+                "policy: p\nproviders:\n",
+                "gw.yaml:2: `providers:` has no value: fill it in, or delete the key for the default (no providers)",
+            ),
+            ("policy:\n", "gw.yaml:1: `policy:` has no value: name the policy directory or file"),
+            (
+                "policy: p\ntenants:\n#  - id: t\n#    key: k\n",
+                "gw.yaml:2: `tenants:` has no value: list the tenants; a gateway without tenants refuses every request (401)",
+            ),
+            (
+                "policy: p\ntenants: []\n",
+                "gw.yaml:2: `tenants:` lists no tenant: a gateway without tenants refuses every request (401)",
+            ),
+            (
+                "policy: p\ntenants:\n  - id: t\n    key: k\n    attrs:\n",
+                "gw.yaml:5: tenant `t`: `attrs:` has no value: fill it in, or delete the key for the policy's defaults",
+            ),
+            (
+                "policy: p\nproviders:\n  - name: m\n    kind: mock\n    mock:\n",
+                "gw.yaml:5: provider `m`: `mock:` has no value: fill it in, or delete the key for the defaults",
+            ),
+            (
+                "policy: p\nproviders:\n  - kind: mock\n    name: m\n    models: ~\n",
+                "gw.yaml:5: provider `m`: `models:` has no value: fill it in, or delete the key to send the policy's model names",
+            ),
+            (
+                "policy: p\ndecision_log: ''\n",
+                "gw.yaml:2: `decision_log:` is empty: name a file, or delete the key for no decision log",
+            ),
+        ] {
+            let text = if text.contains("tenants") || text.starts_with("policy:\n") {
+                text.to_string()
+            } else {
+                format!("{text}{TENANT}")
+            };
+            let errs = parse(&text).unwrap_err();
+            assert!(errs.iter().any(|e| e == want), "{text:?}: want {want}, got {errs:#?}");
+        }
+        // Absent keys still mean the default; no `tenants:` at all is a warning.
+        let c = parse("policy: p\n").unwrap();
+        assert!(c.admin_token_sha256.is_none());
+        assert_eq!(
+            c.warnings,
+            ["gw.yaml: no `tenants:`: a gateway without tenants refuses every request (401)"]
+        );
+    }
+
+    #[test]
+    fn meaningless_values_are_refused() {
+        for (text, want) in [
+            (
+                "policy: p\nproviders:\n  - name: m\n    kind: mock\n    mock: { chunks: 0 }\n",
+                "gw.yaml:5: provider `m`: `chunks` must be at least 1, got 0",
+            ),
+            (
+                "policy: p\nproviders:\n  - name: m\n    kind: mock\n    mock:\n      latency: 10ms\n      first_token: 1.5s\n",
+                "gw.yaml:7: provider `m`: `first_token` (1.5s) is later than `latency` (10ms), the time to the whole answer: raise `latency` or lower `first_token`",
+            ),
+            (
+                "policy: p\nproviders:\n  - name: m\n    kind: mock\n    api_key_env: OPENAI_KEY\n",
+                "gw.yaml:5: provider `m`: a mock provider takes no API key: delete `api_key_env`",
+            ),
+            (
+                "policy: p\ntenants:\n  - id: ''\n    key: k\n",
+                "gw.yaml:3: a tenant's `id` is empty: give each tenant a name (it appears in logs, budgets and the policy's errors)",
+            ),
+            (
+                "policy: p\nproviders:\n  - name:\n    kind: mock\n",
+                "gw.yaml:3: a provider's `name` is empty: give the name the policy uses for it",
+            ),
+        ] {
+            let text = if text.contains("tenants") { text.to_string() } else { format!("{text}{TENANT}") };
+            assert_eq!(only_error(&text), want, "{text:?}");
+        }
+        // The line is the one in this provider's entry, not the first in the file.
+        let two = format!("policy: p\nproviders:\n  - name: a\n    kind: mock\n    mock: {{ chunks: 2 }}\n  - name: b\n    kind: mock\n    mock: {{ chunks: 0 }}\n{TENANT}");
+        assert!(only_error(&two).starts_with("gw.yaml:8: provider `b`"));
+        // `first_token` alone: the answer takes that long.
+        let c = parse(&format!("policy: p\nproviders:\n  - name: m\n    kind: mock\n    mock: {{ first_token: 20ms }}\n{TENANT}")).unwrap();
+        assert_eq!(c.providers[0].mock.latency, Duration::from_millis(20));
     }
 
     #[test]

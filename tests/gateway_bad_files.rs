@@ -531,8 +531,104 @@ fn cases() -> Vec<Case> {
             "",
             Some(6),
         ),
+        // Accepted and meaningless until review: raised to 1, latency raised
+        // to first_token, a key the mock never reads, a nameless tenant.
+        (
+            "mock chunks zero",
+            "    mock: { latency: 1ms }",
+            "    mock: { chunks: 0 }",
+            "chunks",
+            Some(9),
+        ),
+        (
+            "mock first_token after latency",
+            "    mock: { latency: 1ms }",
+            "    mock: { latency: 1ms, first_token: 5ms }",
+            "first_token",
+            Some(9),
+        ),
+        (
+            "mock with api_key_env",
+            "    mock: { latency: 1ms }",
+            "    mock: { latency: 1ms }\n    api_key_env: RP_OPENAI_KEY",
+            "api_key_env",
+            Some(10),
+        ),
+        (
+            "tenant id empty",
+            "  - id: demo",
+            "  - id: ''",
+            "id",
+            Some(11),
+        ),
     ] {
         v.push(config_case(name, cfg_edit(from, to), expect, line));
+    }
+
+    // ---------------------------------------------------------- config: sections written without a value
+    // With its body commented out each of these used to start cleanly with
+    // the default: no admin endpoints, budgets in another file, no tenants.
+    let no_tenants = good.split("tenants:").next().unwrap();
+    for (name, body, expect, line) in [
+        (
+            "admin without a value",
+            cfg_edit(
+                "  token_env: RP_ADMIN_TOKEN",
+                "  # token_env: RP_ADMIN_TOKEN",
+            ),
+            "admin",
+            Some(3),
+        ),
+        (
+            "state without a value",
+            cfg_edit("state: { backend: memory }", "state:\n  # backend: memory"),
+            "state",
+            Some(5),
+        ),
+        (
+            "decision_log without a value",
+            cfg_edit(
+                "state: { backend: memory }",
+                "state: { backend: memory }\ndecision_log:",
+            ),
+            "decision_log",
+            Some(6),
+        ),
+        (
+            "max_body null",
+            cfg_edit(
+                "state: { backend: memory }",
+                "state: { backend: memory }\nmax_body: ~",
+            ),
+            "max_body",
+            Some(6),
+        ),
+        (
+            "tenants without a value",
+            format!("{no_tenants}tenants:\n  # - id: demo\n"),
+            "tenants",
+            Some(10),
+        ),
+        (
+            "tenants an empty list",
+            format!("{no_tenants}tenants: []\n"),
+            "tenants",
+            Some(10),
+        ),
+        (
+            "tenant attrs without a value",
+            cfg_edit("    attrs: { plan: pro }", "    attrs:"),
+            "attrs",
+            Some(13),
+        ),
+        (
+            "mock without a value",
+            cfg_edit("    mock: { latency: 1ms }", "    mock:"),
+            "mock",
+            Some(9),
+        ),
+    ] {
+        v.push(config_case(name, body, expect, line));
     }
 
     // ---------------------------------------------------------- config: unknown fields
@@ -606,7 +702,45 @@ fn cases() -> Vec<Case> {
         "duplicate yaml key",
         cfg_edit("policy: policy", "policy: policy\npolicy: policy"),
         "policy",
-        None,
+        Some(3),
+    ));
+    // A repeated key in a map of free-form keys: the last one won, so a
+    // free tenant could write itself onto a better plan.
+    v.push(config_case(
+        "tenant attr given twice",
+        cfg_edit(
+            "    attrs: { plan: pro }",
+            "    attrs: { plan: free, plan: pro }",
+        ),
+        "attribute `plan` is given twice",
+        Some(13),
+    ));
+    v.push(config_case(
+        "tenant attr given twice (block map)",
+        cfg_edit(
+            "    attrs: { plan: pro }",
+            "    attrs:\n      plan: free\n      plan: pro",
+        ),
+        "tenant `demo`: attribute `plan` is given twice",
+        Some(15),
+    ));
+    v.push(config_case(
+        "provider model given twice",
+        cfg_edit(
+            "    mock: { latency: 1ms }",
+            "    mock: { latency: 1ms }\n    models: { small: a, small: b }",
+        ),
+        "model `small` is given twice",
+        Some(10),
+    ));
+    v.push(config_case(
+        "a key given twice inside an attribute",
+        cfg_edit(
+            "    attrs: { plan: pro }",
+            "    attrs: { plan: pro, x: { a: 1, a: 2 } }",
+        ),
+        "key `a` in `attrs.x` is given twice",
+        Some(13),
     ));
     v.push(config_case(
         "duplicate mock key",
