@@ -714,6 +714,20 @@ protect {
     }
 
     #[test]
+    fn a_negative_tenant_amount_is_refused_where_the_tenant_is_set() {
+        let p = policy(POLICY);
+        let mut attrs = serde_json::Map::new();
+        attrs.insert("monthly_budget".into(), serde_json::json!(-5));
+        let errs = p.tenant("acme", &attrs).unwrap_err();
+        assert_eq!(
+            errs,
+            ["tenant `acme`: attribute `monthly_budget` is -5, but it is the amount of a budget in dollars: give 0 or more"]
+        );
+        attrs.insert("monthly_budget".into(), serde_json::json!(0));
+        assert!(p.tenant("acme", &attrs).is_ok());
+    }
+
+    #[test]
     fn budgets_apply_by_scope_with_tenant_amounts() {
         let p = policy(POLICY);
         let mut attrs = serde_json::Map::new();

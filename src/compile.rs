@@ -1108,6 +1108,29 @@ impl CompiledPolicy {
                 },
             }
         }
+        // An attribute that holds a budget's amount is money: a negative one
+        // would read as $0 and block every request with a misleading reason.
+        let mut money: Vec<AttrId> = (self.policy.protect.budgets.iter())
+            .filter_map(|b| match b.amount {
+                crate::ir::BudgetAmount::TenantAttr(a) => Some(a),
+                crate::ir::BudgetAmount::Fixed(_) => None,
+            })
+            .collect();
+        money.sort_unstable();
+        money.dedup();
+        for a in money {
+            let (Some(Some(Value::Number(n))), Some(def)) =
+                (values.get(a.0 as usize), schema.get(a.0 as usize))
+            else {
+                continue;
+            };
+            if *n < 0.0 {
+                problems.push(format!(
+                    "tenant `{id}`: attribute `{}` is {n}, but it is the amount of a budget in dollars: give 0 or more",
+                    def.name
+                ));
+            }
+        }
         if !problems.is_empty() {
             return Err(problems);
         }
