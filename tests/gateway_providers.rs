@@ -168,6 +168,50 @@ async fn anthropic_refuses_n_above_one_with_a_400_naming_it() {
     );
 }
 
+/// What one provider's API cannot carry another may: `n: 2` skips the
+/// Anthropic model (never sent) and is served by the OpenAI-compatible one.
+#[tokio::test]
+async fn a_request_anthropic_cannot_carry_falls_back_to_a_model_that_can() {
+    let a = raw_upstream(|_| {
+        http_json(
+            200,
+            &json!({ "id": "msg_1", "type": "message", "role": "assistant",
+            "content": [{ "type": "text", "text": "hi" }], "stop_reason": "end_turn",
+            "usage": { "input_tokens": 3, "output_tokens": 1 } })
+            .to_string(),
+        )
+    })
+    .await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let config = format!(
+        "{}  - name: pb\n    kind: openai\n    base_url: {}\n    api_key_env: KEY\n",
+        anthropic_config(&a.url),
+        b.url
+    );
+    let gw = gateway(&config, policy(&[("model-a", "pa"), ("model-b", "pb")], "")).await;
+    let body =
+        json!({ "model": "auto", "n": 2, "messages": [{ "role": "user", "content": "hi" }] });
+    let r = gw.chat("sk-demo", body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    assert!(
+        a.bodies.lock().unwrap().is_empty(),
+        "model-a was sent the request"
+    );
+    assert_eq!(b.hits(), 1);
+    // The breaker did not hear of it: model-a still serves what it can carry.
+    let r = gw
+        .chat(
+            "sk-demo",
+            json!({ "model": "auto", "messages": [{ "role": "user", "content": "hi" }] }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-a");
+}
+
 const MOCK: &str = "policy: unused\ntenants:\n  - id: demo\n    key: sk-demo\nproviders:\n  - name: pm\n    kind: mock\n    mock: { latency: 20ms, first_token: 5ms, usage: { prompt_tokens: 3, completion_tokens: 8 }, chunks: 4 }\n";
 
 fn mock_policy() -> routeplane::gateway::engine::CompiledPolicy {

@@ -291,7 +291,7 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                     if let Some(b) = &ctx.budget {
                         b.release();
                     }
-                    if e.is_client_error() {
+                    if e.is_client_error() || matches!(e, AttemptError::Untranslatable { .. }) {
                         // Refused for what the request asks, not because the
                         // upstream is unwell: neither the breakers nor the live
                         // success rate hear of it, or one client sending bad
@@ -315,6 +315,11 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                     if e.is_client_error() {
                         let e = scrub(e, upstream.cfg.api_key.as_ref().map(|k| k.expose()));
                         return client_error(gw, ctx, e, out);
+                    }
+                    if matches!(e, AttemptError::Untranslatable { .. }) {
+                        // The same request would be refused again: next model.
+                        out.last_error = Some(e);
+                        break;
                     }
                     let retry_now = retry
                         .as_ref()
@@ -1053,6 +1058,12 @@ fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
             format!("no model is available for this request; {summary}"),
         )
         .code("no_model"),
+        // No model could carry what the request asks: the client's to fix.
+        (Some(AttemptError::Untranslatable { param, message }), _) => {
+            ApiError::bad_request(format!("{message}; {summary}"))
+                .code("unsupported_parameter")
+                .param(param.clone())
+        }
         (Some(AttemptError::Timeout), _) => ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_error",

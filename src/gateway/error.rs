@@ -24,6 +24,8 @@ pub struct ApiError {
     pub code: Option<String>,
     pub message: String,
     pub retry_after: Option<Duration>,
+    /// The request field at fault, as OpenAI's `error.param`.
+    pub param: Option<String>,
 }
 
 impl ApiError {
@@ -34,7 +36,12 @@ impl ApiError {
             code: None,
             message: message.into(),
             retry_after: None,
+            param: None,
         }
+    }
+    pub fn param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
     }
     pub fn code(mut self, code: impl Into<String>) -> Self {
         self.code = Some(code.into());
@@ -55,7 +62,7 @@ impl ApiError {
     }
 
     pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({ "error": { "message": self.message, "type": self.kind, "code": self.code, "param": null } })
+        serde_json::json!({ "error": { "message": self.message, "type": self.kind, "code": self.code, "param": self.param } })
     }
 
     /// An upstream's refusal as an OpenAI-style error body. A body already in

@@ -38,8 +38,10 @@
 //! than text), `web_search_options`, tools other than functions, and content
 //! parts the Messages API cannot carry (`input_audio`, a `file` by `file_id`
 //! or of another type than PDF, unknown part types, non-text parts in system
-//! and tool turns). The refusal is an OpenAI-style 400 with `param` set; like
-//! any client error, it ends the request rather than falling back.
+//! and tool turns). Such a request is never sent to this model: dispatch
+//! tries the decision's next model (an OpenAI-compatible one may carry it),
+//! and when none does the client gets an OpenAI-style 400 with `param` set.
+//! The breakers do not count it: the upstream was never asked.
 //!
 //! Dropped on purpose, since they only tune sampling or bookkeeping and the
 //! answer stays a faithful one: `seed`, `presence_penalty`,
@@ -86,15 +88,11 @@ impl Untranslatable {
         }
     }
 
-    /// A 400 in OpenAI's error shape: dispatch passes it back to the client
-    /// as it passes back an upstream's refusal.
+    /// Dispatch tries the next model; a 400 naming `param` when none serves.
     pub fn into_attempt_error(self) -> AttemptError {
-        let body = json!({ "error": { "message": self.message, "type": "invalid_request_error",
-            "param": self.param, "code": "unsupported_parameter" } });
-        AttemptError::Status {
-            status: 400,
-            retry_after: None,
-            body: Bytes::from(body.to_string()),
+        AttemptError::Untranslatable {
+            param: self.param,
+            message: self.message,
         }
     }
 }
@@ -989,17 +987,13 @@ mod tests {
     }
 
     #[test]
-    fn refusals_become_openai_400s_naming_the_param() {
+    fn refusals_name_the_param_and_let_another_model_try() {
         let e = Untranslatable::new("n", "`n` is `2`").into_attempt_error();
-        assert!(e.is_client_error());
-        let AttemptError::Status { status, body, .. } = e else {
-            panic!("not a status: {e:?}");
+        assert!(!e.is_client_error(), "another provider may serve it");
+        let AttemptError::Untranslatable { param, message } = e else {
+            panic!("not untranslatable: {e:?}");
         };
-        assert_eq!(status, 400);
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["error"]["param"], "n");
-        assert_eq!(v["error"]["type"], "invalid_request_error");
-        assert_eq!(v["error"]["message"], "`n` is `2`");
+        assert_eq!((param.as_str(), message.as_str()), ("n", "`n` is `2`"));
     }
 
     #[test]

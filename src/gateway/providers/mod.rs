@@ -114,6 +114,12 @@ pub enum AttemptError {
     Protocol(String),
     #[error("the provider does not serve `{0}` requests")]
     Unsupported(&'static str),
+    /// The request asks for something this provider's API cannot carry
+    /// (`n: 2` for Anthropic): never sent. Another model may serve it, so
+    /// dispatch falls back; when none does, the client gets a 400 naming
+    /// `param`.
+    #[error("{message}")]
+    Untranslatable { param: String, message: String },
 }
 
 impl AttemptError {
@@ -126,6 +132,7 @@ impl AttemptError {
             AttemptError::Reset(_) => "reset".into(),
             AttemptError::Protocol(_) => "protocol".into(),
             AttemptError::Unsupported(_) => "unsupported".into(),
+            AttemptError::Untranslatable { .. } => "unsupported_parameter".into(),
         }
     }
 
