@@ -394,6 +394,7 @@ impl Checker<'_> {
                     );
                 }
             }
+            self.settings_without_effect(r, &name);
             if let ([only], []) = (r.candidates.as_slice(), r.fallback.as_slice()) {
                 self.out.push(
                     Diagnostic::lint("single-candidate", format!("route `{name}` has a single candidate and no fallback"))
@@ -423,6 +424,59 @@ impl Checker<'_> {
                         )),
                 );
             }
+        }
+    }
+
+    /// Route settings that can never change a decision: written in the
+    /// belief that they do, they would sit in the policy doing nothing.
+    fn settings_without_effect(&mut self, r: &crate::ir::Route, name: &str) {
+        if let Some(when) = &r.premium_only {
+            let premium = |m: ModelId| {
+                self.p
+                    .model(m)
+                    .is_some_and(|m| m.tier == crate::ir::Tier::Premium)
+            };
+            let any_premium = r.candidates.iter().any(|c| premium(c.model))
+                || r.fallback.iter().any(|f| match f.target {
+                    FallbackTarget::Model(m) => premium(m),
+                    // Another route's models: not worth guessing here.
+                    FallbackTarget::Route(_) => true,
+                });
+            if !any_premium {
+                self.out.push(
+                    Diagnostic::lint(
+                        "no-effect",
+                        format!("`premium only` on route `{name}` never applies"),
+                    )
+                    .with_label(
+                        when.span,
+                        "no candidate or fallback of this route is premium",
+                    )
+                    .with_help(
+                        "mark the models meant here `tier premium`, or remove `premium only`",
+                    ),
+                );
+            }
+        }
+        let downgrades = self.p.protect.budgets.iter().any(|b| {
+            b.thresholds
+                .iter()
+                .any(|t| t.action == crate::ir::BudgetAction::Downgrade)
+        });
+        if let (false, Some(first), Some(last)) =
+            (downgrades, r.downgrade.first(), r.downgrade.last())
+        {
+            self.out.push(
+                Diagnostic::lint(
+                    "no-effect",
+                    format!("the `downgrade` list of route `{name}` is never used"),
+                )
+                .with_label(
+                    first.span.to(last.span),
+                    "used only when a budget downgrades",
+                )
+                .with_help("add `downgrade at N%` to a budget in `protect`, or remove the list"),
+            );
         }
     }
 

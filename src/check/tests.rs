@@ -84,7 +84,7 @@ fn layering_and_coverage() {
             "constraints { deny [b] when tenant.plan == free }\nclassify { chat otherwise }\nroute chat when tenant.plan == free { candidates [a, b] }\nroute chat { candidates [a, b] }",
             &["candidate-denied@9"],
         ),
-        ("constraints { deny provider mistral }\nclassify { chat otherwise }\nroute chat { candidates [a] fallback [b] downgrade [b] }", &["candidate-denied@9", "candidate-denied@9"]),
+        ("constraints { deny provider mistral }\nclassify { chat otherwise }\nroute chat { candidates [a] fallback [b] downgrade [b] }", &["candidate-denied@9", "no-effect@9", "candidate-denied@9"]),
         (
             "constraints { eu_only: deny models where model.region != eu when tenant.eu }\nclassify { chat otherwise }\nroute chat { candidates [a] fallback [p] }",
             &["coverage-hole@9"],
