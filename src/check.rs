@@ -383,6 +383,7 @@ impl Checker<'_> {
             }
         }
         self.unused_attributes();
+        self.similar_capabilities();
         for r in &self.p.routes {
             let name = self.intent_name(r.intent).to_string();
             if let (Some(first), Some(last)) = (r.score.first(), r.score.last()) {
@@ -424,6 +425,62 @@ impl Checker<'_> {
                         )),
                 );
             }
+        }
+    }
+
+    /// A capability one model declares that is one edit away from another's
+    /// (`visoin` beside `vision`): that model would quietly fail every
+    /// `model.caps has vision` and be removed where it should serve.
+    fn similar_capabilities(&mut self) {
+        // Each capability, with the models declaring it.
+        let mut owners: std::collections::BTreeMap<&str, Vec<&crate::ir::Model>> =
+            Default::default();
+        for m in &self.p.models {
+            for c in &m.caps {
+                owners.entry(c.as_str()).or_default().push(m);
+            }
+        }
+        let mut found = Vec::new();
+        for (cap, models) in &owners {
+            let [lone] = models.as_slice() else { continue };
+            if cap.chars().count() < 4 {
+                continue;
+            }
+            for (near, near_models) in &owners {
+                // A lone pair is reported once, from its first name.
+                let pair_seen = near_models.len() == 1 && near < cap;
+                if near == cap || pair_seen || strsim::damerau_levenshtein(cap, near) != 1 {
+                    continue;
+                }
+                let others = near_models
+                    .iter()
+                    .map(|m| format!("`{}`", m.name))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let first_other = near_models.first().map(|m| m.name_span);
+                found.push((
+                    lone.name.clone(),
+                    lone.name_span,
+                    cap.to_string(),
+                    near.to_string(),
+                    others,
+                    first_other,
+                ));
+            }
+        }
+        for (model, span, cap, near, others, other_span) in found {
+            let mut d = Diagnostic::lint(
+                "similar-capability",
+                format!("model `{model}` declares `{cap}`, one letter from `{near}` ({others})"),
+            )
+            .with_label(span, format!("the only model with `{cap}`"))
+            .with_help(format!(
+                "spell both the same: `model.caps has {near}` does not see `{cap}`, nor the other way round"
+            ));
+            if let Some(o) = other_span {
+                d = d.with_label(o, format!("declares `{near}`"));
+            }
+            self.out.push(d);
         }
     }
 

@@ -100,6 +100,7 @@ pub const RULES: &[Rule] = &[
     lint("zero-weights", "every weight of a score is zero"),
     lint("single-candidate", "a route has one candidate and no fallback"),
     lint("disabled-candidate", "a route names a disabled model"),
+    lint("similar-capability", "a capability one model declares is one letter from another model's"),
     lint("no-effect", "a route setting that can never apply: `premium only` without premium models, `downgrade` without a budget that downgrades"),
 ];
 
@@ -1117,7 +1118,7 @@ mod tests {
                 r.name
             );
         }
-        assert_eq!(RULES.len(), 36);
+        assert_eq!(RULES.len(), 37);
         assert!(rule("route::zero-weights").is_some_and(|r| r.severity == Severity::Warning));
     }
 }
