@@ -343,9 +343,9 @@ impl<'de> Deserialize<'de> for Models {
 #[serde(deny_unknown_fields)]
 struct RawState {
     backend: StateBackendKind,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     path: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     url: Option<String>,
 }
 
@@ -369,9 +369,9 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 struct RawProvider {
     name: String,
     kind: ProviderKind,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     base_url: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     api_key_env: Option<String>,
     #[serde(default)]
     models: Section<Models>,
@@ -382,26 +382,26 @@ struct RawProvider {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMock {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     latency: Option<DurationStr>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     first_token: Option<DurationStr>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     error_rate: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     error_status: Option<u16>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     usage: Option<RawUsage>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     chunks: Option<u32>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUsage {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     prompt_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     completion_tokens: Option<u64>,
 }
 
@@ -409,9 +409,9 @@ struct RawUsage {
 #[serde(deny_unknown_fields)]
 struct RawTenant {
     id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     key: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     key_sha256: Option<String>,
     #[serde(default)]
     attrs: Section<Attrs>,
@@ -420,10 +420,25 @@ struct RawTenant {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     token_env: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     token_sha256: Option<String>,
+}
+
+const NO_VALUE: &str = "has no value: fill it in, or delete the key for the default";
+
+/// An optional key that, when written, has a value. `latency:` with nothing
+/// after it would otherwise read as "not given" and quietly take the default.
+fn given<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    match Option::<T>::deserialize(d)? {
+        Some(v) => Ok(Some(v)),
+        None => Err(serde::de::Error::custom(NO_VALUE)),
+    }
 }
 
 /// `250ms`, `2s`, `1min` or a number of milliseconds.
@@ -1163,6 +1178,30 @@ fn located(file: &str, text: &str, e: &serde_yaml::Error, offset: usize) -> Conf
         (Some((l, c)), _) => (Some(l + offset), Some(c)),
         (None, None) => (None, None),
     };
+    // `given` cannot know its key's name, and serde_yaml points at it or
+    // before it (at the mapping's start for a key at its end): name the
+    // first `key:` with nothing after it from there on.
+    let (message, line, column) = match (message.strip_suffix(NO_VALUE), line) {
+        (Some(path), Some(from)) => {
+            let empty = text
+                .lines()
+                .enumerate()
+                .skip(from.saturating_sub(1))
+                .find_map(|(i, l)| {
+                    let l = l.trim_start().trim_start_matches("- ");
+                    let (key, rest) = l.split_once(':')?;
+                    let rest = rest.trim();
+                    let no_value =
+                        rest.is_empty() || rest.starts_with('#') || rest == "~" || rest == "null";
+                    (no_value && !key.trim().is_empty()).then(|| (i + 1, key.trim().to_string()))
+                });
+            match empty {
+                Some((l, key)) => (format!("{path}`{key}:` {NO_VALUE}"), Some(l), None),
+                None => (message, line, column),
+            }
+        }
+        _ => (message, line, column),
+    };
     ConfigError {
         file: file.to_string(),
         line,
@@ -1690,6 +1729,14 @@ max_body: 1MiB
             (
                 "policy: p\ntenants:\n#  - id: t\n#    key: k\n",
                 "gw.yaml:2: `tenants:` has no value: list the tenants; a gateway without tenants refuses every request (401)",
+            ),
+            (
+                "policy: p\nproviders:\n  - name: m\n    kind: mock\n    mock:\n      latency:\n      chunks: 2\n",
+                "gw.yaml:6: providers[0].mock: `latency:` has no value: fill it in, or delete the key for the default",
+            ),
+            (
+                "policy: p\ntenants:\n  - id: t\n    key:   # set me\n",
+                "gw.yaml:4: tenants[0]: `key:` has no value: fill it in, or delete the key for the default",
             ),
             (
                 "policy: p\ntenants: []\n",
