@@ -221,7 +221,11 @@ fn cases() -> Vec<Case> {
         ("state: { backend: mem", "", Some(5)),
         ("    kind: mo", "mo", Some(8)),
         ("    mock: { late", "", Some(9)),
-        ("  - id: demo\n    key_sha256: ", "`key_sha256:` has no value", Some(12)),
+        (
+            "  - id: demo\n    key_sha256: ",
+            "`key_sha256:` has no value",
+            Some(12),
+        ),
     ] {
         let cut = good
             .find(at)

@@ -136,11 +136,7 @@ async fn honours_retry_after_on_429() {
 async fn a_retry_after_beyond_the_backoff_cap_falls_back_at_once() {
     let a = upstream("a", |_| Act::Status(429, Some(60))).await;
     let b = upstream("b", |_| Act::Ok).await;
-    let gw = gateway(
-        &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], &protect_retry(3)),
-    )
-    .await;
+    let gw = two_models(&a, &b, &protect_retry(3)).await;
     let t = Instant::now();
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -153,11 +149,7 @@ async fn a_retry_after_beyond_the_backoff_cap_falls_back_at_once() {
 async fn falls_back_when_retries_are_spent() {
     let a = upstream("a", |_| Act::Status(500, None)).await;
     let b = upstream("b", |_| Act::Ok).await;
-    let gw = gateway(
-        &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], &protect_retry(2)),
-    )
-    .await;
+    let gw = two_models(&a, &b, &protect_retry(2)).await;
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-routeplane-model"), "model-b");
@@ -169,11 +161,7 @@ async fn falls_back_when_retries_are_spent() {
 async fn a_status_outside_the_retry_filter_falls_back_without_retrying() {
     let a = upstream("a", |_| Act::Status(401, None)).await;
     let b = upstream("b", |_| Act::Ok).await;
-    let gw = gateway(
-        &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], &protect_retry(2)),
-    )
-    .await;
+    let gw = two_models(&a, &b, &protect_retry(2)).await;
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
     assert_eq!(header(&r, "x-routeplane-model"), "model-b");
     assert_eq!(a.hits(), 1);
@@ -183,11 +171,7 @@ async fn a_status_outside_the_retry_filter_falls_back_without_retrying() {
 async fn a_connection_reset_falls_back() {
     let a = upstream("a", |_| Act::Reset).await;
     let b = upstream("b", |_| Act::Ok).await;
-    let gw = gateway(
-        &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], ""),
-    )
-    .await;
+    let gw = two_models(&a, &b, "").await;
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-routeplane-model"), "model-b");
@@ -229,11 +213,7 @@ async fn a_slow_first_token_falls_back_before_anything_reached_the_client() {
     let a = upstream("a", |_| Act::SlowFirstChunk(Duration::from_secs(5))).await;
     let b = upstream("b", |_| Act::Ok).await;
     let protect = "protect { timeout first_token 200ms total 10s }";
-    let gw = gateway(
-        &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], protect),
-    )
-    .await;
+    let gw = two_models(&a, &b, protect).await;
     let r = gw.chat("sk-demo", hello_stream()).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-routeplane-model"), "model-b");
@@ -249,11 +229,7 @@ async fn a_slow_first_token_falls_back_before_anything_reached_the_client() {
 async fn streams_pass_through_and_a_failure_before_the_first_byte_falls_back() {
     let a = upstream("a", |_| Act::Status(503, None)).await;
     let b = upstream("b", |_| Act::Ok).await;
-    let gw = gateway(
-        &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], ""),
-    )
-    .await;
+    let gw = two_models(&a, &b, "").await;
     let r = gw.chat("sk-demo", hello_stream()).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-type"), "text/event-stream");
@@ -268,11 +244,7 @@ async fn streams_pass_through_and_a_failure_before_the_first_byte_falls_back() {
 async fn a_stream_cut_halfway_ends_with_an_explicit_error_event() {
     let a = upstream("a", |_| Act::CutAfter(2)).await;
     let b = upstream("b", |_| Act::Ok).await;
-    let gw = gateway(
-        &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], &protect_retry(2)),
-    )
-    .await;
+    let gw = two_models(&a, &b, &protect_retry(2)).await;
     let r = gw.chat("sk-demo", hello_stream()).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-routeplane-model"), "model-a");
@@ -301,11 +273,7 @@ async fn the_model_breaker_opens_and_later_requests_skip_the_model() {
     let a = upstream("a", |_| Act::Status(500, None)).await;
     let b = upstream("b", |_| Act::Ok).await;
     let protect = "protect { breaker per model open after 2 failures within 10s, probe after 60s }";
-    let gw = gateway(
-        &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], protect),
-    )
-    .await;
+    let gw = two_models(&a, &b, protect).await;
     for _ in 0..5 {
         let r = gw.chat("sk-demo", hello()).send().await.unwrap();
         assert_eq!(header(&r, "x-routeplane-model"), "model-b");
@@ -454,11 +422,7 @@ async fn an_upstream_400_reaches_the_client_without_the_provider_key() {
     })
     .await;
     let b = upstream("b", |_| Act::Ok).await;
-    let gw = gateway(
-        &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], ""),
-    )
-    .await;
+    let gw = two_models(&a, &b, "").await;
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
     assert_eq!(
         r.status(),

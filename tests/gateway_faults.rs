@@ -26,7 +26,7 @@ fn hello() -> Value {
 
 const CHAT_OK: &str = r#"{"id":"x","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"from fault"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
 
-async fn two_models(url_a: &str, protect: &str) -> (Gw, Upstream) {
+async fn a_then_healthy_b(url_a: &str, protect: &str) -> (Gw, Upstream) {
     let b = upstream("b", |_| Act::Ok).await;
     let gw = gateway(
         &config(&[("pa", url_a), ("pb", &b.url)]),
@@ -44,7 +44,7 @@ async fn connection_refused_falls_back_at_once() {
         .local_addr()
         .unwrap()
         .port();
-    let (gw, b) = two_models(
+    let (gw, b) = a_then_healthy_b(
         &format!("http://127.0.0.1:{port}/v1"),
         "protect { retry 1 on [connect] backoff 10ms..20ms }",
     )
@@ -89,7 +89,7 @@ async fn malformed_json_from_the_upstream_is_not_passed_off_as_an_answer() {
             .await;
     })
     .await;
-    let (gw, b) = two_models(&url, "").await;
+    let (gw, b) = a_then_healthy_b(&url, "").await;
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(
@@ -110,7 +110,7 @@ async fn a_response_that_never_ends_times_out_and_falls_back() {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     })
     .await;
-    let (gw, b) = two_models(&url, "protect { timeout total 1s }").await;
+    let (gw, b) = a_then_healthy_b(&url, "protect { timeout total 1s }").await;
     let start = Instant::now();
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
     let took = start.elapsed();
@@ -139,7 +139,7 @@ async fn a_body_trickled_byte_by_byte_hits_the_total_timeout() {
         }
     })
     .await;
-    let (gw, b) = two_models(&url, "protect { timeout total 1s }").await;
+    let (gw, b) = a_then_healthy_b(&url, "protect { timeout total 1s }").await;
     let start = Instant::now();
     let r = gw.chat("sk-demo", hello()).send().await.unwrap();
     let took = start.elapsed();
@@ -192,11 +192,7 @@ async fn client_errors_do_not_open_a_breaker() {
     .await;
     let b = upstream("b", |_| Act::Ok).await;
     let protect = "protect { breaker per model open after 2 failures within 10s, probe after 10s }";
-    let gw = gateway(
-        &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], protect),
-    )
-    .await;
+    let gw = two_models(&a, &b, protect).await;
     for _ in 0..5 {
         let r = gw.chat("sk-demo", hello()).send().await.unwrap();
         assert_eq!(r.status(), 400);
@@ -236,11 +232,7 @@ async fn a_breaker_recovers_through_a_half_open_probe() {
     let b = upstream("b", |_| Act::Ok).await;
     let protect =
         "protect { breaker per model open after 2 failures within 10s, probe after 300ms }";
-    let gw = gateway(
-        &config(&[("pa", &a.url), ("pb", &b.url)]),
-        policy(&[("model-a", "pa"), ("model-b", "pb")], protect),
-    )
-    .await;
+    let gw = two_models(&a, &b, protect).await;
     for _ in 0..3 {
         let r = gw.chat("sk-demo", hello()).send().await.unwrap();
         assert_eq!(header(&r, "x-routeplane-model"), "model-b");

@@ -215,6 +215,16 @@ pub struct Gw {
 }
 
 /// Start a gateway with this config text (its `policy:` is ignored) and policy.
+/// The usual pair: `model-a` on provider `pa` (upstream `a`) first,
+/// `model-b` on `pb` (upstream `b`) second, plus `extra` policy text.
+pub async fn two_models(a: &Upstream, b: &Upstream, extra: &str) -> Gw {
+    gateway(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        policy(&[("model-a", "pa"), ("model-b", "pb")], extra),
+    )
+    .await
+}
+
 pub async fn gateway(config: &str, policy: CompiledPolicy) -> Gw {
     let cfg = Config::parse("test.yaml", config, Path::new("."), &|_| {
         Some("test-key".into())
