@@ -7,7 +7,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::HeaderValue;
+use hyper::header::{HeaderName, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -362,7 +362,7 @@ fn features(
             )));
         }
     }
-    if let Some(feature) = routing_header(parts, "x-routeplane-feature")? {
+    if let Some(feature) = routing_header(parts, &FEATURE_HEADER)? {
         agree("feature", f.feature.as_deref(), feature)?;
         f.feature = Some(feature.to_string());
     }
@@ -374,7 +374,7 @@ fn features(
             )));
         }
     }
-    if let Some(c) = routing_header(parts, "x-routeplane-confirm")? {
+    if let Some(c) = routing_header(parts, &CONFIRM_HEADER)? {
         f.confirmed = match c.to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" => true,
             "false" | "0" | "no" => false,
@@ -387,7 +387,7 @@ fn features(
     }
     for name in parts.headers.keys() {
         if let Some(meta) = name.as_str().strip_prefix("x-routeplane-meta-") {
-            let v = routing_header(parts, name.as_str())?.unwrap_or_default();
+            let v = routing_header(parts, name)?.unwrap_or_default();
             let in_body = f
                 .meta
                 .iter()
@@ -455,6 +455,10 @@ fn undeclared_meta_header(
     Ok(())
 }
 
+// Made once: looking a header up by `&str` parses and checks the name each time.
+const FEATURE_HEADER: HeaderName = HeaderName::from_static("x-routeplane-feature");
+const CONFIRM_HEADER: HeaderName = HeaderName::from_static("x-routeplane-confirm");
+
 /// The longest feature tag accepted. Tags key budgets, ledger rows and
 /// decision log lines, so an unbounded one would grow all three per request.
 const MAX_FEATURE_BYTES: usize = 128;
@@ -464,7 +468,7 @@ const MAX_FEATURE_BYTES: usize = 128;
 /// the request as if the client had not asked.
 fn routing_header<'a>(
     parts: &'a hyper::http::request::Parts,
-    name: &str,
+    name: &HeaderName,
 ) -> Result<Option<&'a str>, ApiError> {
     let mut values = parts.headers.get_all(name).iter();
     let Some(v) = values.next() else {

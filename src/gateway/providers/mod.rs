@@ -198,12 +198,18 @@ impl Upstream {
                 ),
                 ProviderKind::Mock => (&[], Vec::new()),
             };
+        let mut headers: Vec<(HeaderName, HeaderValue)> = headers
+            .into_iter()
+            .filter_map(|(n, v)| v.map(|v| (n, v)))
+            .collect();
+        if cfg.kind != ProviderKind::Mock {
+            if let Some(host) = host_header(&cfg.base_url) {
+                headers.push((hyper::header::HOST, host));
+            }
+        }
         Upstream {
             endpoints: http::Endpoints::new(&cfg.base_url, paths),
-            headers: headers
-                .into_iter()
-                .filter_map(|(n, v)| v.map(|v| (n, v)))
-                .collect(),
+            headers,
             cfg,
             mock_seq: AtomicU64::new(0),
         }
@@ -234,6 +240,23 @@ impl Upstream {
             }
         }
     }
+}
+
+/// The `Host` header for a base URL, as hyper's client would write it (the
+/// port only when it is not the scheme's default). Made once per provider:
+/// the client formats and validates it on every request otherwise.
+fn host_header(base_url: &str) -> Option<HeaderValue> {
+    let uri: hyper::Uri = base_url.parse().ok()?;
+    let host = uri.host()?;
+    let default_port = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let value = match uri.port_u16() {
+        Some(p) if p != default_port => format!("{host}:{p}"),
+        _ => host.to_string(),
+    };
+    HeaderValue::from_str(&value).ok()
 }
 
 /// Every path an OpenAI-compatible provider is sent to.
@@ -267,6 +290,23 @@ pub fn endpoint_name(e: Endpoint) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_host_header_is_what_the_client_would_send() {
+        for (url, want) in [
+            ("http://127.0.0.1:18181/v1", Some("127.0.0.1:18181")),
+            ("https://api.openai.com/v1", Some("api.openai.com")),
+            ("https://api.example.com:443/v1", Some("api.example.com")),
+            ("http://example.com:80", Some("example.com")),
+            ("https://example.com:8443/v1", Some("example.com:8443")),
+            ("http://user:pw@host:81/v1", Some("host:81")),
+            ("http://[::1]:9000/v1", Some("[::1]:9000")),
+            ("not a url", None),
+        ] {
+            let got = host_header(url);
+            assert_eq!(got.as_ref().and_then(|v| v.to_str().ok()), want, "{url}");
+        }
+    }
+
     use super::*;
 
     #[test]
