@@ -22,15 +22,24 @@ fn anthropic_config(url: &str) -> String {
     )
 }
 
+/// An Anthropic Messages answer, as a raw HTTP 200.
+fn anthropic_message(content: Value, stop_reason: &str, (input, output): (u64, u64)) -> String {
+    http_json(
+        200,
+        &json!({ "id": "msg_1", "type": "message", "role": "assistant",
+            "content": content, "stop_reason": stop_reason,
+            "usage": { "input_tokens": input, "output_tokens": output } })
+        .to_string(),
+    )
+}
+
 #[tokio::test]
 async fn anthropic_chat_is_translated_both_ways() {
     let up = raw_upstream(|_| {
-        http_json(
-            200,
-            &json!({ "id": "msg_1", "type": "message", "role": "assistant",
-            "content": [{ "type": "text", "text": "bonjour" }], "stop_reason": "end_turn",
-            "usage": { "input_tokens": 7, "output_tokens": 3 } })
-            .to_string(),
+        anthropic_message(
+            json!([{ "type": "text", "text": "bonjour" }]),
+            "end_turn",
+            (7, 3),
         )
     })
     .await;
@@ -110,12 +119,10 @@ async fn anthropic_streams_become_openai_chunks() {
 #[tokio::test]
 async fn anthropic_gets_tool_choice_and_a_json_instruction() {
     let up = raw_upstream(|_| {
-        http_json(
-            200,
-            &json!({ "id": "msg_1", "type": "message", "role": "assistant",
-            "content": [{ "type": "tool_use", "id": "t1", "name": "lookup", "input": { "q": "x" } }],
-            "stop_reason": "tool_use", "usage": { "input_tokens": 9, "output_tokens": 4 } })
-            .to_string(),
+        anthropic_message(
+            json!([{ "type": "tool_use", "id": "t1", "name": "lookup", "input": { "q": "x" } }]),
+            "tool_use",
+            (9, 4),
         )
     })
     .await;
@@ -173,12 +180,10 @@ async fn anthropic_refuses_n_above_one_with_a_400_naming_it() {
 #[tokio::test]
 async fn a_request_anthropic_cannot_carry_falls_back_to_a_model_that_can() {
     let a = raw_upstream(|_| {
-        http_json(
-            200,
-            &json!({ "id": "msg_1", "type": "message", "role": "assistant",
-            "content": [{ "type": "text", "text": "hi" }], "stop_reason": "end_turn",
-            "usage": { "input_tokens": 3, "output_tokens": 1 } })
-            .to_string(),
+        anthropic_message(
+            json!([{ "type": "text", "text": "hi" }]),
+            "end_turn",
+            (3, 1),
         )
     })
     .await;
