@@ -217,6 +217,32 @@ async fn client_errors_do_not_open_a_breaker() {
     );
 }
 
+/// A 404 is the upstream's: a retired or misnamed model answers it to every
+/// request, so its breaker opens and later requests go to the next model.
+#[tokio::test]
+async fn a_model_that_answers_404_is_cooled_down() {
+    let a = upstream("a", |_| Act::Status(404, None)).await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let protect = "protect { breaker per model open after 2 failures within 10s, probe after 10s }";
+    let gw = two_models(&a, &b, protect).await;
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(
+                gw.chat("sk-demo", hello())
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16(),
+            );
+        }
+        v
+    };
+    assert_eq!(statuses, [404, 404, 200, 200]);
+    assert_eq!(a.hits(), 2);
+}
+
 #[tokio::test]
 async fn a_breaker_recovers_through_a_half_open_probe() {
     let healthy = Arc::new(AtomicBool::new(false));

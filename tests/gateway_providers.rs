@@ -217,6 +217,73 @@ async fn a_request_anthropic_cannot_carry_falls_back_to_a_model_that_can() {
     assert_eq!(header(&r, "x-routeplane-model"), "model-a");
 }
 
+fn n_two() -> Value {
+    json!({ "model": "auto", "n": 2, "messages": [{ "role": "user", "content": "hi" }] })
+}
+
+/// A request Anthropic cannot carry takes nothing from the Anthropic model:
+/// no rate-limit token, no attempt counted as sent.
+#[tokio::test]
+async fn a_request_anthropic_cannot_carry_takes_none_of_its_limits() {
+    let a = raw_upstream(|_| {
+        anthropic_message(
+            json!([{ "type": "text", "text": "hi" }]),
+            "end_turn",
+            (3, 1),
+        )
+    })
+    .await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let config = format!(
+        "{}  - name: pb\n    kind: openai\n    base_url: {}\n    api_key_env: KEY\n",
+        anthropic_config(&a.url),
+        b.url
+    );
+    let gw = gateway(
+        &config,
+        policy(
+            &[("model-a", "pa"), ("model-b", "pb")],
+            "protect { limit rate 2/min per model }",
+        ),
+    )
+    .await;
+    for _ in 0..2 {
+        let r = gw.chat("sk-demo", n_two()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+        assert_eq!(
+            header(&r, "x-routeplane-attempts"),
+            "1",
+            "only model-b was sent it"
+        );
+    }
+    // model-a's two tokens are still there.
+    let hi = json!({ "model": "auto", "messages": [{ "role": "user", "content": "hi" }] });
+    for _ in 0..2 {
+        let r = gw.chat("sk-demo", hi.clone()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-routeplane-model"), "model-a");
+    }
+}
+
+/// When another model failed, that failure is the answer (a 502 the client
+/// may retry), not the 400 about what Anthropic cannot carry.
+#[tokio::test]
+async fn an_upstream_failure_is_not_hidden_behind_an_unsupported_parameter() {
+    let a = upstream("a", |_| Act::Status(500, None)).await;
+    let b = raw_upstream(|_| http_json(200, "{}")).await;
+    let config = format!(
+        "policy: unused\ntenants:\n  - id: demo\n    key: sk-demo\nproviders:\n  - name: pa\n    kind: openai\n    base_url: {}\n    api_key_env: KEY\n  - name: pb\n    kind: anthropic\n    base_url: {}\n    api_key_env: KEY\n",
+        a.url, b.url
+    );
+    let gw = gateway(&config, policy(&[("model-a", "pa"), ("model-b", "pb")], "")).await;
+    let r = gw.chat("sk-demo", n_two()).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let v: Value = r.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("model-b (unsupported_parameter)"), "{msg}");
+}
+
 const MOCK: &str = "policy: unused\ntenants:\n  - id: demo\n    key: sk-demo\nproviders:\n  - name: pm\n    kind: mock\n    mock: { latency: 20ms, first_token: 5ms, usage: { prompt_tokens: 3, completion_tokens: 8 }, chunks: 4 }\n";
 
 fn mock_policy() -> routeplane::gateway::engine::CompiledPolicy {

@@ -49,12 +49,13 @@ pub use crate::decision_log::{Attempt as AttemptRecord, DecisionRecord};
 
 /// Attempts that reached an upstream; skipped ones (breaker open, limit) are only logged.
 fn sent(attempts: &[AttemptRecord]) -> usize {
-    const SKIPPED: [&str; 5] = [
+    const SKIPPED: [&str; 6] = [
         "breaker_open",
         "provider_breaker_open",
         "limited",
         "no_provider",
         "budget",
+        "unsupported_parameter",
     ];
     attempts
         .iter()
@@ -122,6 +123,9 @@ struct Outcome {
     limited: Option<Duration>,
     /// Some attempt was skipped because a breaker was open.
     breaker_open: bool,
+    /// What a provider's API could not carry, when that skipped a model: the
+    /// client's 400 only when nothing else went wrong.
+    untranslatable: Option<AttemptError>,
 }
 
 /// Take the model and provider limits for one attempt, or say how long until a retry could pass.
@@ -209,6 +213,7 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
         last_error: None,
         limited: None,
         breaker_open: false,
+        untranslatable: None,
     };
 
     let mut previous: Option<&str> = None;
@@ -224,6 +229,21 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
             out.attempts.push(att(m, "no_provider".into(), 0, 0));
             continue;
         };
+        // Checked before any breaker, limit or budget is touched: a request
+        // this provider's API cannot carry is never sent, so it takes nothing.
+        let carry = UpstreamRequest {
+            endpoint: ctx.features.endpoint,
+            body: &ctx.body,
+            model: &m.upstream_model,
+            stream,
+        };
+        if let Err(e) = upstream.preflight(&carry) {
+            let mut a = att(m, e.code(), 0, 0);
+            a.error = Some(crate::decision_log::redact(&e.to_string()));
+            out.attempts.push(a);
+            out.untranslatable.get_or_insert(e);
+            continue;
+        }
         let mut tries: u32 = 0;
         loop {
             let now = Instant::now();
@@ -291,7 +311,7 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                     if let Some(b) = &ctx.budget {
                         b.release();
                     }
-                    if e.is_client_error() || matches!(e, AttemptError::Untranslatable { .. }) {
+                    if e.blames_the_request() {
                         // Refused for what the request asks, not because the
                         // upstream is unwell: neither the breakers nor the live
                         // success rate hear of it, or one client sending bad
@@ -318,7 +338,7 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                     }
                     if matches!(e, AttemptError::Untranslatable { .. }) {
                         // The same request would be refused again: next model.
-                        out.last_error = Some(e);
+                        out.untranslatable.get_or_insert(e);
                         break;
                     }
                     let retry_now = retry
@@ -1029,6 +1049,25 @@ fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
         format!("attempts: {}", tried.join(", "))
     };
     let budget_refused = ctx.budget.as_ref().and_then(|b| b.refused());
+    // Only when no model failed, was limited or cooling down: otherwise
+    // that is the answer, and another try may well be served.
+    if let (None, None, false, Some(AttemptError::Untranslatable { param, message })) = (
+        &out.last_error,
+        out.limited,
+        out.breaker_open,
+        &out.untranslatable,
+    ) {
+        let err = ApiError::bad_request(format!("{message}; {summary}"))
+            .code("unsupported_parameter")
+            .param(param.clone());
+        let mut rec = base_record(&ctx, &out);
+        rec.status = err.status.as_u16();
+        rec.error = Some(err.message.clone());
+        log(&gw, &ctx, rec);
+        let mut r = err.into_response();
+        routing_headers(&mut r, &ctx, None, sent(&out.attempts));
+        return r;
+    }
     let err = match (&out.last_error, out.limited) {
         (None, None) if budget_refused.is_some() => {
             let msg = budget_refused.map(|r| r.message).unwrap_or_default();
@@ -1058,12 +1097,6 @@ fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
             format!("no model is available for this request; {summary}"),
         )
         .code("no_model"),
-        // No model could carry what the request asks: the client's to fix.
-        (Some(AttemptError::Untranslatable { param, message }), _) => {
-            ApiError::bad_request(format!("{message}; {summary}"))
-                .code("unsupported_parameter")
-                .param(param.clone())
-        }
         (Some(AttemptError::Timeout), _) => ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_error",

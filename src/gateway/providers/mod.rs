@@ -136,6 +136,21 @@ impl AttemptError {
         }
     }
 
+    /// The request, not the upstream, is at fault: the upstream answered that
+    /// the request is malformed or too large, or this provider's API cannot
+    /// carry it. Breakers and success rates do not count these. A 404 is not
+    /// among them: a retired or misnamed model answers 404 to everything, and
+    /// its breaker must open so later requests go elsewhere.
+    pub fn blames_the_request(&self) -> bool {
+        matches!(
+            self,
+            AttemptError::Status {
+                status: 400 | 413 | 415 | 422,
+                ..
+            } | AttemptError::Untranslatable { .. }
+        )
+    }
+
     /// A client error the client must fix, which no other model would answer
     /// differently: passed back as-is instead of falling back.
     pub fn is_client_error(&self) -> bool {
@@ -212,6 +227,21 @@ impl Upstream {
             headers,
             cfg,
             mock_seq: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this provider's API can carry the request at all, checked
+    /// before anything is taken for an attempt (the Anthropic translation runs
+    /// again when sending: a few microseconds, against a rate-limit token or
+    /// a breaker probe spent on a request that is never sent).
+    pub fn preflight(&self, req: &UpstreamRequest<'_>) -> Result<(), AttemptError> {
+        match (self.cfg.kind, req.endpoint, req.body) {
+            (ProviderKind::Anthropic, Endpoint::Chat, ClientBody::Json(body)) => {
+                anthropic::to_messages(body.value(), req.model, req.stream)
+                    .map(|_| ())
+                    .map_err(anthropic::Untranslatable::into_attempt_error)
+            }
+            _ => Ok(()),
         }
     }
 
