@@ -387,7 +387,10 @@ fn features(
     }
     for name in parts.headers.keys() {
         if let Some(meta) = name.as_str().strip_prefix("x-routeplane-meta-") {
-            let v = routing_header(parts, name)?.unwrap_or_default();
+            // An empty header says nothing, as for `x-routeplane-feature`.
+            let Some(v) = routing_header(parts, name)? else {
+                continue;
+            };
             let in_body = f
                 .meta
                 .iter()
@@ -1120,6 +1123,12 @@ mod tests {
             ),
             "{m}"
         );
+        // An empty header says nothing, and so does not conflict either.
+        let empty = parts(&[("x-routeplane-meta-priority", "")]);
+        let (f, _) = features(Endpoint::Chat, &empty, Bytes::from(with_meta)).unwrap();
+        assert!(f
+            .meta
+            .contains(&("priority".to_string(), "high".to_string())));
         // The same value in both places is one request, not a conflict.
         let same = parts(&[
             ("x-routeplane-feature", "code-review"),
