@@ -334,7 +334,25 @@ struct Models(BTreeMap<String, String>);
 
 impl<'de> Deserialize<'de> for Models {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(Models(unique_entries(d, "model")?.into_iter().collect()))
+        let entries: Vec<(String, UpstreamId)> = unique_entries(d, "model")?;
+        Ok(Models(entries.into_iter().map(|(k, v)| (k, v.0)).collect()))
+    }
+}
+
+/// The upstream's id for a model: never blank, never YAML's null (`~`
+/// arrives as the string "~" when a string is expected), which would be sent
+/// upstream as the model's name.
+struct UpstreamId(String);
+
+impl<'de> Deserialize<'de> for UpstreamId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let id = Option::<String>::deserialize(d)?.unwrap_or_default();
+        if id.trim().is_empty() || id == "~" || id == "null" {
+            return Err(serde::de::Error::custom(
+                "an upstream model id is empty: give the id the provider knows the model by, or delete the entry",
+            ));
+        }
+        Ok(UpstreamId(id))
     }
 }
 
@@ -1182,24 +1200,10 @@ fn located(file: &str, text: &str, e: &serde_yaml::Error, offset: usize) -> Conf
     // before it (at the mapping's start for a key at its end): name the
     // first `key:` with nothing after it from there on.
     let (message, line, column) = match (message.strip_suffix(NO_VALUE), line) {
-        (Some(path), Some(from)) => {
-            let empty = text
-                .lines()
-                .enumerate()
-                .skip(from.saturating_sub(1))
-                .find_map(|(i, l)| {
-                    let l = l.trim_start().trim_start_matches("- ");
-                    let (key, rest) = l.split_once(':')?;
-                    let rest = rest.trim();
-                    let no_value =
-                        rest.is_empty() || rest.starts_with('#') || rest == "~" || rest == "null";
-                    (no_value && !key.trim().is_empty()).then(|| (i + 1, key.trim().to_string()))
-                });
-            match empty {
-                Some((l, key)) => (format!("{path}`{key}:` {NO_VALUE}"), Some(l), None),
-                None => (message, line, column),
-            }
-        }
+        (Some(path), Some(from)) => match key_without_value(text, from) {
+            Some((l, key)) => (format!("{path}`{key}:` {NO_VALUE}"), Some(l), None),
+            None => (message, line, column),
+        },
         _ => (message, line, column),
     };
     ConfigError {
@@ -1208,6 +1212,40 @@ fn located(file: &str, text: &str, e: &serde_yaml::Error, offset: usize) -> Conf
         column,
         message,
     }
+}
+
+/// The first `key:` with no value at or after line `from` (1-based): a
+/// block key with nothing after it (and no nested block under it), or a
+/// flow-map member `key: ~` / `key: null` / `key:` before `,` or `}`.
+fn key_without_value(text: &str, from: usize) -> Option<(usize, String)> {
+    static MEMBER: std::sync::LazyLock<Option<regex::Regex>> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"(?:^|[{,\s])([A-Za-z_][\w-]*):[ \t]*(?:~|null)?[ \t]*(?:[,}]|#.*$|$)")
+            .ok()
+    });
+    let member = MEMBER.as_ref()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    for (i, raw) in lines.iter().enumerate().skip(from.saturating_sub(1)) {
+        let l = raw.trim_start().trim_start_matches("- ");
+        for c in member.captures_iter(l) {
+            let (Some(all), Some(key)) = (c.get(0), c.get(1)) else {
+                continue;
+            };
+            let at_line_end = !all.as_str().trim_end().ends_with([',', '}']);
+            if at_line_end {
+                // `usage:` with a nested block under it has a value.
+                let next = lines
+                    .iter()
+                    .skip(i + 1)
+                    .find(|n| !n.trim().is_empty() && !n.trim_start().starts_with('#'));
+                if next.is_some_and(|n| indent(n) > indent(raw)) {
+                    continue;
+                }
+            }
+            return Some((i + 1, key.as_str().to_string()));
+        }
+    }
+    None
 }
 
 /// The top-level sections alone, each optional: to check one section of the
@@ -1733,6 +1771,22 @@ max_body: 1MiB
             (
                 "policy: p\nproviders:\n  - name: m\n    kind: mock\n    mock:\n      latency:\n      chunks: 2\n",
                 "gw.yaml:6: providers[0].mock: `latency:` has no value: fill it in, or delete the key for the default",
+            ),
+            (
+                "policy: p\nproviders:\n  - name: m\n    kind: mock\n    mock: { latency: ~, chunks: 2 }\n",
+                "gw.yaml:5: providers[0].mock: `latency:` has no value: fill it in, or delete the key for the default",
+            ),
+            (
+                "policy: p\nadmin: { token_env: ~ }\ndecision_log: d.jsonl\n",
+                "gw.yaml:2: admin: `token_env:` has no value: fill it in, or delete the key for the default",
+            ),
+            (
+                "policy: p\nproviders:\n  - name: m\n    kind: mock\n    mock:\n      usage:\n        prompt_tokens: 3\n      latency:\n",
+                "gw.yaml:8: providers[0].mock: `latency:` has no value: fill it in, or delete the key for the default",
+            ),
+            (
+                "policy: p\nproviders:\n  - name: o\n    kind: openai\n    base_url: http://127.0.0.1:9/v1\n    models: { a: ~ }\n",
+                "gw.yaml:6:13: providers[0].models: an upstream model id is empty: give the id the provider knows the model by, or delete the entry",
             ),
             (
                 "policy: p\ntenants:\n  - id: t\n    key:   # set me\n",
