@@ -449,7 +449,17 @@ impl Checker<'_> {
             for (near, near_models) in &owners {
                 // A lone pair is reported once, from its first name.
                 let pair_seen = near_models.len() == 1 && near < cap;
-                if near == cap || pair_seen || strsim::damerau_levenshtein(cap, near) != 1 {
+                // `gen4` beside `gen5` names two generations, not a typo.
+                let letters = |s: &str| {
+                    s.chars()
+                        .filter(|c| !c.is_ascii_digit())
+                        .collect::<String>()
+                };
+                if near == cap
+                    || pair_seen
+                    || strsim::damerau_levenshtein(cap, near) != 1
+                    || letters(cap) == letters(near)
+                {
                     continue;
                 }
                 let others = near_models
