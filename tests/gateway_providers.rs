@@ -175,10 +175,9 @@ async fn anthropic_refuses_n_above_one_with_a_400_naming_it() {
     );
 }
 
-/// What one provider's API cannot carry another may: `n: 2` skips the
-/// Anthropic model (never sent) and is served by the OpenAI-compatible one.
-#[tokio::test]
-async fn a_request_anthropic_cannot_carry_falls_back_to_a_model_that_can() {
+/// `model-a` on Anthropic (upstream `a`, answering "hi"), then `model-b` on
+/// an OpenAI-compatible upstream `b`.
+async fn anthropic_then_openai(protect: &str) -> (Gw, Upstream, Upstream) {
     let a = raw_upstream(|_| {
         anthropic_message(
             json!([{ "type": "text", "text": "hi" }]),
@@ -193,7 +192,19 @@ async fn a_request_anthropic_cannot_carry_falls_back_to_a_model_that_can() {
         anthropic_config(&a.url),
         b.url
     );
-    let gw = gateway(&config, policy(&[("model-a", "pa"), ("model-b", "pb")], "")).await;
+    let gw = gateway(
+        &config,
+        policy(&[("model-a", "pa"), ("model-b", "pb")], protect),
+    )
+    .await;
+    (gw, a, b)
+}
+
+/// What one provider's API cannot carry another may: `n: 2` skips the
+/// Anthropic model (never sent) and is served by the OpenAI-compatible one.
+#[tokio::test]
+async fn a_request_anthropic_cannot_carry_falls_back_to_a_model_that_can() {
+    let (gw, a, b) = anthropic_then_openai("").await;
     let body =
         json!({ "model": "auto", "n": 2, "messages": [{ "role": "user", "content": "hi" }] });
     let r = gw.chat("sk-demo", body).send().await.unwrap();
@@ -225,28 +236,7 @@ fn n_two() -> Value {
 /// no rate-limit token, no attempt counted as sent.
 #[tokio::test]
 async fn a_request_anthropic_cannot_carry_takes_none_of_its_limits() {
-    let a = raw_upstream(|_| {
-        anthropic_message(
-            json!([{ "type": "text", "text": "hi" }]),
-            "end_turn",
-            (3, 1),
-        )
-    })
-    .await;
-    let b = upstream("b", |_| Act::Ok).await;
-    let config = format!(
-        "{}  - name: pb\n    kind: openai\n    base_url: {}\n    api_key_env: KEY\n",
-        anthropic_config(&a.url),
-        b.url
-    );
-    let gw = gateway(
-        &config,
-        policy(
-            &[("model-a", "pa"), ("model-b", "pb")],
-            "protect { limit rate 2/min per model }",
-        ),
-    )
-    .await;
+    let (gw, _a, _b) = anthropic_then_openai("protect { limit rate 2/min per model }").await;
     for _ in 0..2 {
         let r = gw.chat("sk-demo", n_two()).send().await.unwrap();
         assert_eq!(r.status(), 200);
