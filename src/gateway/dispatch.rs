@@ -229,21 +229,26 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
             out.attempts.push(att(m, "no_provider".into(), 0, 0));
             continue;
         };
-        // Checked before any breaker, limit or budget is touched: a request
-        // this provider's API cannot carry is never sent, so it takes nothing.
-        let carry = UpstreamRequest {
+        let mut req = UpstreamRequest {
             endpoint: ctx.features.endpoint,
             body: &ctx.body,
             model: &m.upstream_model,
             stream,
+            translated: None,
         };
-        if let Err(e) = upstream.preflight(&carry) {
-            let mut a = att(m, e.code(), 0, 0);
-            a.error = Some(crate::decision_log::redact(&e.to_string()));
-            out.attempts.push(a);
-            out.untranslatable.get_or_insert(e);
-            continue;
-        }
+        // Before any breaker, limit or budget is touched: a request this
+        // provider's API cannot carry is never sent, so it takes nothing.
+        let translated = match upstream.translate(&req) {
+            Ok(t) => t,
+            Err(e) => {
+                let mut a = att(m, e.code(), 0, 0);
+                a.error = Some(crate::decision_log::redact(&e.to_string()));
+                out.attempts.push(a);
+                out.untranslatable.get_or_insert(e);
+                continue;
+            }
+        };
+        req.translated = translated.as_ref();
         let mut tries: u32 = 0;
         loop {
             let now = Instant::now();
@@ -292,12 +297,6 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                     break;
                 }
             }
-            let req = UpstreamRequest {
-                endpoint: ctx.features.endpoint,
-                body: &ctx.body,
-                model: &m.upstream_model,
-                stream,
-            };
             let t0 = Instant::now();
             let res = attempt(&upstream, req, stream, first_token, total).await;
             let elapsed = t0.elapsed();
@@ -1049,25 +1048,6 @@ fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
         format!("attempts: {}", tried.join(", "))
     };
     let budget_refused = ctx.budget.as_ref().and_then(|b| b.refused());
-    // Only when no model failed, was limited or cooling down: otherwise
-    // that is the answer, and another try may well be served.
-    if let (None, None, false, Some(AttemptError::Untranslatable { param, message })) = (
-        &out.last_error,
-        out.limited,
-        out.breaker_open,
-        &out.untranslatable,
-    ) {
-        let err = ApiError::bad_request(format!("{message}; {summary}"))
-            .code("unsupported_parameter")
-            .param(param.clone());
-        let mut rec = base_record(&ctx, &out);
-        rec.status = err.status.as_u16();
-        rec.error = Some(err.message.clone());
-        log(&gw, &ctx, rec);
-        let mut r = err.into_response();
-        routing_headers(&mut r, &ctx, None, sent(&out.attempts));
-        return r;
-    }
     let err = match (&out.last_error, out.limited) {
         (None, None) if budget_refused.is_some() => {
             let msg = budget_refused.map(|r| r.message).unwrap_or_default();
@@ -1091,12 +1071,21 @@ fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
             format!("every allowed model is cooling down after failures (circuit open); {summary}"),
         )
         .code("circuit_open"),
-        (None, None) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upstream_error",
-            format!("no model is available for this request; {summary}"),
-        )
-        .code("no_model"),
+        // What a provider could not carry is the answer only when nothing
+        // failed, was limited or was cooling down: then another try may work.
+        (None, None) => match &out.untranslatable {
+            Some(AttemptError::Untranslatable { param, message }) => {
+                ApiError::bad_request(format!("{message}; {summary}"))
+                    .code("unsupported_parameter")
+                    .param(param.clone())
+            }
+            _ => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_error",
+                format!("no model is available for this request; {summary}"),
+            )
+            .code("no_model"),
+        },
         (Some(AttemptError::Timeout), _) => ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_error",

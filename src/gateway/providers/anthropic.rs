@@ -103,11 +103,15 @@ pub async fn send(up: &Upstream, req: UpstreamRequest<'_>) -> Result<Reply, Atte
             req.endpoint,
         )));
     };
-    let translated = to_messages(body.value(), req.model, req.stream)
-        .map_err(Untranslatable::into_attempt_error)?;
-    let resp = up
-        .post(MESSAGES_PATH, None, Bytes::from(translated.to_string()))
-        .await?;
+    let translated = match req.translated {
+        Some(b) => b.clone(),
+        None => Bytes::from(
+            to_messages(body.value(), req.model, req.stream)
+                .map_err(Untranslatable::into_attempt_error)?
+                .to_string(),
+        ),
+    };
+    let resp = up.post(MESSAGES_PATH, None, translated).await?;
     let status = resp.status().as_u16();
     if !(200..300).contains(&status) {
         let ra = retry_after(resp.headers());

@@ -41,6 +41,9 @@ pub struct UpstreamRequest<'a> {
     /// The model id the upstream knows.
     pub model: &'a str,
     pub stream: bool,
+    /// The body in this provider's own format, from [`Upstream::translate`]:
+    /// made once per model, not once per try.
+    pub translated: Option<&'a Bytes>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -230,18 +233,19 @@ impl Upstream {
         }
     }
 
-    /// Whether this provider's API can carry the request at all, checked
-    /// before anything is taken for an attempt (the Anthropic translation runs
-    /// again when sending: a few microseconds, against a rate-limit token or
-    /// a breaker probe spent on a request that is never sent).
-    pub fn preflight(&self, req: &UpstreamRequest<'_>) -> Result<(), AttemptError> {
+    /// The request in this provider's own format, when it has one (the
+    /// Anthropic Messages body), or why its API cannot carry the request.
+    /// Dispatch calls it before anything is taken for an attempt, so a
+    /// request that is never sent spends no rate-limit token or breaker probe,
+    /// and passes the result to every try as [`UpstreamRequest::translated`].
+    pub fn translate(&self, req: &UpstreamRequest<'_>) -> Result<Option<Bytes>, AttemptError> {
         match (self.cfg.kind, req.endpoint, req.body) {
             (ProviderKind::Anthropic, Endpoint::Chat, ClientBody::Json(body)) => {
                 anthropic::to_messages(body.value(), req.model, req.stream)
-                    .map(|_| ())
+                    .map(|v| Some(Bytes::from(v.to_string())))
                     .map_err(anthropic::Untranslatable::into_attempt_error)
             }
-            _ => Ok(()),
+            _ => Ok(None),
         }
     }
 
@@ -320,6 +324,8 @@ pub fn endpoint_name(e: Endpoint) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_host_header_is_what_the_client_would_send() {
         for (url, want) in [
@@ -336,8 +342,6 @@ mod tests {
             assert_eq!(got.as_ref().and_then(|v| v.to_str().ok()), want, "{url}");
         }
     }
-
-    use super::*;
 
     #[test]
     fn usage_is_read_from_the_bytes() {
