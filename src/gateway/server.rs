@@ -353,7 +353,20 @@ fn features(
                 "the feature tag is sent as `x-routeplane-feature`, not `x-routeplane-meta-feature`",
             ));
         }
-        if !(ours == "feature" || ours == "confirm" || ours.starts_with("meta-")) {
+        if let Some(meta) = ours.strip_prefix("meta-") {
+            // An empty header says nothing, as for `x-routeplane-feature`.
+            let Some(v) = routing_header(parts, name)? else {
+                continue;
+            };
+            let in_body = f
+                .meta
+                .iter()
+                .find(|(k, _)| k == meta)
+                .map(|(_, v)| v.as_str());
+            agree(meta, in_body, v)?;
+            f.meta.retain(|(k, _)| k != meta);
+            f.meta.push((meta.to_string(), v.to_string()));
+        } else if !(ours == "feature" || ours == "confirm") {
             let hint = crate::diag::did_you_mean(ours, ["feature", "confirm"])
                 .map(|m| format!(" (did you mean `x-routeplane-{m}`?)"))
                 .unwrap_or_default();
@@ -384,22 +397,6 @@ fn features(
                 )))
             }
         };
-    }
-    for name in parts.headers.keys() {
-        if let Some(meta) = name.as_str().strip_prefix("x-routeplane-meta-") {
-            // An empty header says nothing, as for `x-routeplane-feature`.
-            let Some(v) = routing_header(parts, name)? else {
-                continue;
-            };
-            let in_body = f
-                .meta
-                .iter()
-                .find(|(k, _)| k == meta)
-                .map(|(_, v)| v.as_str());
-            agree(meta, in_body, v)?;
-            f.meta.retain(|(k, _)| k != meta);
-            f.meta.push((meta.to_string(), v.to_string()));
-        }
     }
     Ok((f, body))
 }
