@@ -1041,6 +1041,12 @@ impl Config {
         key_line(&self.text, key)
     }
 
+    /// The line setting `key` in the list entry starting at line `entry`
+    /// (a provider's or a tenant's), for errors found after loading.
+    pub fn line_in_entry(&self, entry: Option<usize>, key: &str) -> Option<usize> {
+        line_in_entry(&self.text, entry, key)
+    }
+
     /// An error located in this file.
     pub fn error_at(&self, line: Option<usize>, message: impl Into<String>) -> ConfigError {
         ConfigError {
@@ -1212,6 +1218,40 @@ fn located(file: &str, text: &str, e: &serde_yaml::Error, offset: usize) -> Conf
         column,
         message,
     }
+}
+
+/// The line setting `key` (block `key: v` or flow `{ key: v }`) in the
+/// list entry whose line is `entry`, from that line to the entry's end
+/// (the next line indented less than its fields).
+fn line_in_entry(text: &str, entry: Option<usize>, key: &str) -> Option<usize> {
+    let start = entry?.checked_sub(1)?;
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut lines = text.lines().enumerate().skip(start);
+    let (_, first) = lines.next()?;
+    let fields = indent(first)
+        + first
+            .trim_start()
+            .strip_prefix("- ")
+            .map_or(0, |rest| 2 + rest.len() - rest.trim_start().len());
+    let pattern = format!("{key}:");
+    let sets = |l: &str| {
+        let code = l.split(" #").next().unwrap_or("");
+        code.match_indices(&pattern).any(|(i, _)| {
+            code.get(..i).is_some_and(|before| {
+                before.is_empty() || before.ends_with([' ', '\t', '{', ',', '-'])
+            })
+        })
+    };
+    if sets(first) {
+        return Some(start + 1);
+    }
+    lines
+        .take_while(|(_, l)| {
+            let t = l.trim_start();
+            t.is_empty() || t.starts_with('#') || indent(l) >= fields
+        })
+        .find(|(_, l)| sets(l))
+        .map(|(i, _)| i + 1)
 }
 
 /// The first `key:` with no value at or after line `from` (1-based): a
@@ -1504,38 +1544,8 @@ impl Checker<'_> {
         section.given()
     }
 
-    /// The line setting `key` (block `key: v` or flow `{ key: v }`) in the
-    /// list entry whose line is `entry`, from that line to the entry's end
-    /// (the next line indented less than its fields).
     fn line_in_entry(&self, entry: Option<usize>, key: &str) -> Option<usize> {
-        let start = entry?.checked_sub(1)?;
-        let indent = |l: &str| l.len() - l.trim_start().len();
-        let mut lines = self.text.lines().enumerate().skip(start);
-        let (_, first) = lines.next()?;
-        let fields = indent(first)
-            + first
-                .trim_start()
-                .strip_prefix("- ")
-                .map_or(0, |rest| 2 + rest.len() - rest.trim_start().len());
-        let pattern = format!("{key}:");
-        let sets = |l: &str| {
-            let code = l.split(" #").next().unwrap_or("");
-            code.match_indices(&pattern).any(|(i, _)| {
-                code.get(..i).is_some_and(|before| {
-                    before.is_empty() || before.ends_with([' ', '\t', '{', ',', '-'])
-                })
-            })
-        };
-        if sets(first) {
-            return Some(start + 1);
-        }
-        lines
-            .take_while(|(_, l)| {
-                let t = l.trim_start();
-                t.is_empty() || t.starts_with('#') || indent(l) >= fields
-            })
-            .find(|(_, l)| sets(l))
-            .map(|(i, _)| i + 1)
+        line_in_entry(self.text, entry, key)
     }
 
     /// The 1-based line of the first `key: value` (or `key:` when `value` is None).

@@ -773,15 +773,7 @@ fn unknown_model_ids(policy: &crate::ir::Policy, config: &Config) -> Vec<String>
                 ),
             };
             // The key's own line, else the provider's.
-            let line = c.line.and_then(|from| {
-                config
-                    .text()
-                    .lines()
-                    .enumerate()
-                    .skip(from.saturating_sub(1))
-                    .find(|(_, l)| l.contains(&format!("{key}:")))
-                    .map(|(i, _)| i + 1)
-            });
+            let line = config.line_in_entry(c.line, key);
             errors.push(
                 config
                     .error_at(
