@@ -30,7 +30,7 @@ use crate::ir::{
     BudgetAction, BudgetAmount, BudgetPeriod, BudgetScope, Endpoint, Micros, Model, ModelId,
     Policy, Threshold, Value,
 };
-use crate::state::spool::Spool;
+use crate::state::spool::{NotAppended, Spool};
 use crate::state::{
     period, Balance, BudgetStore, Charge, Counter, LedgerEntry, Reservation, StateError,
 };
@@ -373,20 +373,23 @@ impl Budgets {
     /// Spend the actual cost and record the attempt in the ledger. An
     /// attempt no budget applies to is appended to the spool: durable
     /// against the process dying when this returns, in the store shortly after.
-    pub fn settle(&self, r: &Reservation, entry: &LedgerEntry) -> Result<bool, StateError> {
-        if let (true, Some(spool), Some(w)) = (r.counters.is_empty(), &self.spool, &self.writer) {
-            match spool.append(entry) {
+    pub fn settle(&self, r: &Reservation, entry: LedgerEntry) -> Result<bool, StateError> {
+        let entry = match (r.counters.is_empty(), &self.spool, &self.writer) {
+            (true, Some(spool), Some(w)) => match spool.append(entry) {
                 Ok(()) => {
                     // Full means a wake-up is already pending.
                     let _ = w.wake.try_send(());
                     return Ok(true);
                 }
-                Err(e) => {
-                    tracing::warn!("cannot append to the ledger spool, recording at once: {e}");
+                Err(not) => {
+                    let NotAppended { entry, error } = *not;
+                    tracing::warn!("cannot append to the ledger spool, recording at once: {error}");
+                    entry
                 }
-            }
-        }
-        self.store.settle(r, entry)
+            },
+            _ => entry,
+        };
+        self.store.settle(r, &entry)
     }
 
     /// Move everything spooled so far into the store now (tests, shutdown).
@@ -624,13 +627,13 @@ impl RequestBudget {
             ts_ms: crate::state::now_ms(),
             tenant: self.tenant.clone(),
             feature: self.feature.clone(),
-            model: h.model.clone(),
+            model: h.model,
             input_tokens: input,
             output_tokens: output,
             estimated: h.reservation.amount,
             actual,
         };
-        if let Err(e) = self.budgets.settle(&h.reservation, &entry) {
+        if let Err(e) = self.budgets.settle(&h.reservation, entry) {
             tracing::error!(tenant = %self.tenant, "cannot record spend {}: {e}", dollars(actual));
         }
         Some(actual)
@@ -795,7 +798,7 @@ protect {
         let r = b.reserve(&check, "a/1", 60, now).unwrap().unwrap();
         b.settle(
             &r,
-            &LedgerEntry {
+            LedgerEntry {
                 id: "a/1".into(),
                 ts_ms: now,
                 tenant: "capped".into(),

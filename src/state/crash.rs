@@ -168,7 +168,7 @@ fn spool_crash_child() {
                         estimated: 10,
                         actual: ACTUAL,
                     };
-                    budgets.settle(&r, &e).unwrap();
+                    budgets.settle(&r, e).unwrap();
                     let mut out = std::io::stdout().lock();
                     writeln!(out, "ack {}", r.id).unwrap();
                     out.flush().unwrap();

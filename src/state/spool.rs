@@ -53,6 +53,13 @@ use arc_swap::ArcSwap;
 
 use super::{BudgetStore, LedgerEntry, StateError};
 
+/// An entry [`Spool::append`] could not write, handed back with the reason.
+#[derive(Debug)]
+pub struct NotAppended {
+    pub entry: LedgerEntry,
+    pub error: io::Error,
+}
+
 /// Where a store's spool lives: a directory named by a hash of `key` (the
 /// database's absolute path, the Redis url: it may hold a password) in
 /// `/dev/shm` where there is one, else in the temp directory.
@@ -459,25 +466,35 @@ impl Spool {
     }
 
     /// Append `e` with one `write()`. When this returns `Ok` the entry
-    /// survives the process dying. On `Err` the caller must record the entry
-    /// some other way (a torn line is skipped at replay).
-    pub fn append(&self, e: &LedgerEntry) -> io::Result<()> {
+    /// survives the process dying, and the spool keeps it for the writer. On
+    /// `Err` the entry comes back and the caller must record it some other
+    /// way (a torn line is skipped at replay).
+    pub fn append(&self, e: LedgerEntry) -> Result<(), Box<NotAppended>> {
         // Sized for a typical entry, so the line is not regrown as it is written.
         let mut line = Vec::with_capacity(256);
-        serde_json::to_writer(&mut line, e)?;
+        if let Err(error) = serde_json::to_writer(&mut line, &e) {
+            return Err(Box::new(NotAppended {
+                entry: e,
+                error: error.into(),
+            }));
+        }
         line.push(b'\n');
         let f = self.file.load();
         // One write on an O_APPEND file: the kernel places it at the end
         // atomically, concurrent appends never interleave.
-        let n = (&**f).write(&line)?;
-        if n != line.len() {
-            return Err(io::Error::new(
+        let error = match (&**f).write(&line) {
+            Ok(n) if n == line.len() => None,
+            Ok(n) => Some(io::Error::new(
                 io::ErrorKind::WriteZero,
                 format!(
                     "short write to the ledger spool: {n} of {} bytes",
                     line.len()
                 ),
-            ));
+            )),
+            Err(error) => Some(error),
+        };
+        if let Some(error) = error {
+            return Err(Box::new(NotAppended { entry: e, error }));
         }
         // Still holding `f`: a rotation that waited this append out finds
         // its copy here.
@@ -486,7 +503,7 @@ impl Spool {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if pending.len() < MAX_PENDING {
-            pending.push(e.clone());
+            pending.push(e);
         } else {
             self.dropped
                 .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -688,7 +705,7 @@ mod tests {
         {
             let store = SqliteStore::open(&db).unwrap();
             let (spool, _) = Spool::open(&dir.path().join("s.db.ledger-spool"), &store).unwrap();
-            spool.append(&entry("old/0")).unwrap();
+            spool.append(entry("old/0")).unwrap();
         }
         let store = SqliteStore::open(&db).unwrap();
         assert_eq!(ids(&store), vec!["old/0".to_string()]);
@@ -710,7 +727,7 @@ mod tests {
             let (spool, replayed) = Spool::open(&spool_dir, &store).unwrap();
             assert_eq!(replayed, Replayed::default());
             for i in 0..5 {
-                spool.append(&entry(&format!("a/{i}"))).unwrap();
+                spool.append(entry(&format!("a/{i}"))).unwrap();
             }
             // The "crash": the process goes away without a commit.
             assert!(ids(&store).is_empty());
@@ -735,13 +752,13 @@ mod tests {
         {
             let store = SqliteStore::open(&db).unwrap();
             let (spool, _) = Spool::open(&spool_dir, &store).unwrap();
-            spool.append(&entry("x/0")).unwrap();
-            spool.append(&entry("x/1")).unwrap();
+            spool.append(entry("x/0")).unwrap();
+            spool.append(entry("x/1")).unwrap();
             spool.commit(&store).unwrap();
             // A rotated file whose commit was cut short: its first entry is
             // already in the store, the file was not deleted yet.
-            spool.append(&entry("x/2")).unwrap();
-            spool.append(&entry("x/3")).unwrap();
+            spool.append(entry("x/2")).unwrap();
+            spool.append(entry("x/3")).unwrap();
             std::fs::rename(spool.path(), spool_dir.join("0.committing")).unwrap();
             store.record(&[entry("x/2")]).unwrap();
             // And a newer append file.
@@ -765,8 +782,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
         let (spool, _) = Spool::open(&dir.path().join("spool"), &store).unwrap();
-        spool.append(&entry("a")).unwrap();
-        spool.append(&entry("b")).unwrap();
+        spool.append(entry("a")).unwrap();
+        spool.append(entry("b")).unwrap();
         // Whatever else is in the file is not read while the copies serve.
         let mut f = open_append(&spool.path()).unwrap();
         f.write_all(b"not a ledger line\n").unwrap();
@@ -780,7 +797,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
         let (spool, _) = Spool::open(&dir.path().join("spool"), &store).unwrap();
-        spool.append(&entry("a")).unwrap();
+        spool.append(entry("a")).unwrap();
         let mut line = serde_json::to_vec(&entry("b")).unwrap();
         line.push(b'\n');
         let (head, tail) = line.split_at(line.len() / 2);
@@ -855,7 +872,7 @@ mod tests {
         let spool_dir = dir.path().join("spool");
         let (mut spool, _) = Spool::open(&spool_dir, &store).unwrap();
         spool.rotate_at = 1;
-        spool.append(&entry("a")).unwrap();
+        spool.append(entry("a")).unwrap();
         // During the first `record`, requests fill `pending` and append once
         // more: that append keeps no copy.
         let stalled = std::sync::atomic::AtomicBool::new(false);
@@ -868,7 +885,7 @@ mod tests {
                         .lock()
                         .unwrap()
                         .resize(MAX_PENDING, entry("filler"));
-                    spool.append(&entry("no-copy")).unwrap();
+                    spool.append(entry("no-copy")).unwrap();
                 }
                 Ok(())
             }),
@@ -896,7 +913,7 @@ mod tests {
             .lock()
             .unwrap()
             .resize(MAX_PENDING, entry("filler"));
-        spool.append(&entry("over")).unwrap();
+        spool.append(entry("over")).unwrap();
         assert_eq!(spool.pending.lock().unwrap().len(), MAX_PENDING);
         // The commit drops the copies and reads the file: `over` is in it.
         assert_eq!(spool.commit(&store).unwrap(), 1);
@@ -929,7 +946,7 @@ mod tests {
                 let spool = spool.clone();
                 std::thread::spawn(move || {
                     for i in 0..500 {
-                        spool.append(&entry(&format!("{t}/{i}"))).unwrap();
+                        spool.append(entry(&format!("{t}/{i}"))).unwrap();
                         if i % 10 == 0 {
                             // Let the writer rotate between bursts.
                             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -976,8 +993,8 @@ mod tests {
         let (a, _) = Spool::open(&spool_dir, &store).unwrap();
         let (b, _) = Spool::open(&spool_dir, &store).unwrap();
         assert_ne!(a.path(), b.path(), "two live spools share a slot");
-        a.append(&entry("a/0")).unwrap();
-        b.append(&entry("b/0")).unwrap();
+        a.append(entry("a/0")).unwrap();
+        b.append(entry("b/0")).unwrap();
         // `a` is alive: recovering leaves its slot alone.
         assert_eq!(recover(&spool_dir, &store).unwrap().entries, 0);
         // `b` dies; a third process takes slot 1 again and replays it, while
@@ -1002,8 +1019,8 @@ mod tests {
         let spool_dir = dir.path().join("spool");
         let (a, _) = Spool::open(&spool_dir, &store).unwrap();
         let (b, _) = Spool::open(&spool_dir, &store).unwrap();
-        a.append(&entry("a/0")).unwrap();
-        b.append(&entry("b/0")).unwrap();
+        a.append(entry("a/0")).unwrap();
+        b.append(entry("b/0")).unwrap();
         assert_eq!(a.retire(&store).unwrap(), 1);
         assert!(spool_dir.is_dir(), "a live process's slot is still in use");
         assert_eq!(slots_in(&spool_dir).unwrap(), [1]);
@@ -1025,7 +1042,7 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
         let spool_dir = dir.path().join("spool");
         let (a, _) = Spool::open(&spool_dir, &store).unwrap();
-        a.append(&entry("a/0")).unwrap();
+        a.append(entry("a/0")).unwrap();
         std::fs::OpenOptions::new()
             .append(true)
             .open(a.path())
@@ -1090,9 +1107,9 @@ mod tests {
             }),
         };
         let (spool, _) = Spool::open(&dir.path().join("spool"), &store).unwrap();
-        spool.append(&entry("f/0")).unwrap();
+        spool.append(entry("f/0")).unwrap();
         assert!(spool.commit(&store).is_err());
-        spool.append(&entry("f/1")).unwrap();
+        spool.append(entry("f/1")).unwrap();
         assert!(spool.commit(&store).is_err());
         assert!(ids(&store).is_empty());
         down.store(false, std::sync::atomic::Ordering::Relaxed);

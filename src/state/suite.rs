@@ -336,8 +336,8 @@ mod backends {
             // A gateway that settles two requests without a budget, then
             // dies before its writer commits them.
             let (spool, _) = spool::Spool::open(&dir, &*store).unwrap();
-            spool.append(&entry("s1", 3)).unwrap();
-            spool.append(&entry("s2", 4)).unwrap();
+            spool.append(entry("s1", 3)).unwrap();
+            spool.append(entry("s2", 4)).unwrap();
             assert!(store.ledger(None).unwrap().is_empty());
         }
         // The next gateway on this host and URL replays them before serving.
@@ -353,7 +353,7 @@ mod backends {
         let r = budgets.reserve(&none, "s3/0", 10, 1_000).unwrap().unwrap();
         let mut e = entry(&r.id, 5);
         e.ts_ms = 6_000;
-        assert!(budgets.settle(&r, &e).unwrap());
+        assert!(budgets.settle(&r, e).unwrap());
         budgets.flush().unwrap();
         assert_eq!(store.ledger(None).unwrap().len(), 3);
         drop(budgets);
