@@ -820,4 +820,38 @@ protect {
         );
         assert!(b.reserve(&check, "b/2", 40, now).unwrap().is_ok());
     }
+
+    #[test]
+    fn an_entry_the_spool_cannot_take_is_recorded_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BudgetStore> =
+            Arc::new(crate::state::sqlite::SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let b = Budgets::new(store.clone());
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        b.spool.as_ref().unwrap().append_to(full);
+        let r = Reservation {
+            id: "full/0".into(),
+            counters: Vec::new(),
+            amount: 0,
+            expires_ms: 0,
+        };
+        let entry = LedgerEntry {
+            id: "full/0".into(),
+            ts_ms: 1,
+            tenant: "t".into(),
+            feature: None,
+            model: "m".into(),
+            input_tokens: 1,
+            output_tokens: 1,
+            estimated: 1,
+            actual: 1,
+        };
+        assert!(b.settle(&r, entry.clone()).unwrap());
+        // In the store before any writer ran: the append failed, so the
+        // settle recorded it itself.
+        assert_eq!(store.ledger(None).unwrap(), vec![entry]);
+    }
 }

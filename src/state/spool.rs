@@ -513,6 +513,12 @@ impl Spool {
         Ok(())
     }
 
+    /// Point the appends at `f` (a test makes them fail with `/dev/full`).
+    #[cfg(test)]
+    pub(crate) fn append_to(&self, f: File) {
+        self.file.store(Arc::new(f));
+    }
+
     /// The copies appended since the last call.
     fn take_pending(&self) -> Vec<LedgerEntry> {
         std::mem::take(
