@@ -412,7 +412,10 @@ impl Checker<'_> {
                     FallbackTarget::Route(_) => None,
                 }))
                 .chain(r.downgrade.iter().map(|c| (c.model, c.span)));
+            let entries: Vec<(ModelId, Span)> = entries.collect();
+            self.mixed_kinds(&entries, &name);
             let disabled: Vec<(ModelId, Span)> = entries
+                .into_iter()
                 .filter(|(m, _)| self.p.model(*m).is_some_and(|m| !m.enabled))
                 .collect();
             for (m, span) in disabled {
@@ -425,6 +428,40 @@ impl Checker<'_> {
                         )),
                 );
             }
+        }
+    }
+
+    /// A route whose models are of different kinds: a request only goes to
+    /// models whose kind serves its endpoint, so an embeddings model among
+    /// chat models never serves this route's chat requests (and would have
+    /// won them on price if it could).
+    fn mixed_kinds(&mut self, entries: &[(ModelId, Span)], route: &str) {
+        let kind = |m: ModelId| self.p.model(m).map(|m| m.kind);
+        let Some(first) = entries.first().and_then(|(m, _)| kind(*m)) else {
+            return;
+        };
+        let odd: Vec<(ModelId, Span)> = entries
+            .iter()
+            .copied()
+            .filter(|(m, _)| kind(*m).is_some_and(|k| k != first))
+            .collect();
+        for (m, span) in odd {
+            let other = kind(m).map_or("", |k| k.as_str());
+            let model = self.model_name(m).to_string();
+            self.out.push(
+                Diagnostic::lint(
+                    "mixed-kinds",
+                    format!(
+                        "route `{route}` mixes model kinds: `{model}` is {other}, its first candidate is {}",
+                        first.as_str()
+                    ),
+                )
+                .with_label(span, format!("serves only {other} requests"))
+                .with_help(format!(
+                    "a request goes only to models whose kind serves its endpoint, so `{model}` never serves what the route's {} models serve; give it its own intent and route",
+                    first.as_str()
+                )),
+            );
         }
     }
 

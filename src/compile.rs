@@ -467,6 +467,8 @@ pub struct CompiledPolicy {
     sources: Sources,
     pub(crate) enabled: ModelSet,
     pub(crate) premium: ModelSet,
+    /// Per endpoint (`Endpoint as usize`): the models whose kind cannot serve it.
+    pub(crate) not_serving: [ModelSet; 5],
     pub(crate) constraints: Box<[CConstraint]>,
     pub(crate) tree: Node,
     pub(crate) routes: Box<[CRoute]>,
@@ -536,6 +538,17 @@ pub fn compile_policy(policy: Policy, sources: Sources) -> CompiledPolicy {
             .filter(|(_, m)| m.tier == Tier::Premium)
             .map(|(i, _)| ModelId(i as u32)),
     );
+    let not_serving = Endpoint::ALL.map(|e| {
+        ModelSet::from_iter(
+            n,
+            policy
+                .models
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| !m.kind.serves(e))
+                .map(|(i, _)| ModelId(i as u32)),
+        )
+    });
     let constraints = policy
         .constraints
         .iter()
@@ -624,6 +637,7 @@ pub fn compile_policy(policy: Policy, sources: Sources) -> CompiledPolicy {
         sources,
         enabled,
         premium,
+        not_serving,
         constraints,
         tree,
         routes,

@@ -335,10 +335,17 @@ pub enum Denial {
     ModelDisabled {
         model: ModelId,
     },
+    /// The client named a model whose kind cannot serve the request's
+    /// endpoint (an embeddings model on chat completions).
+    ModelCannotServe {
+        model: ModelId,
+        endpoint: Endpoint,
+    },
     /// The client named something that is neither a model nor an intent.
     UnknownModel(String),
     NoModelAvailable {
         intent: IntentId,
+        endpoint: Endpoint,
     },
     BudgetBlocked,
     ConfirmationRequired,
@@ -350,6 +357,7 @@ impl Denial {
         match self {
             Denial::ModelDenied { .. } => "model-denied",
             Denial::ModelDisabled { .. } => "model-disabled",
+            Denial::ModelCannotServe { .. } => "model-cannot-serve",
             Denial::UnknownModel(_) => "unknown-model",
             Denial::NoModelAvailable { .. } => "no-model-available",
             Denial::BudgetBlocked => "budget-blocked",
@@ -373,15 +381,34 @@ impl Denial {
                 format!("model `{}` is denied by rule `{}` ({loc})", p.model_name(*model), p.constraint_name(*rule))
             }
             Denial::ModelDisabled { model } => format!("model `{}` is disabled in the catalogue", p.model_name(*model)),
+            Denial::ModelCannotServe { model, endpoint } => {
+                let kind = p.policy().model(*model).map_or("", |m| m.kind.as_str());
+                format!("model `{}` is of kind `{kind}`: it cannot serve {}", p.model_name(*model), endpoint_path(*endpoint))
+            }
             Denial::UnknownModel(m) => format!("`{m}` is neither a model nor an intent of this policy"),
-            Denial::NoModelAvailable { intent } => {
-                format!("no model is available for intent `{}`: the constraints removed every candidate and fallback", p.intent_name(*intent))
+            Denial::NoModelAvailable { intent, endpoint } => {
+                format!(
+                    "no model is available for intent `{}` on {}: the constraints removed every candidate and fallback whose kind serves it",
+                    p.intent_name(*intent),
+                    endpoint_path(*endpoint)
+                )
             }
             Denial::BudgetBlocked => "the budget is exhausted: requests are blocked until it resets".into(),
             Denial::ConfirmationRequired => {
                 "the budget requires confirmation for premium models: resend with `x-routeplane-confirm: true`".into()
             }
         }
+    }
+}
+
+/// The API path of an endpoint, for messages.
+pub fn endpoint_path(e: Endpoint) -> &'static str {
+    match e {
+        Endpoint::Chat => "/v1/chat/completions",
+        Endpoint::Embeddings => "/v1/embeddings",
+        Endpoint::Images => "/v1/images/generations",
+        Endpoint::AudioTranscription => "/v1/audio/transcriptions",
+        Endpoint::AudioSpeech => "/v1/audio/speech",
     }
 }
 
@@ -617,8 +644,12 @@ pub(crate) fn run<T: Tracer>(
         outcome: Ok(()),
     };
 
-    // Layer 1: the tenant's allowed set minus firing request-dependent rules.
+    // Layer 1: the tenant's allowed set minus firing request-dependent rules,
+    // and minus the models whose kind cannot answer this endpoint.
     let mut allowed = t.allowed.clone();
+    if let Some(wrong_kind) = p.not_serving.get(r.endpoint as usize) {
+        allowed.remove_all(wrong_kind);
+    }
     let for_each_live = |f: &mut dyn FnMut(ConstraintId)| {
         for list in t.live_index.lists(&rd) {
             for &pos in list {
@@ -665,6 +696,7 @@ pub(crate) fn run<T: Tracer>(
             None => {
                 d.outcome = Err(Denial::NoModelAvailable {
                     intent: IntentId(0),
+                    endpoint: r.endpoint,
                 });
                 return d;
             }
@@ -682,7 +714,10 @@ pub(crate) fn run<T: Tracer>(
         .filter_map(|id| p.routes.get(id.index()).map(|r| (*id, r)))
         .find(|(_, r)| r.when.as_ref().is_none_or(|c| c.eval(&rd)))
     else {
-        d.outcome = Err(Denial::NoModelAvailable { intent });
+        d.outcome = Err(Denial::NoModelAvailable {
+            intent,
+            endpoint: r.endpoint,
+        });
         return d;
     };
     d.route = Some(rid);
@@ -693,6 +728,17 @@ pub(crate) fn run<T: Tracer>(
     let mut attempts = Vec::with_capacity(route.candidates.len() + route.fallbacks.len() + 1);
 
     if let Some(m) = explicit {
+        if !p
+            .policy()
+            .model(m)
+            .is_some_and(|x| x.kind.serves(r.endpoint))
+        {
+            d.outcome = Err(Denial::ModelCannotServe {
+                model: m,
+                endpoint: r.endpoint,
+            });
+            return d;
+        }
         if !allowed.contains(m) {
             d.outcome = Err(match remover(p, t, &for_each_live, m) {
                 Some(rule) => Denial::ModelDenied { model: m, rule },
@@ -826,7 +872,10 @@ pub(crate) fn run<T: Tracer>(
         }
     }
     if attempts.is_empty() {
-        d.outcome = Err(Denial::NoModelAvailable { intent });
+        d.outcome = Err(Denial::NoModelAvailable {
+            intent,
+            endpoint: r.endpoint,
+        });
         return d;
     }
     d.estimated_cost = attempts.first().map_or(0, |m| estimate_cost(p, *m, r));

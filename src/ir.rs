@@ -175,6 +175,21 @@ impl ModelKind {
             ModelKind::Video => "video",
         }
     }
+
+    /// Whether a model of this kind can answer requests to `e`: a chat request
+    /// never goes to an embeddings model, whatever the scores say.
+    pub fn serves(self, e: Endpoint) -> bool {
+        matches!(
+            (self, e),
+            (ModelKind::Chat, Endpoint::Chat)
+                | (ModelKind::Embeddings, Endpoint::Embeddings)
+                | (ModelKind::Image, Endpoint::Images)
+                | (
+                    ModelKind::Audio,
+                    Endpoint::AudioTranscription | Endpoint::AudioSpeech
+                )
+        )
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -264,6 +279,13 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    pub const ALL: [Endpoint; 5] = [
+        Endpoint::Chat,
+        Endpoint::Embeddings,
+        Endpoint::Images,
+        Endpoint::AudioTranscription,
+        Endpoint::AudioSpeech,
+    ];
     pub const NAMES: [&'static str; 5] = [
         "chat",
         "embeddings",

@@ -476,3 +476,35 @@ async fn two_gateways_never_share_decision_ids() {
     );
     assert_ne!(x.split('-').next(), y.split('-').next());
 }
+
+/// A model's kind decides which endpoints it serves: the cheap embeddings
+/// model of a mixed route never gets a chat request, and naming it on chat
+/// completions is the client's mistake, told as such.
+#[tokio::test]
+async fn a_model_only_gets_requests_its_kind_serves() {
+    let a = upstream("a", |_| Act::Ok).await;
+    let src = "provider pa { region us }
+model chatty { provider pa kind chat price in $1 out $2 per 1M }
+model vectors { provider pa kind embeddings price $0.02 per 1M }
+classify { chat otherwise }
+route chat { candidates [vectors, chatty] score 1 * price }
+";
+    let mut sources = routeplane::source::Sources::new();
+    sources.add("kinds.route", src.to_string());
+    let policy = routeplane::gateway::engine::compile(&sources).unwrap();
+    let gw = gateway(&config(&[("pa", &a.url)]), policy).await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "chatty");
+    let named = json!({ "model": "vectors", "messages": [{ "role": "user", "content": "hi" }] });
+    let r = gw.chat("sk-demo", named).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_cannot_serve");
+    assert_eq!(
+        v["error"]["message"],
+        "model `vectors` is of kind `embeddings`: it cannot serve /v1/chat/completions"
+    );
+    // Only the chat request reached the upstream.
+    assert_eq!(a.bodies.lock().unwrap().len(), 1);
+}

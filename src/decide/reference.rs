@@ -273,8 +273,10 @@ pub fn decide(
                 .is_some_and(|c| c.removes.contains(&m))
         })
     };
-    let allowed =
-        |m: ModelId| policy.model(m).is_some_and(|x| x.enabled) && removed_by(m).is_none();
+    let serves = |m: ModelId| policy.model(m).is_some_and(|x| x.kind.serves(r.endpoint));
+    let allowed = |m: ModelId| {
+        policy.model(m).is_some_and(|x| x.enabled) && removed_by(m).is_none() && serves(m)
+    };
 
     // Layer 2.
     let auto = r.is_auto();
@@ -300,6 +302,7 @@ pub fn decide(
             None => {
                 d.outcome = Err(Denial::NoModelAvailable {
                     intent: IntentId(0),
+                    endpoint: r.endpoint,
                 });
                 return d;
             }
@@ -314,7 +317,10 @@ pub fn decide(
         .find(|(_, r)| env.when(&r.when));
     let chosen = refined.or_else(|| policy.routes_for(intent).find(|(_, r)| r.when.is_none()));
     let Some((rid, route)) = chosen else {
-        d.outcome = Err(Denial::NoModelAvailable { intent });
+        d.outcome = Err(Denial::NoModelAvailable {
+            intent,
+            endpoint: r.endpoint,
+        });
         return d;
     };
     let rid: RouteId = rid;
@@ -328,6 +334,13 @@ pub fn decide(
 
     let mut order: Vec<ModelId> = Vec::new();
     if let Some(m) = requested_model {
+        if !serves(m) {
+            d.outcome = Err(Denial::ModelCannotServe {
+                model: m,
+                endpoint: r.endpoint,
+            });
+            return d;
+        }
         if !allowed(m) {
             d.outcome = Err(match removed_by(m) {
                 Some(i) => Denial::ModelDenied {
@@ -510,7 +523,10 @@ pub fn decide(
         .partition(|m| s.model(*m).breaker != BreakerState::Open);
     let order: Vec<ModelId> = closed.into_iter().chain(open).collect();
     if order.is_empty() {
-        d.outcome = Err(Denial::NoModelAvailable { intent });
+        d.outcome = Err(Denial::NoModelAvailable {
+            intent,
+            endpoint: r.endpoint,
+        });
         return d;
     }
     d.estimated_cost = estimate_cost(p, order.first().copied().unwrap_or(ModelId(0)), r);

@@ -50,6 +50,13 @@ impl Builder {
         ProviderId(self.p.providers.len() as u32 - 1)
     }
 
+    /// Make `m` a model of another kind than chat.
+    pub fn set_kind(&mut self, m: ModelId, kind: ModelKind) {
+        if let Some(model) = self.p.models.get_mut(m.index()) {
+            model.kind = kind;
+        }
+    }
+
     /// A chat model; prices in dollars per 1M tokens.
     pub fn model(
         &mut self,

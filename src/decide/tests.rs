@@ -16,6 +16,7 @@ struct Fixture {
     sonnet: ModelId,
     big: ModelId,
     local: ModelId,
+    vectors: ModelId,
     plan: AttrId,
     region: AttrId,
 }
@@ -38,6 +39,8 @@ fn fixture() -> Fixture {
     let sonnet = b.model("sonnet", eu, 3.0, 15.0, 0.9, Tier::Standard);
     let big = b.model("big", us, 10.0, 30.0, 0.95, Tier::Premium);
     let local = b.model("local", eu, 0.1, 0.1, 0.5, Tier::Standard);
+    let vectors = b.model("vectors", eu, 0.02, 0.0, 0.5, Tier::Standard);
+    b.set_kind(vectors, ModelKind::Embeddings);
     b.constraint(
         "eu_only",
         Effect::Deny,
@@ -77,7 +80,7 @@ fn fixture() -> Fixture {
     b.classify("chat", None);
     b.route(RouteSpec {
         intent: "embed".into(),
-        candidates: vec![local],
+        candidates: vec![vectors, local],
         ..Default::default()
     });
     b.route(RouteSpec {
@@ -107,6 +110,7 @@ fn fixture() -> Fixture {
     src.add("fixture.route", "");
     Fixture {
         p: compile_policy(b.p, src),
+        vectors,
         mini,
         sonnet,
         big,
@@ -241,7 +245,7 @@ fn decisions_by_case() {
                 ..req(None)
             },
             "embed",
-            vec!["local"],
+            vec!["vectors"],
         ),
         // intent named by the client
         (
@@ -302,6 +306,55 @@ fn explicit_denied_model_names_the_rule() {
     assert_eq!(d.outcome, Err(Denial::UnknownModel("nope".into())));
     let d = both(&f, &t, &req(Some("auto")), &NoStats);
     assert_eq!(d.outcome, Ok(()));
+}
+
+#[test]
+fn a_model_only_serves_the_endpoints_of_its_kind() {
+    let f = fixture();
+    let t = tenant(&f, serde_json::json!({}));
+    // `vectors` is the cheapest model of the `embed` route, but a chat
+    // request sent to that intent only gets the chat model.
+    let d = both(&f, &t, &req(Some("embed")), &NoStats);
+    assert_eq!(names(&f, &d), ["local"]);
+    // Named on chat completions, an embeddings model is a client error.
+    let d = both(&f, &t, &req(Some("vectors")), &NoStats);
+    let err = d.outcome.unwrap_err();
+    assert_eq!(
+        err,
+        Denial::ModelCannotServe {
+            model: f.vectors,
+            endpoint: Endpoint::Chat
+        }
+    );
+    assert_eq!(
+        err.message(&f.p),
+        "model `vectors` is of kind `embeddings`: it cannot serve /v1/chat/completions"
+    );
+    // And the other way round: a chat model named on the embeddings endpoint.
+    let embeddings = RequestFeatures {
+        endpoint: Endpoint::Embeddings,
+        ..req(Some("mini"))
+    };
+    let d = both(&f, &t, &embeddings, &NoStats);
+    assert!(matches!(
+        d.outcome,
+        Err(Denial::ModelCannotServe {
+            endpoint: Endpoint::Embeddings,
+            ..
+        })
+    ));
+    // An images request classified to chat finds no model that serves it.
+    let images = RequestFeatures {
+        endpoint: Endpoint::Images,
+        ..req(None)
+    };
+    let d = both(&f, &t, &images, &NoStats);
+    let err = d.outcome.unwrap_err();
+    assert!(
+        err.message(&f.p).contains("on /v1/images/generations"),
+        "{}",
+        err.message(&f.p)
+    );
 }
 
 #[test]

@@ -560,6 +560,7 @@ fn denial(rt: &Runtime, tenant: &str, d: &Denial) -> ApiError {
         )
         .code(code),
         Denial::ModelDisabled { .. } => ApiError::not_found(msg).code(code),
+        Denial::ModelCannotServe { .. } => ApiError::bad_request(msg).code(code),
         Denial::UnknownModel(name) => {
             let pol = p.policy();
             let names = pol
