@@ -1933,13 +1933,48 @@ impl Lowerer {
                         .rate(amount, "tokens")
                         .map(|(tokens, window_ms)| ir::LimitKind::Tokens { tokens, window_ms }),
                 };
-                if let Some(kind) = k {
-                    self.p.protect.limits.push(ir::Limit {
-                        kind,
-                        scope: sc,
-                        span,
-                    });
+                let Some(limit) = k else { return };
+                // Two limits of one kind, window and scope would share one
+                // counter and each charge it: `4/min` written twice lets 2
+                // through. Which of two different amounts was meant is a guess.
+                let same = |other: &ir::LimitKind| match (&limit, other) {
+                    (ir::LimitKind::Concurrency(_), ir::LimitKind::Concurrency(_)) => true,
+                    (
+                        ir::LimitKind::Rate { window_ms: a, .. },
+                        ir::LimitKind::Rate { window_ms: b, .. },
+                    )
+                    | (
+                        ir::LimitKind::Tokens { window_ms: a, .. },
+                        ir::LimitKind::Tokens { window_ms: b, .. },
+                    ) => a == b,
+                    _ => false,
+                };
+                if let Some(first) = self
+                    .p
+                    .protect
+                    .limits
+                    .iter()
+                    .find(|l| l.scope == sc && same(&l.kind))
+                {
+                    self.diags.push(
+                        Diagnostic::error(
+                            "duplicate-property",
+                            format!(
+                                "`limit {}` per {} is given twice",
+                                kind.name, scope.name
+                            ),
+                        )
+                        .with_label(span, "given again here")
+                        .with_label(first.span, "first given here")
+                        .with_help("keep one: limits of one kind, window and scope share a counter, so both would count every request"),
+                    );
+                    return;
                 }
+                self.p.protect.limits.push(ir::Limit {
+                    kind: limit,
+                    scope: sc,
+                    span,
+                });
             }
             ast::ProtectKind::Budget(b) => self.budget(b, span),
         }
