@@ -141,13 +141,22 @@ fn no_secret_appears_anywhere_after_a_full_run() {
         TENANT_KEY,
         r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hello"}]}"#,
     );
-    seen += &request(
+    let denied = request(
         &addr,
         "POST",
         "/v1/chat/completions",
         &format!("{TENANT_KEY}-free"),
         r#"{"model":"chat-b","messages":[{"role":"user","content":"hello"}]}"#,
     );
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    // A denial names its line in the decision log, like any answer.
+    let denial_id = denied
+        .lines()
+        .find_map(|l| l.strip_prefix("x-routeplane-decision: "))
+        .unwrap_or_else(|| panic!("no decision id on the denial:\n{denied}"))
+        .trim()
+        .to_string();
+    seen += &denied;
     seen += &request(&addr, "POST", "/v1/chat/completions", "sk-wrong", chat);
     seen += &request(
         &addr,
@@ -195,6 +204,13 @@ fn no_secret_appears_anywhere_after_a_full_run() {
     assert!(
         decisions.lines().count() >= 6,
         "the decision log is missing lines:\n{decisions}"
+    );
+    assert!(
+        decisions
+            .lines()
+            .any(|l| l.contains(&format!("\"decision_id\":\"{denial_id}\""))
+                && l.contains("\"status\":403")),
+        "the denial's id {denial_id} is not in the decision log:\n{decisions}"
     );
     let log = server.log();
 

@@ -600,7 +600,7 @@ async fn proxy(
     let (features, body, slots, decision, removed, budget) = match prepared {
         Ok(p) => p,
         Err((e, denial_message)) => {
-            refused(
+            let logged = refused(
                 &gw,
                 &rt,
                 &tenant.id,
@@ -612,6 +612,10 @@ async fn proxy(
             let mut r = e.into_response();
             if let Ok(v) = HeaderValue::from_str(rt.policy.version()) {
                 r.headers_mut().insert("x-routeplane-policy", v);
+            }
+            // A denial has its line in the decision log like any request.
+            if let Some(v) = logged.and_then(|id| HeaderValue::from_str(&id).ok()) {
+                r.headers_mut().insert("x-routeplane-decision", v);
             }
             return Ok(r);
         }
@@ -751,7 +755,8 @@ async fn prepare(
     Ok((features, body, slots, decision, removed, budget))
 }
 
-/// A request refused before dispatch still counts, and a policy denial is logged.
+/// A request refused before dispatch still counts, and a policy denial is
+/// logged: its decision id, for the response's `x-routeplane-decision`.
 fn refused(
     gw: &Gateway,
     rt: &Runtime,
@@ -760,7 +765,7 @@ fn refused(
     e: &ApiError,
     denial: Option<String>,
     started: Instant,
-) {
+) -> Option<String> {
     if let Some(metrics) = &gw.metrics {
         metrics.request_done(&crate::metrics::RequestDone {
             tenant,
@@ -770,18 +775,21 @@ fn refused(
             ..Default::default()
         });
     }
-    if let (Some(sink), Some(denial)) = (&gw.decision_log, denial) {
-        sink.log(crate::decision_log::DecisionRecord {
-            decision_id: gw.next_decision_id(),
-            policy_version: rt.policy.version().to_string(),
-            tenant: tenant.to_string(),
-            feature: feature.map(str::to_string),
-            status: e.status.as_u16(),
-            denial: Some(denial),
-            total_ms: started.elapsed().as_secs_f64() * 1000.0,
-            ..Default::default()
-        });
-    }
+    let (Some(sink), Some(denial)) = (&gw.decision_log, denial) else {
+        return None;
+    };
+    let decision_id = gw.next_decision_id();
+    sink.log(crate::decision_log::DecisionRecord {
+        decision_id: decision_id.clone(),
+        policy_version: rt.policy.version().to_string(),
+        tenant: tenant.to_string(),
+        feature: feature.map(str::to_string),
+        status: e.status.as_u16(),
+        denial: Some(denial),
+        total_ms: started.elapsed().as_secs_f64() * 1000.0,
+        ..Default::default()
+    });
+    Some(decision_id)
 }
 
 fn kind_endpoint(k: ModelKind) -> Option<Endpoint> {
