@@ -201,6 +201,9 @@ pub fn evaluate(budgets: &[(Applicable, Balance)]) -> (Option<BudgetAction>, Opt
 pub struct Refused {
     pub message: String,
     pub resets_ms: i64,
+    /// The store could not be asked: nobody can tell what is left, and no
+    /// other model would fare better.
+    pub store_unavailable: bool,
 }
 
 /// `decide`'s live stats plus the budget action.
@@ -364,6 +367,7 @@ impl Budgets {
                 Ok(Err(Refused {
                     message,
                     resets_ms: a.map_or(0, |a| a.resets_ms),
+                    store_unavailable: false,
                 }))
             }
             Err(e) => Err(e),
@@ -553,8 +557,8 @@ impl RequestBudget {
     }
 
     /// Reserve the estimated cost of an attempt on model `m`. Any previous
-    /// hold is released first. `Err` carries the message for the client.
-    pub fn reserve(&self, p: &Policy, m: ModelId, id: &str) -> Result<(), String> {
+    /// hold is released first. `Err` says why, the message for the client.
+    pub fn reserve(&self, p: &Policy, m: ModelId, id: &str) -> Result<(), Refused> {
         self.release();
         let Some(model) = p.model(m) else {
             return Ok(());
@@ -574,23 +578,23 @@ impl RequestBudget {
                 Ok(())
             }
             Ok(Err(refused)) => {
-                let msg = refused.message.clone();
                 if let Ok(mut r) = self.refused.lock() {
-                    *r = Some(refused);
+                    *r = Some(refused.clone());
                 }
-                Err(msg)
+                Err(refused)
             }
             Err(e) => {
                 // Fail closed: without the store nobody can tell what is left.
-                let msg = format!("the budget store is unavailable: {e}");
-                tracing::error!(tenant = %self.tenant, "{msg}");
+                let refused = Refused {
+                    message: format!("the budget store is unavailable: {e}"),
+                    resets_ms: 0,
+                    store_unavailable: true,
+                };
+                tracing::error!(tenant = %self.tenant, "{}", refused.message);
                 if let Ok(mut r) = self.refused.lock() {
-                    *r = Some(Refused {
-                        message: msg.clone(),
-                        resets_ms: 0,
-                    });
+                    *r = Some(refused.clone());
                 }
-                Err(msg)
+                Err(refused)
             }
         }
     }

@@ -262,3 +262,73 @@ async fn every_fault_without_a_fallback_leaves_no_reservation_and_the_ledger_agr
         }
     }
 }
+
+/// A store whose reservations fail (a locked or unreachable database) while
+/// reading balances still works, so the check before dispatch passes.
+struct ReserveFails(Arc<dyn BudgetStore>);
+
+impl BudgetStore for ReserveFails {
+    fn reserve(
+        &self,
+        _id: &str,
+        _charges: &[state::Charge],
+        _amount: u64,
+        _now_ms: i64,
+        _ttl_ms: i64,
+    ) -> Result<state::Reservation, state::StateError> {
+        Err(state::StateError::Backend("database is locked".into()))
+    }
+    fn settle(
+        &self,
+        r: &state::Reservation,
+        e: &state::LedgerEntry,
+    ) -> Result<bool, state::StateError> {
+        self.0.settle(r, e)
+    }
+    fn release(&self, r: &state::Reservation) -> Result<(), state::StateError> {
+        self.0.release(r)
+    }
+    fn balance(
+        &self,
+        c: &state::Counter,
+        now_ms: i64,
+    ) -> Result<state::Balance, state::StateError> {
+        self.0.balance(c, now_ms)
+    }
+    fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<state::LedgerEntry>, state::StateError> {
+        self.0.ledger(since_ms)
+    }
+    fn open_reservations(&self, now_ms: i64) -> Result<usize, state::StateError> {
+        self.0.open_reservations(now_ms)
+    }
+}
+
+/// A store error at reservation fails closed with the documented 503, and
+/// no other model is tried: it would ask the same store.
+#[tokio::test]
+async fn a_store_error_when_reserving_is_a_503_and_no_fallback() {
+    let a = upstream("a", |_| Act::Ok).await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let store = Arc::new(ReserveFails(state::open(&state::Backend::Memory).unwrap()));
+    let gw = start(
+        &config(&[("pa", &a.url), ("pb", &b.url)]),
+        store,
+        &[("model-a", "pa"), ("model-b", "pb")],
+    )
+    .await;
+    let body = json!({ "model": "auto", "max_tokens": 20,
+                       "messages": [{ "role": "user", "content": "hi" }] });
+    let r = gw.chat("sk-demo", body).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "budget_unavailable", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("database is locked"),
+        "{v}"
+    );
+    assert!(a.bodies.lock().unwrap().is_empty());
+    assert!(b.bodies.lock().unwrap().is_empty());
+}

@@ -217,7 +217,7 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
     };
 
     let mut previous: Option<&str> = None;
-    for &model_id in &ctx.decision.attempts {
+    'models: for &model_id in &ctx.decision.attempts {
         let Some(m) = rt.model(model_id) else {
             continue;
         };
@@ -285,7 +285,7 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
             // a retry, a fallback or a downgrade passes the budget again.
             if let Some(b) = &ctx.budget {
                 let id = format!("{}/{}", ctx.decision_id, out.attempts.len());
-                if b.reserve(rt.policy.policy(), model_id, &id).is_err() {
+                if let Err(refused) = b.reserve(rt.policy.policy(), model_id, &id) {
                     if mp == Permit::Probe {
                         m.model_breaker.release_probe();
                     }
@@ -293,6 +293,12 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                         m.provider_breaker.release_probe();
                     }
                     drop(slots);
+                    if refused.store_unavailable {
+                        // The next model would ask the same store.
+                        out.attempts
+                            .push(att(m, "budget_unavailable".into(), tries, 0));
+                        break 'models;
+                    }
                     out.attempts.push(att(m, "budget".into(), tries, 0));
                     break;
                 }
@@ -1052,6 +1058,17 @@ fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
     };
     let budget_refused = ctx.budget.as_ref().and_then(|b| b.refused());
     let err = match (&out.last_error, out.limited) {
+        (None, None) if budget_refused.as_ref().is_some_and(|r| r.store_unavailable) => {
+            let msg = budget_refused.map(|r| r.message).unwrap_or_default();
+            // Fail closed, as the check before dispatch does: a 503, not a
+            // verdict on a budget nobody could read.
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "budget_unavailable",
+                format!("{msg}; {summary}"),
+            )
+            .code("budget_unavailable")
+        }
         (None, None) if budget_refused.is_some() => {
             let msg = budget_refused.map(|r| r.message).unwrap_or_default();
             ApiError::new(
