@@ -55,6 +55,8 @@ pub struct Check {
     pub budgets: Vec<(Applicable, Balance)>,
     /// The strongest threshold action reached, if any.
     pub action: Option<BudgetAction>,
+    /// A `confirm premium` threshold is reached (the action may be stronger).
+    pub confirm_premium: bool,
     /// Says which budget reached it and where it stands.
     pub message: Option<String>,
 }
@@ -196,6 +198,17 @@ pub fn evaluate(budgets: &[(Applicable, Balance)]) -> (Option<BudgetAction>, Opt
     }
 }
 
+/// Whether some budget has reached a `confirm premium` threshold, whatever
+/// stronger action another threshold adds.
+pub fn premium_guarded(budgets: &[(Applicable, Balance)]) -> bool {
+    budgets.iter().any(|(a, b)| {
+        let pct = used_percent(a.charge.limit, *b);
+        a.thresholds
+            .iter()
+            .any(|(act, at)| *act == BudgetAction::ConfirmPremium && pct >= *at)
+    })
+}
+
 /// A reservation no budget could take.
 #[derive(Clone, Debug)]
 pub struct Refused {
@@ -210,6 +223,7 @@ pub struct Refused {
 pub struct BudgetStats<'a> {
     pub inner: &'a dyn Stats,
     pub action: Option<BudgetAction>,
+    pub confirm_premium: bool,
 }
 
 impl Stats for BudgetStats<'_> {
@@ -218,6 +232,9 @@ impl Stats for BudgetStats<'_> {
     }
     fn budget_action(&self) -> Option<BudgetAction> {
         self.action
+    }
+    fn premium_needs_confirmation(&self) -> bool {
+        self.confirm_premium
     }
 }
 
@@ -310,10 +327,12 @@ impl Budgets {
             budgets.push((a, b));
         }
         let (action, message) = evaluate(&budgets);
+        let confirm_premium = premium_guarded(&budgets);
         Ok(Check {
             budgets,
             action,
             message,
+            confirm_premium,
         })
     }
 
@@ -764,18 +783,21 @@ protect {
         let now = 1_795_608_000_000;
         let a = applicable(p.policy(), &t, None, now).remove(0);
         let cases = [
-            (0, 0, None),
-            (9_000_000, 0, None),
-            (9_000_000, 1_000_000, Some(BudgetAction::Warn)),
-            (16_000_000, 0, Some(BudgetAction::ConfirmPremium)),
-            (17_000_000, 1_000_000, Some(BudgetAction::Downgrade)),
-            (20_000_000, 0, Some(BudgetAction::Block)),
-            (25_000_000, 0, Some(BudgetAction::Block)),
+            (0, 0, None, false),
+            (9_000_000, 0, None, false),
+            (9_000_000, 1_000_000, Some(BudgetAction::Warn), false),
+            (16_000_000, 0, Some(BudgetAction::ConfirmPremium), true),
+            (17_000_000, 1_000_000, Some(BudgetAction::Downgrade), true),
+            (20_000_000, 0, Some(BudgetAction::Block), true),
+            (25_000_000, 0, Some(BudgetAction::Block), true),
         ];
-        for (spent, reserved, expect) in cases {
-            let (act, msg) = evaluate(&[(a.clone(), Balance { spent, reserved })]);
+        for (spent, reserved, expect, guarded) in cases {
+            let budgets = [(a.clone(), Balance { spent, reserved })];
+            let (act, msg) = evaluate(&budgets);
             assert_eq!(act, expect, "{spent} + {reserved}");
             assert_eq!(msg.is_some(), expect.is_some());
+            // The premium guard holds from its threshold on, a downgrade included.
+            assert_eq!(premium_guarded(&budgets), guarded, "{spent} + {reserved}");
         }
         let (_, msg) = evaluate(&[(
             a,

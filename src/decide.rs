@@ -299,6 +299,12 @@ pub trait Stats {
     fn budget_action(&self) -> Option<BudgetAction> {
         None
     }
+    /// Whether a `confirm premium` threshold is crossed, even when a stronger
+    /// action (a downgrade) is the one reported: thresholds hold from their
+    /// percentage on, so spending more never lifts the premium guard.
+    fn premium_needs_confirmation(&self) -> bool {
+        self.budget_action() == Some(BudgetAction::ConfirmPremium)
+    }
 }
 
 /// No live stats: every stat unknown, every breaker closed, no budget action.
@@ -813,13 +819,8 @@ pub(crate) fn run<T: Tracer>(
         }
         Some(BudgetAction::ConfirmPremium) if !r.confirmed => {
             tr.budget(BudgetAction::ConfirmPremium);
-            if explicit.is_some_and(|m| p.premium.contains(m)) {
-                d.outcome = Err(Denial::ConfirmationRequired);
-                return d;
-            }
-            attempts.retain(|m| !p.premium.contains(*m));
-            if attempts.is_empty() {
-                d.outcome = Err(Denial::ConfirmationRequired);
+            if let Err(e) = without_premium(p, explicit, &mut attempts) {
+                d.outcome = Err(e);
                 return d;
             }
         }
@@ -841,6 +842,12 @@ pub(crate) fn run<T: Tracer>(
                         seen.insert(m);
                         attempts.push(m);
                     }
+                }
+            }
+            if s.premium_needs_confirmation() && !r.confirmed {
+                if let Err(e) = without_premium(p, explicit, &mut attempts) {
+                    d.outcome = Err(e);
+                    return d;
                 }
             }
         }
@@ -881,6 +888,23 @@ pub(crate) fn run<T: Tracer>(
     d.estimated_cost = attempts.first().map_or(0, |m| estimate_cost(p, *m, r));
     d.attempts = attempts;
     d
+}
+
+/// Premium models leave the attempts until the client confirms; a premium
+/// model the client named, or nothing left, needs the confirmation.
+fn without_premium(
+    p: &CompiledPolicy,
+    explicit: Option<ModelId>,
+    attempts: &mut Vec<ModelId>,
+) -> Result<(), Denial> {
+    if explicit.is_some_and(|m| p.premium.contains(m)) {
+        return Err(Denial::ConfirmationRequired);
+    }
+    attempts.retain(|m| !p.premium.contains(*m));
+    if attempts.is_empty() {
+        return Err(Denial::ConfirmationRequired);
+    }
+    Ok(())
 }
 
 /// Fills every candidate's normalised signals and score.

@@ -515,6 +515,18 @@ pub fn decide(
                     }
                 }
             }
+            // A `confirm premium` threshold below the downgrade still holds.
+            if s.premium_needs_confirmation() && !r.confirmed {
+                if requested_model.is_some_and(is_premium) {
+                    d.outcome = Err(Denial::ConfirmationRequired);
+                    return d;
+                }
+                order.retain(|m| !is_premium(*m));
+                if order.is_empty() {
+                    d.outcome = Err(Denial::ConfirmationRequired);
+                    return d;
+                }
+            }
         }
         _ => {}
     }

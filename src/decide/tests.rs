@@ -393,6 +393,41 @@ fn budget_actions() {
     assert_eq!(names(&f, &d), ["big", "sonnet", "mini", "local"]);
 }
 
+/// Past a downgrade threshold, a `confirm premium` threshold below it still
+/// holds: spending more must not lift the premium guard.
+#[test]
+fn a_downgrade_keeps_the_premium_guard_of_a_lower_threshold() {
+    struct Both(bool);
+    impl Stats for Both {
+        fn model(&self, _: ModelId) -> ModelStats {
+            ModelStats::default()
+        }
+        fn budget_action(&self) -> Option<BudgetAction> {
+            Some(BudgetAction::Downgrade)
+        }
+        fn premium_needs_confirmation(&self) -> bool {
+            self.0
+        }
+    }
+    let f = fixture();
+    let t = tenant(&f, serde_json::json!({"plan": "pro"}));
+    let code = RequestFeatures {
+        feature: Some("code".into()),
+        ..req(Some("big"))
+    };
+    let d = both(&f, &t, &code, &Both(true));
+    assert_eq!(d.outcome, Err(Denial::ConfirmationRequired));
+    let confirmed = RequestFeatures {
+        confirmed: true,
+        ..code.clone()
+    };
+    let d = both(&f, &t, &confirmed, &Both(true));
+    assert_eq!(d.outcome, Ok(()));
+    // Without a confirm threshold the downgrade alone decides, as before.
+    let d = both(&f, &t, &code, &Both(false));
+    assert_eq!(d.outcome, Ok(()));
+}
+
 #[test]
 fn live_stats_rank_and_open_breakers_go_last() {
     let f = fixture();

@@ -705,6 +705,7 @@ async fn prepare(
     let stats = crate::budget::BudgetStats {
         inner: &live,
         action: check.as_ref().and_then(|c| c.action),
+        confirm_premium: check.as_ref().is_some_and(|c| c.confirm_premium),
     };
     // The decision log wants what each constraint removed: `explain` runs the
     // same evaluation with a recorder; without a log the plain path is used.
