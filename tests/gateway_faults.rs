@@ -102,6 +102,24 @@ async fn malformed_json_from_the_upstream_is_not_passed_off_as_an_answer() {
     assert_eq!(v["choices"][0]["message"]["content"], "hello from b");
 }
 
+/// A proxy in front of the upstream answering its HTML error page with a
+/// 200: chat completions are JSON whatever the content type says.
+#[tokio::test]
+async fn an_html_page_with_a_200_is_not_passed_off_as_an_answer() {
+    let url = socket_upstream(|mut s| async move {
+        let body = "<html><body>Bad Gateway</body></html>";
+        let _ = s
+            .write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes())
+            .await;
+    })
+    .await;
+    let (gw, b) = a_then_healthy_b(&url, "").await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    assert_eq!(b.hits(), 1);
+}
+
 #[tokio::test]
 async fn a_response_that_never_ends_times_out_and_falls_back() {
     let url = socket_upstream(|mut s| async move {

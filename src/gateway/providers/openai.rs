@@ -4,6 +4,8 @@
 use bytes::Bytes;
 use hyper::header::HeaderValue;
 
+use crate::ir::Endpoint;
+
 use super::{
     endpoint_path, http, retry_after, AttemptError, ClientBody, Reply, Upstream, UpstreamRequest,
     Usage,
@@ -47,15 +49,21 @@ pub async fn send(up: &Upstream, req: UpstreamRequest<'_>) -> Result<Reply, Atte
         return Ok(Reply::Stream(http::body_stream(resp)));
     }
     let body = http::read_body(resp).await?;
-    // A 2xx that says JSON but is not JSON is a broken answer, not an answer:
-    // fail the attempt so the next model is tried, instead of handing the
-    // client garbage with a 200.
-    let usage = if content_type.starts_with("application/json") {
+    // A 2xx that is not JSON where the API only answers JSON (a proxy's HTML
+    // error page with a 200, a truncated body) is a broken answer, not an
+    // answer: fail the attempt so the next model is tried, instead of handing
+    // the client garbage with a 200. Audio answers are audio, or text when
+    // the client asked for it, so only their JSON is checked.
+    let answers_json = matches!(
+        req.endpoint,
+        Endpoint::Chat | Endpoint::Embeddings | Endpoint::Images
+    );
+    let usage = if answers_json || content_type.starts_with("application/json") {
         match Usage::from_openai_bytes(&body) {
             Ok(u) => u,
             Err(e) => {
                 return Err(AttemptError::Protocol(format!(
-                    "the upstream answered {status} with a body that is not valid JSON ({e})"
+                    "the upstream answered {status} ({content_type}) with a body that is not valid JSON ({e})"
                 )))
             }
         }
