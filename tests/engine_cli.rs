@@ -178,4 +178,35 @@ fn explain_names_the_rule_and_the_line() {
     ]);
     assert_eq!(code, 1);
     assert!(err.contains("`gold`"), "{err}");
+    // What the gateway answers with a 400 is not explained as if it were served.
+    for (body, says) in [
+        (
+            r#"{"model": "auto", "metadata": {"priority": "LOW"}, "messages": [{"role": "user", "content": "hi"}]}"#,
+            "`LOW`",
+        ),
+        (
+            r#"{"model": "auto", "max_tokens": "10", "messages": [{"role": "user", "content": "hi"}]}"#,
+            "`max_tokens` must be a whole number",
+        ),
+    ] {
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, body).unwrap();
+        let (code, out, err) = routeplane(&[
+            "explain",
+            "--config",
+            "examples/gateway.yaml",
+            "--policy",
+            "policies/saas",
+            "--tenant",
+            "hobby",
+            "--request",
+            bad.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            err.contains("the gateway would refuse this request (400)"),
+            "{err}"
+        );
+        assert!(err.contains(says), "{err}");
+    }
 }

@@ -146,9 +146,22 @@ pub fn run(args: Args) -> u8 {
         EndpointArg::AudioTranscription => Endpoint::AudioTranscription,
         EndpointArg::AudioSpeech => Endpoint::AudioSpeech,
     };
+    // What the gateway refuses with a 400 is not explained as if it were served.
+    if let Err(e) = routeplane::gateway::validate::body(endpoint, &body) {
+        return fail(
+            1,
+            format!("the gateway would refuse this request (400): {e}"),
+        );
+    }
     let mut r = RequestFeatures::from_openai_json(endpoint, &body);
     if args.feature.is_some() {
         r.feature = args.feature.clone();
+    }
+    if let Err(e) = r.check_declared(&p) {
+        return fail(
+            1,
+            format!("the gateway would refuse this request (400): {e}"),
+        );
     }
     r.confirmed |= args.confirm;
     let stats_file = match &args.stats {
