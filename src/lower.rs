@@ -362,6 +362,7 @@ impl Lowerer {
                 );
                 continue;
             }
+            self.repeated_variants(&a.ty, &format!("{scope}.{name}"));
             let ty = lower_type(&a.ty);
             let default = match &a.default {
                 Some(lit) => {
@@ -2171,6 +2172,32 @@ fn describe(ty: &Type) -> String {
         Type::Enum(_) => format!("an {}", ty.describe()),
         Type::List(_) => format!("a {}", ty.describe()),
         _ => format!("a {}", ty.describe()),
+    }
+}
+
+impl Lowerer {
+    /// `enum(low, high, low)`: the repeat is a slip, and a value compares
+    /// equal to the first of the two only.
+    fn repeated_variants(&mut self, t: &ast::TypeExpr, attr: &str) {
+        match t {
+            ast::TypeExpr::Enum(vs, _) => {
+                for (i, v) in vs.iter().enumerate() {
+                    if let Some(first) = vs.iter().take(i).find(|f| f.name == v.name) {
+                        self.diags.push(
+                            Diagnostic::error(
+                                "duplicate-name",
+                                format!("`{attr}` lists the variant `{}` twice", v.name),
+                            )
+                            .with_label(v.span, "listed again here")
+                            .with_label(first.span, "first listed here")
+                            .with_help("remove the repeat"),
+                        );
+                    }
+                }
+            }
+            ast::TypeExpr::List(inner, _) => self.repeated_variants(inner, attr),
+            _ => {}
+        }
     }
 }
 
