@@ -24,7 +24,7 @@
 //! The runner compiles each policy once, resolves each case's tenant with
 //! [`CompiledPolicy::tenant`] and checks [`decide`]'s result.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -256,6 +256,8 @@ pub fn run_paths(paths: &[PathBuf]) -> Result<Vec<CaseResult>, TestError> {
             .unwrap_or("policy")
             .to_string();
         let compiled = compile(&policy.sources);
+        // A case is reported by name: two of one name would read as one.
+        let mut named: HashMap<String, String> = HashMap::new();
         for file in files {
             let fname = file.display().to_string();
             let text = std::fs::read_to_string(&file).map_err(|e| TestError::Io {
@@ -274,7 +276,7 @@ pub fn run_paths(paths: &[PathBuf]) -> Result<Vec<CaseResult>, TestError> {
                 }
             };
             for case in &parsed.cases {
-                let failures = match &compiled {
+                let mut failures = match &compiled {
                     Ok(p) => run_case(p, &parsed, case),
                     Err(a) => {
                         let n = a.errors().count();
@@ -283,6 +285,15 @@ pub fn run_paths(paths: &[PathBuf]) -> Result<Vec<CaseResult>, TestError> {
                         )]
                     }
                 };
+                match named.get(&case.name) {
+                    Some(first) => failures.push(format!(
+                        "another case of this policy is named `{}` (in {first}): give each case its own name",
+                        case.name
+                    )),
+                    None => {
+                        named.insert(case.name.clone(), fname.clone());
+                    }
+                }
                 results.push(CaseResult {
                     name: format!("{suite}::{}", case.name),
                     file: fname.clone(),

@@ -210,3 +210,22 @@ fn explain_names_the_rule_and_the_line() {
         assert!(err.contains(says), "{err}");
     }
 }
+
+#[test]
+fn two_cases_of_one_name_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    std::fs::create_dir(&p).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/startup");
+    std::fs::copy(root.join("policy.route"), p.join("policy.route")).unwrap();
+    let case = "  - name: chat\n    tenant: { attrs: {} }\n    expect: { intent: chat }\n";
+    std::fs::write(p.join("a.test.yaml"), format!("cases:\n{case}")).unwrap();
+    std::fs::write(p.join("b.test.yaml"), format!("cases:\n{case}")).unwrap();
+    let (code, out, _) = routeplane(&["test", p.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("another case of this policy is named `chat`"),
+        "{out}"
+    );
+    assert!(out.contains("1 passed; 1 failed"), "{out}");
+}
