@@ -69,7 +69,8 @@ pub fn analyze(sources: &Sources) -> Analysis {
         diagnostics.push(d);
     }
     let policy = lowered.policy;
-    let allowed = allowed_lints(sources, &files);
+    let (allowed, unknown) = allowed_lints(sources, &files);
+    diagnostics.extend(unknown);
     diagnostics.retain(|d| !suppressed(d, sources, &allowed));
     diagnostics.sort_by_key(|d| d.span().map(|s| (s.file, s.start, s.end)));
     // Spans compare equal whatever their location: dedup on exact locations.
@@ -87,10 +88,21 @@ pub fn analyze(sources: &Sources) -> Analysis {
     }
 }
 
-/// `// allow(lint-a, lint-b)` comments: (file, line) -> lint names. A comment
-/// silences lints on its own line and on the next one.
-fn allowed_lints(sources: &Sources, files: &[FileAst]) -> HashMap<(FileId, usize), Vec<String>> {
-    let mut out: HashMap<(FileId, usize), Vec<String>> = HashMap::new();
+/// Lines silenced by `// allow(lint-a, lint-b)` comments: (file, line) ->
+/// lint names. A comment silences lints on its own line and on the next one.
+type Allowed = HashMap<(FileId, usize), Vec<String>>;
+
+/// The `// allow(...)` comments, and a warning for each name in them that is
+/// no lint (`single-candiate`): it would silence nothing, unnoticed.
+fn allowed_lints(sources: &Sources, files: &[FileAst]) -> (Allowed, Vec<Diagnostic>) {
+    let lints = || {
+        crate::render::RULES
+            .iter()
+            .filter(|r| r.severity == crate::diag::Severity::Warning)
+            .map(|r| r.name)
+    };
+    let mut unknown = Vec::new();
+    let mut out: Allowed = HashMap::new();
     for f in files {
         let Some(src) = sources.get(f.file) else {
             continue;
@@ -108,6 +120,27 @@ fn allowed_lints(sources: &Sources, files: &[FileAst]) -> HashMap<(FileId, usize
                 .map(|n| n.trim().to_string())
                 .filter(|n| !n.is_empty())
                 .collect();
+            for n in names.iter().filter(|n| !lints().any(|l| l == n.as_str())) {
+                let is_error = crate::render::rule(n).is_some();
+                let help = match crate::diag::did_you_mean(n, lints()) {
+                    _ if is_error => "errors cannot be allowed: fix what it reports".to_string(),
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => format!(
+                        "lints that can be allowed: {}",
+                        lints().collect::<Vec<_>>().join(", ")
+                    ),
+                };
+                let message = if is_error {
+                    format!("`{n}` is an error, not a lint")
+                } else {
+                    format!("`{n}` is not a lint")
+                };
+                unknown.push(
+                    Diagnostic::lint("unknown-lint", message)
+                        .with_label(c.span, "silences nothing")
+                        .with_help(help),
+                );
+            }
             let line = src.line_col(c.span.start()).0;
             for l in [line, line + 1] {
                 out.entry((f.file, l))
@@ -116,14 +149,10 @@ fn allowed_lints(sources: &Sources, files: &[FileAst]) -> HashMap<(FileId, usize
             }
         }
     }
-    out
+    (out, unknown)
 }
 
-fn suppressed(
-    d: &Diagnostic,
-    sources: &Sources,
-    allowed: &HashMap<(FileId, usize), Vec<String>>,
-) -> bool {
+fn suppressed(d: &Diagnostic, sources: &Sources, allowed: &Allowed) -> bool {
     let (Some(lint), Some(span)) = (d.lint, d.span()) else {
         return false;
     };

@@ -101,6 +101,7 @@ pub const RULES: &[Rule] = &[
     lint("single-candidate", "a route has one candidate and no fallback"),
     lint("disabled-candidate", "a route names a disabled model"),
     lint("similar-capability", "a capability one model declares is one letter from another model's"),
+    lint("unknown-lint", "an `// allow(...)` comment names something that is not a lint: it silences nothing"),
     lint("mixed-kinds", "a route whose candidates, fallbacks or downgrades are of different model kinds (chat and embeddings): each request only goes to the models whose kind serves its endpoint"),
     lint("no-effect", "a route setting that can never apply: `premium only` without premium models, `downgrade` without a budget that downgrades"),
 ];
@@ -1119,7 +1120,7 @@ mod tests {
                 r.name
             );
         }
-        assert_eq!(RULES.len(), 38);
+        assert_eq!(RULES.len(), 39);
         assert!(rule("route::zero-weights").is_some_and(|r| r.severity == Severity::Warning));
     }
 }

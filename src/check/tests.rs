@@ -196,10 +196,10 @@ fn lints_can_be_allowed_inline() {
     // Another lint's name, or two lines above, does not silence it.
     check(&format!("{H}classify {{ chat otherwise }}\n// allow(zero-weights)\nroute chat {{ candidates [a] }}"), &["single-candidate@9"]);
     check(&format!("{H}classify {{ chat otherwise }}\n// allow(single-candidate)\n\nroute chat {{ candidates [a] }}"), &["single-candidate@10"]);
-    // Errors cannot be allowed.
+    // Errors cannot be allowed, and the comment that tries is told so.
     check(
         &format!("{H}classify {{ chat otherwise }}\n// allow(empty-route)\nroute chat {{ }}"),
-        &["empty-route@9"],
+        &["unknown-lint@8", "empty-route@9"],
     );
 }
 
