@@ -629,7 +629,8 @@ pub struct Served {
 /// (environment variables resolved now, so an unset one fails the reload,
 /// not a request) and checks every tenant's attributes against the policy's
 /// tenant schema. `started` is the config the process started with: fields
-/// that need a restart (`listen`, `policy`) must not change.
+/// that need a restart (`listen`, `policy`, `state`, `decision_log`) must not
+/// change.
 pub fn served_builder(
     started: Arc<Config>,
 ) -> impl Fn(&Inputs) -> Result<Built<Served>, Failure> + Send + Sync + 'static {
@@ -650,12 +651,24 @@ pub fn served_builder(
                         diagnostics: e.0.iter().map(ToString::to_string).collect(),
                         rendered: e.to_string(),
                     })?;
+                // What `serve` opens once at start (the listener, the
+                // policy path the store reads, the budget store, the
+                // decision log) cannot follow a reload: accepting a change
+                // to it would report "reloaded" while requests kept using
+                // the old one. Everything else (providers, tenants, `admin`,
+                // `max_body`) is read per request from the reloaded config.
                 let mut restart = Vec::new();
                 if parsed.listen != started.listen {
                     restart.push(parsed.error_at(None, "changing `listen` needs a restart"));
                 }
                 if parsed.policy != started.policy {
                     restart.push(parsed.error_at(None, "changing `policy` needs a restart"));
+                }
+                if parsed.state != started.state {
+                    restart.push(parsed.error_at(None, "changing `state` needs a restart"));
+                }
+                if parsed.decision_log != started.decision_log {
+                    restart.push(parsed.error_at(None, "changing `decision_log` needs a restart"));
                 }
                 if !restart.is_empty() {
                     let errors = crate::config::ConfigErrors(restart);

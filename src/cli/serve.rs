@@ -1,6 +1,7 @@
 //! `routeplane serve --config gateway.yaml`: run the OpenAI-compatible gateway.
 //!
-//! Wiring: the config is read once (`listen` and `policy` need a restart);
+//! Wiring: the config is read once (`listen`, `policy`, `state` and
+//! `decision_log` need a restart: a reload that changes them is refused);
 //! the policy and the config file are served through the reload store, which
 //! watches both, reloads on SIGHUP and keeps the last good version when a
 //! reload fails.

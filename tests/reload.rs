@@ -1,0 +1,210 @@
+//! Hot reload of the real `routeplane serve`, seen from outside: what a
+//! reload refuses, what it reports, and the deploys (symlink swaps, mounted
+//! ConfigMaps) whose edits the file watcher must see.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+#[path = "support/binary.rs"]
+mod binary;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const POLICY: &str = "tenant {
+  plan: enum(free, pro) = pro
+}
+
+provider mock {
+  region us
+}
+
+model small {
+  provider mock
+  kind chat
+  context 8k
+  price in $1 out $2 per 1M
+  quality 0.5
+}
+
+classify {
+  chat otherwise
+}
+
+route chat {
+  candidates [small]
+  score 1.0 * quality
+}
+";
+
+const ADMIN: &str = "admin-secret-token";
+const TENANT_KEY: &str = "sk-demo";
+const ENVS: [(&str, &str); 1] = [("RP_ADMIN_TOKEN", ADMIN)];
+
+/// The same policy with another version (the quality differs).
+fn policy_with_quality(quality: &str) -> String {
+    POLICY.replace("quality 0.5", &format!("quality {quality}"))
+}
+
+fn key_sha256(key: &str) -> String {
+    hex::encode(routeplane::config::sha256(key))
+}
+
+/// A config for `POLICY`; `policy` is the `policy:` value, `extra` is
+/// appended (more top-level sections).
+fn config(policy: &str, extra: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0
+policy: {policy}
+admin:
+  token_env: RP_ADMIN_TOKEN
+providers:
+  - name: mock
+    kind: mock
+    mock: {{ latency: 1ms }}
+tenants:
+  - id: demo
+    key_sha256: {}
+{extra}",
+        key_sha256(TENANT_KEY)
+    )
+}
+
+fn http(addr: &str, method: &str, path: &str, auth: &str, body: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let policy = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-routeplane-policy:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (status, policy, body.to_string())
+}
+
+/// A chat request with `key`: the status and the policy version that served it.
+fn chat_as(addr: &str, key: &str) -> (u16, String) {
+    let (status, policy, _) = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        key,
+        r#"{"model":"auto","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    (status, policy)
+}
+
+/// The policy version serving a good request.
+fn served_version(addr: &str) -> String {
+    let (status, version) = chat_as(addr, TENANT_KEY);
+    assert_eq!(status, 200);
+    version
+}
+
+fn admin(addr: &str) -> serde_json::Value {
+    let (status, _, body) = http(addr, "GET", "/admin/policy", ADMIN, "");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// `POST /admin/reload`: the status and the answer.
+fn admin_reload(addr: &str) -> (u16, serde_json::Value) {
+    let (status, _, body) = http(addr, "POST", "/admin/reload", ADMIN, "");
+    (status, serde_json::from_str(&body).unwrap())
+}
+
+/// Wait up to 10 s for `cond`; the gateway's log in the failure message.
+fn wait_for(server: &binary::Server, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The 1-based line of the first line of `text` that starts with `prefix`.
+fn line_of(text: &str, prefix: &str) -> usize {
+    text.lines().position(|l| l.starts_with(prefix)).unwrap() + 1
+}
+
+/// A gateway on `dir/gateway.yaml` and `dir/policy/main.route`.
+fn start(dir: &Path, config_text: &str, extra_args: &[&str]) -> binary::Server {
+    std::fs::create_dir_all(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/main.route"), POLICY).unwrap();
+    std::fs::write(dir.join("gateway.yaml"), config_text).unwrap();
+    binary::Server::start(dir, &dir.join("gateway.yaml"), extra_args, &ENVS)
+}
+
+#[test]
+fn changing_what_is_opened_once_at_start_is_refused_until_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let good = config(
+        "policy",
+        "state: { backend: memory }\ndecision_log: decisions.jsonl\n",
+    );
+    let server = start(dir, &good, &["--no-watch"]);
+    let addr = server.addr.clone();
+    let version = served_version(&addr);
+    let yaml = dir.join("gateway.yaml");
+    for (section, edited) in [
+        (
+            "state",
+            good.replace(
+                "state: { backend: memory }",
+                "state: { backend: sqlite, path: st/state.db }",
+            ),
+        ),
+        (
+            "decision_log",
+            good.replace("decisions.jsonl", "elsewhere.jsonl"),
+        ),
+    ] {
+        std::fs::write(&yaml, &edited).unwrap();
+        let (status, answer) = admin_reload(&addr);
+        assert_eq!(status, 422, "{section}: {answer}");
+        let diagnostics = answer["error"]["diagnostics"].to_string();
+        let expected = format!("changing `{section}` needs a restart");
+        assert!(diagnostics.contains(&expected), "{section}: {answer}");
+        // Visible as any failed reload, and the last good version serves on.
+        let view = admin(&addr);
+        assert_eq!(view["last_reload"]["ok"], false, "{view}");
+        assert!(
+            view["last_failure"].to_string().contains(&expected),
+            "{view}"
+        );
+        assert_eq!(served_version(&addr), version);
+        assert!(
+            server.log().contains(&expected),
+            "the refusal is logged:\n{}",
+            server.log()
+        );
+    }
+    // Nothing was opened at the edited places.
+    assert!(!dir.join("st").exists());
+    assert!(!dir.join("elsewhere.jsonl").exists());
+    // Put back, the config reloads again.
+    std::fs::write(&yaml, &good).unwrap();
+    let (status, answer) = admin_reload(&addr);
+    assert_eq!(status, 200, "{answer}");
+}
