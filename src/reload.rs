@@ -658,17 +658,26 @@ pub fn served_builder(
                 // the old one. Everything else (providers, tenants, `admin`,
                 // `max_body`) is read per request from the reloaded config.
                 let mut restart = Vec::new();
+                let mut needs_restart = |key: &str| {
+                    restart.push(parsed.error_at(
+                        parsed.line_of_key(key),
+                        format!("changing `{key}` needs a restart"),
+                    ));
+                };
                 if parsed.listen != started.listen {
-                    restart.push(parsed.error_at(None, "changing `listen` needs a restart"));
+                    needs_restart("listen");
                 }
-                if parsed.policy != started.policy {
-                    restart.push(parsed.error_at(None, "changing `policy` needs a restart"));
+                if !same_place(&parsed.policy, &started.policy) {
+                    needs_restart("policy");
                 }
-                if parsed.state != started.state {
-                    restart.push(parsed.error_at(None, "changing `state` needs a restart"));
+                if !same_state(&parsed.state, &started.state) {
+                    needs_restart("state");
                 }
-                if parsed.decision_log != started.decision_log {
-                    restart.push(parsed.error_at(None, "changing `decision_log` needs a restart"));
+                if !same_sink(
+                    parsed.decision_log.as_deref(),
+                    started.decision_log.as_deref(),
+                ) {
+                    needs_restart("decision_log");
                 }
                 if !restart.is_empty() {
                     let errors = crate::config::ConfigErrors(restart);
@@ -751,6 +760,45 @@ pub fn served_builder(
             version: compiled.version,
             warnings: compiled.warnings,
         })
+    }
+}
+
+/// Whether two paths from the config name the same place: equal as
+/// written, or once their directories are resolved (`../pol` from a config
+/// read through a relative path, and the absolute path of that directory).
+/// The last component is compared as written, not followed: a symlink there
+/// is how deploys switch versions (`current -> rel/v2`), and the store goes
+/// on reading the path it started with, so `current` rewritten as `rel/v2`
+/// is a change.
+fn same_place(a: &Path, b: &Path) -> bool {
+    a == b || resolved_parent(a).is_some_and(|a| resolved_parent(b).is_some_and(|b| a == b))
+}
+
+/// `path` with its directory made canonical; `None` when that directory
+/// does not exist (then only the text can be compared).
+fn resolved_parent(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    Some(std::fs::canonicalize(dir).ok()?.join(name))
+}
+
+fn same_state(a: &crate::state::Backend, b: &crate::state::Backend) -> bool {
+    use crate::state::Backend;
+    match (a, b) {
+        (Backend::Sqlite(a), Backend::Sqlite(b)) => same_place(a, b),
+        _ => a == b,
+    }
+}
+
+/// Whether two `decision_log:` values write to the same sink.
+fn same_sink(a: Option<&Path>, b: Option<&Path>) -> bool {
+    use crate::decision_log::Sink;
+    match (Sink::from_config(a), Sink::from_config(b)) {
+        (Sink::File(a), Sink::File(b)) => same_place(&a, &b),
+        (a, b) => a == b,
     }
 }
 
@@ -1164,7 +1212,7 @@ mod tests {
         let err = store.reload(Trigger::Manual).await.unwrap_err();
         assert!(
             err.to_string()
-                .contains("changing `listen` needs a restart"),
+                .contains("gateway.yaml:1: changing `listen` needs a restart"),
             "{err}"
         );
         // A broken policy file: refused with the rendered report.
@@ -1281,6 +1329,51 @@ mod tests {
         };
         assert!(single.is_relevant_path(Path::new("/p/main.route")));
         assert!(!single.is_relevant_path(Path::new("/p/other.route")));
+    }
+
+    #[test]
+    fn config_paths_are_the_same_place_when_their_directories_resolve_alike() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(tmp.path()).unwrap();
+        for dir in ["conf", "pol", "rel/v1", "rel/v2"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::os::unix::fs::symlink("rel/v1", root.join("current")).unwrap();
+        std::os::unix::fs::symlink("conf", root.join("conf-link")).unwrap();
+        for (a, b, same) in [
+            // `../pol` from the config's directory, and the absolute path.
+            (root.join("conf/../pol"), root.join("pol"), true),
+            (root.join("conf-link/../pol"), root.join("pol"), true),
+            (
+                root.join("conf-link/state.db"),
+                root.join("conf/state.db"),
+                true,
+            ),
+            (root.join("pol"), root.join("conf"), false),
+            // The last component is not followed: the store reads `current`.
+            (root.join("current"), root.join("rel/v1"), false),
+            (root.join("current"), root.join("current"), true),
+            // A directory that does not exist: only the text can tell.
+            (root.join("gone/x"), root.join("gone/x"), true),
+            (root.join("gone/x"), root.join("gone/../gone/x"), false),
+        ] {
+            assert_eq!(same_place(&a, &b), same, "{} {}", a.display(), b.display());
+        }
+        // A relative path against the working directory.
+        let here = std::env::current_dir().unwrap();
+        assert!(same_place(
+            Path::new("Cargo.toml"),
+            &here.join("Cargo.toml")
+        ));
+        assert!(same_sink(
+            Some(&root.join("-")),
+            Some(Path::new("/elsewhere/-"))
+        ));
+        assert!(!same_sink(Some(&root.join("-")), None));
+        assert!(!same_sink(
+            Some(&root.join("a.jsonl")),
+            Some(&root.join("b.jsonl"))
+        ));
     }
 
     #[test]

@@ -184,7 +184,9 @@ fn changing_what_is_opened_once_at_start_is_refused_until_a_restart() {
         let (status, answer) = admin_reload(&addr);
         assert_eq!(status, 422, "{section}: {answer}");
         let diagnostics = answer["error"]["diagnostics"].to_string();
-        let expected = format!("changing `{section}` needs a restart");
+        // Located at the key, as the config's other errors are.
+        let line = line_of(&edited, &format!("{section}:"));
+        let expected = format!("gateway.yaml:{line}: changing `{section}` needs a restart");
         assert!(diagnostics.contains(&expected), "{section}: {answer}");
         // Visible as any failed reload, and the last good version serves on.
         let view = admin(&addr);
@@ -207,4 +209,44 @@ fn changing_what_is_opened_once_at_start_is_refused_until_a_restart() {
     std::fs::write(&yaml, &good).unwrap();
     let (status, answer) = admin_reload(&addr);
     assert_eq!(status, 200, "{answer}");
+}
+
+#[test]
+fn the_same_policy_directory_written_another_way_is_not_a_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // Started with a relative config path: `policy` resolves to `policy`,
+    // relative to the working directory.
+    std::fs::create_dir_all(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/main.route"), POLICY).unwrap();
+    std::fs::write(dir.join("gateway.yaml"), config("policy", "")).unwrap();
+    let server = binary::Server::start(dir, Path::new("gateway.yaml"), &["--no-watch"], &ENVS);
+    let addr = server.addr.clone();
+    let version = served_version(&addr);
+    // The same directory as an absolute path, with a policy edit.
+    let absolute = dir
+        .join("../")
+        .join(dir.file_name().unwrap())
+        .join("policy");
+    std::fs::write(
+        dir.join("gateway.yaml"),
+        config(&absolute.display().to_string(), ""),
+    )
+    .unwrap();
+    std::fs::write(dir.join("policy/main.route"), policy_with_quality("0.6")).unwrap();
+    let (status, answer) = admin_reload(&addr);
+    assert_eq!(status, 200, "{answer}");
+    assert_ne!(served_version(&addr), version);
+    // Another directory is still a change, refused at the `policy:` line.
+    std::fs::create_dir_all(dir.join("other")).unwrap();
+    std::fs::write(dir.join("other/main.route"), POLICY).unwrap();
+    std::fs::write(dir.join("gateway.yaml"), config("other", "")).unwrap();
+    let (status, answer) = admin_reload(&addr);
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer["error"]["diagnostics"]
+            .to_string()
+            .contains("gateway.yaml:2: changing `policy` needs a restart"),
+        "{answer}"
+    );
 }
