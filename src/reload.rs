@@ -340,10 +340,10 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
         let wake_tx = Arc::clone(&wake);
         let filter = targets.clone();
         let mut watcher =
-            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-                Ok(event) if filter.is_relevant(&event) => wake_tx.notify_one(),
-                Ok(_) => {}
-                Err(e) => tracing::warn!("policy watcher error: {e}"),
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                if should_reload(&filter, &res) {
+                    wake_tx.notify_one();
+                }
             })?;
         for dir in targets.dirs() {
             watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
@@ -507,6 +507,12 @@ impl Targets {
 
     fn is_relevant(&self, event: &notify::Event) -> bool {
         use notify::event::{AccessKind, AccessMode, EventKind};
+        // The kernel's queue overflowed (inotify's `IN_Q_OVERFLOW`): events
+        // were dropped and any of them may have been an edit. An event
+        // without paths cannot be ruled out either.
+        if event.need_rescan() || event.paths.is_empty() {
+            return true;
+        }
         match event.kind {
             // Our own reads of the files must not trigger another reload.
             EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
@@ -540,6 +546,26 @@ impl Targets {
         self.config
             .as_ref()
             .is_some_and(|(cdir, cname)| dir == cdir && name == cname)
+    }
+}
+
+/// The watcher's decision for one notification: reload or not. When events
+/// may have been lost (a queue overflow, an error from the watcher), reload:
+/// a reload that finds nothing changed costs a build, a missed edit leaves an
+/// old policy serving with nothing to say so.
+fn should_reload(targets: &Targets, res: &notify::Result<notify::Event>) -> bool {
+    match res {
+        Ok(event) if event.need_rescan() => {
+            tracing::warn!(
+                "the file watcher lost events (its queue overflowed); reloading in case a policy or config file changed"
+            );
+            true
+        }
+        Ok(event) => targets.is_relevant(event),
+        Err(e) => {
+            tracing::warn!("file watcher error, reloading in case a change was missed: {e}");
+            true
+        }
     }
 }
 
@@ -1374,6 +1400,50 @@ mod tests {
             Some(&root.join("a.jsonl")),
             Some(&root.join("b.jsonl"))
         ));
+    }
+
+    #[test]
+    fn lost_events_and_watcher_errors_reload() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, Flag};
+        use notify::Event;
+        let targets = Targets {
+            policy_dir: PathBuf::from("/p"),
+            policy_file: None,
+            config: None,
+        };
+        let at = |kind: EventKind, path: &str| Event::new(kind).add_path(PathBuf::from(path));
+        for (what, event, expect) in [
+            // inotify's queue overflow: no paths, the rescan flag.
+            (
+                "overflow",
+                Event::new(EventKind::Other).set_flag(Flag::Rescan),
+                true,
+            ),
+            ("no paths", Event::new(EventKind::Any), true),
+            (
+                "a policy file",
+                at(EventKind::Create(CreateKind::File), "/p/a.route"),
+                true,
+            ),
+            (
+                "another file",
+                at(EventKind::Create(CreateKind::File), "/p/a.txt"),
+                false,
+            ),
+            (
+                "our own read",
+                at(
+                    EventKind::Access(AccessKind::Open(AccessMode::Any)),
+                    "/p/a.route",
+                ),
+                false,
+            ),
+        ] {
+            assert_eq!(targets.is_relevant(&event), expect, "{what}");
+            assert_eq!(should_reload(&targets, &Ok(event)), expect, "{what}");
+        }
+        let error = notify::Error::generic("inotify read failed");
+        assert!(should_reload(&targets, &Err(error)));
     }
 
     #[test]
