@@ -250,3 +250,99 @@ fn the_same_policy_directory_written_another_way_is_not_a_change() {
         "{answer}"
     );
 }
+
+/// What kubelet does to update a mounted ConfigMap: the new files in a new
+/// `..vN` directory, a temporary symlink renamed over `..data`, the old
+/// directory deleted.
+fn kubelet_update(cm: &Path, version: usize, gw_yaml: &str) {
+    let new = cm.join(format!("..v{version}"));
+    std::fs::create_dir(&new).unwrap();
+    std::fs::write(new.join("gw.yaml"), gw_yaml).unwrap();
+    std::os::unix::fs::symlink(format!("..v{version}"), cm.join("..data_tmp")).unwrap();
+    std::fs::rename(cm.join("..data_tmp"), cm.join("..data")).unwrap();
+    std::fs::remove_dir_all(cm.join(format!("..v{}", version - 1))).unwrap();
+}
+
+#[test]
+fn every_update_of_a_mounted_config_map_is_seen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/main.route"), POLICY).unwrap();
+    // `cm/gw.yaml -> ..data/gw.yaml`, `..data -> ..v1`, as kubelet lays it out.
+    let cm = dir.join("cm");
+    std::fs::create_dir_all(cm.join("..v1")).unwrap();
+    let tenant = |id: &str| {
+        format!(
+            "  - id: {id}\n    key_sha256: {}\n",
+            key_sha256(&format!("sk-{id}"))
+        )
+    };
+    let mut tenants = String::new();
+    let with_tenants = |tenants: &str| {
+        config(
+            "../policy",
+            &format!("{tenants}state: {{ backend: memory }}\n"),
+        )
+    };
+    std::fs::write(cm.join("..v1/gw.yaml"), with_tenants(&tenants)).unwrap();
+    std::os::unix::fs::symlink("..v1", cm.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/gw.yaml", cm.join("gw.yaml")).unwrap();
+    let server = binary::Server::start(dir, &cm.join("gw.yaml"), &[], &ENVS);
+    let addr = server.addr.clone();
+    served_version(&addr);
+    // Each update adds a tenant; its key works once the update is loaded.
+    // Before the fix the first was seen and the second never (the watch
+    // stayed on the deleted `..v1`).
+    for (version, id) in [(2, "second"), (3, "third"), (4, "fourth")] {
+        assert_eq!(chat_as(&addr, &format!("sk-{id}")).0, 401);
+        tenants.push_str(&tenant(id));
+        kubelet_update(&cm, version, &with_tenants(&tenants));
+        wait_for(&server, &format!("update {version} to be loaded"), || {
+            chat_as(&addr, &format!("sk-{id}")).0 == 200
+        });
+    }
+    assert_eq!(admin(&addr)["reloads"]["failed"], 0);
+}
+
+#[test]
+fn a_policy_symlink_swapped_to_a_new_release_is_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for (release, quality) in [("v1", "0.5"), ("v2", "0.6")] {
+        std::fs::create_dir_all(dir.join("rel").join(release)).unwrap();
+        std::fs::write(
+            dir.join("rel").join(release).join("main.route"),
+            policy_with_quality(quality),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink("rel/v1", dir.join("current")).unwrap();
+    std::fs::write(
+        dir.join("gateway.yaml"),
+        config("current", "state: { backend: memory }\n"),
+    )
+    .unwrap();
+    let server = binary::Server::start(dir, &dir.join("gateway.yaml"), &[], &ENVS);
+    let addr = server.addr.clone();
+    let v1 = served_version(&addr);
+    // `ln -s rel/v2 tmp && mv -T tmp current`: the release switch.
+    std::os::unix::fs::symlink("rel/v2", dir.join("tmp")).unwrap();
+    std::fs::rename(dir.join("tmp"), dir.join("current")).unwrap();
+    wait_for(&server, "the swap to be loaded", || {
+        served_version(&addr) != v1
+    });
+    let v2 = served_version(&addr);
+    // An edit in the new release is seen: the watch moved with the symlink.
+    std::fs::write(dir.join("rel/v2/main.route"), policy_with_quality("0.7")).unwrap();
+    wait_for(&server, "an edit in the new release", || {
+        served_version(&addr) != v2
+    });
+    // And one in the old release, no longer served, is not.
+    let v3 = served_version(&addr);
+    let reloads = admin(&addr)["reloads"]["succeeded"].clone();
+    std::fs::write(dir.join("rel/v1/main.route"), policy_with_quality("0.8")).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(admin(&addr)["reloads"]["succeeded"], reloads);
+    assert_eq!(served_version(&addr), v3);
+}
