@@ -887,6 +887,12 @@ pub fn served_builder(
         }
         // Before the swap, so no budgeted request waits for an encoding to load.
         crate::estimate::warm_up_for(compiled.value.policy());
+        // Config warnings carry the same `warning: ` as `serve` prints them with.
+        let mut warnings: Vec<String> = unused_providers(compiled.value.policy(), &config)
+            .into_iter()
+            .map(|w| format!("warning: {w}"))
+            .collect();
+        warnings.extend(compiled.warnings);
         Ok(Built {
             value: Served {
                 policy: compiled.value,
@@ -894,7 +900,7 @@ pub fn served_builder(
                 tenants,
             },
             version: compiled.version,
-            warnings: compiled.warnings,
+            warnings,
         })
     }
 }
@@ -936,6 +942,38 @@ fn same_sink(a: Option<&Path>, b: Option<&Path>) -> bool {
         (Sink::File(a), Sink::File(b)) => same_place(&a, &b),
         (a, b) => a == b,
     }
+}
+
+/// Entries of `providers:` that no model of the policy uses: a misspelt
+/// name (`mistrall`) or a leftover would otherwise sit there unnoticed,
+/// looking as if it mattered.
+fn unused_providers(policy: &crate::ir::Policy, config: &Config) -> Vec<String> {
+    let used: Vec<&str> = policy
+        .models
+        .iter()
+        .filter_map(|m| policy.provider(m.provider))
+        .map(|p| p.name.as_str())
+        .collect();
+    config
+        .providers
+        .iter()
+        .filter(|c| !used.contains(&c.name.as_str()))
+        .map(|c| {
+            let hint = match crate::diag::did_you_mean(&c.name, used.iter().copied()) {
+                Some(m) => format!("did you mean `{m}`?"),
+                None => "delete it if it is left over".to_string(),
+            };
+            config
+                .error_at(
+                    c.line,
+                    format!(
+                        "provider `{}` is not used by any model of the policy: {hint}",
+                        c.name
+                    ),
+                )
+                .to_string()
+        })
+        .collect()
 }
 
 /// Entries of a provider's `models:` map that name no model of that provider

@@ -346,3 +346,41 @@ fn a_policy_symlink_swapped_to_a_new_release_is_followed() {
     assert_eq!(admin(&addr)["reloads"]["succeeded"], reloads);
     assert_eq!(served_version(&addr), v3);
 }
+
+#[test]
+fn a_provider_no_model_uses_is_a_warning_at_start_and_at_reload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let misspelt = "  - { name: mockk, kind: mock }\n";
+    let good = config("policy", "state: { backend: memory }\n");
+    let with_typo = good.replace("tenants:\n", &format!("{misspelt}tenants:\n"));
+    let server = start(dir, &with_typo, &["--no-watch"]);
+    let addr = server.addr.clone();
+    let line = line_of(&with_typo, "  - { name: mockk");
+    let expected = format!(
+        "gateway.yaml:{line}: provider `mockk` is not used by any model of the policy: did you mean `mock`?"
+    );
+    assert!(server.log().contains(&expected), "{}", server.log());
+    let warnings = admin(&addr)["warnings"].to_string();
+    assert!(warnings.contains(&expected), "{warnings}");
+    // At reload too: a leftover provider added to the config.
+    let leftover = "  - { name: retired, kind: mock }\n";
+    let edited = with_typo.replace("tenants:\n", &format!("{leftover}tenants:\n"));
+    std::fs::write(dir.join("gateway.yaml"), &edited).unwrap();
+    let (status, answer) = admin_reload(&addr);
+    assert_eq!(status, 200, "{answer}");
+    let line = line_of(&edited, "  - { name: retired");
+    let warnings = admin(&addr)["warnings"].to_string();
+    assert!(
+        warnings.contains(&format!(
+            "gateway.yaml:{line}: provider `retired` is not used by any model of the policy: delete it if it is left over"
+        )),
+        "{warnings}"
+    );
+    // Gone with the entries.
+    std::fs::write(dir.join("gateway.yaml"), &good).unwrap();
+    let (status, answer) = admin_reload(&addr);
+    assert_eq!(status, 200, "{answer}");
+    let warnings = admin(&addr)["warnings"].to_string();
+    assert!(!warnings.contains("provider `"), "{warnings}");
+}
