@@ -285,6 +285,11 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
                 let warnings = loaded.warnings.len();
                 self.current.store(Arc::new(loaded));
                 tracing::info!(version = %version, ?trigger, duration_ms, warnings, "policy reloaded");
+                // Said at every reload, not only at start: an edit that
+                // brought a warning must be visible in the log too.
+                for warning in &self.current().warnings {
+                    tracing::warn!(version = %version, "{warning}");
+                }
                 self.record(ReloadRecord {
                     ok: true,
                     at: SystemTime::now(),
@@ -887,9 +892,14 @@ pub fn served_builder(
         }
         // Before the swap, so no budgeted request waits for an encoding to load.
         crate::estimate::warm_up_for(compiled.value.policy());
-        // Config warnings carry the same `warning: ` as `serve` prints them with.
-        let mut warnings: Vec<String> = unused_providers(compiled.value.policy(), &config)
-            .into_iter()
+        // The config's own warnings (a plain `key`) with the policy's, so a
+        // reload shows and logs them as it does the policy's; they carry
+        // the `warning: ` `serve` prints them with.
+        let mut warnings: Vec<String> = config
+            .warnings
+            .iter()
+            .cloned()
+            .chain(unused_providers(compiled.value.policy(), &config))
             .map(|w| format!("warning: {w}"))
             .collect();
         warnings.extend(compiled.warnings);

@@ -384,3 +384,47 @@ fn a_provider_no_model_uses_is_a_warning_at_start_and_at_reload() {
     let warnings = admin(&addr)["warnings"].to_string();
     assert!(!warnings.contains("provider `"), "{warnings}");
 }
+
+#[test]
+fn config_warnings_found_at_reload_are_logged_and_shown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let plain = |id: &str| format!("  - id: {id}\n    key: sk-{id}\n");
+    let first = config(
+        "policy",
+        &format!("{}state: {{ backend: memory }}\n", plain("first")),
+    );
+    let server = start(dir, &first, &["--no-watch"]);
+    let addr = server.addr.clone();
+    let warning = |text: &str, id: &str| {
+        format!(
+            "gateway.yaml:{}: tenant `{id}` has a plain `key`",
+            line_of(text, &format!("  - id: {id}"))
+        )
+    };
+    // At start: said once (the config's warnings now come with the policy's).
+    let at_start = warning(&first, "first");
+    assert_eq!(
+        server.log().matches(&at_start).count(),
+        1,
+        "{}",
+        server.log()
+    );
+    assert!(admin(&addr)["warnings"].to_string().contains(&at_start));
+    // A reload that brings one: logged, and shown with the policy's warnings.
+    let second = first.replace("state:", &format!("{}state:", plain("second")));
+    std::fs::write(dir.join("gateway.yaml"), &second).unwrap();
+    let (status, answer) = admin_reload(&addr);
+    assert_eq!(status, 200, "{answer}");
+    let at_reload = warning(&second, "second");
+    let warnings = admin(&addr)["warnings"].to_string();
+    assert!(warnings.contains(&at_reload), "{warnings}");
+    assert!(
+        warnings.contains("warning[route::"),
+        "the policy's too: {warnings}"
+    );
+    wait_for(&server, "the warning in the log", || {
+        server.log().contains(&at_reload)
+    });
+    assert_eq!(chat_as(&addr, "sk-second").0, 200);
+}

@@ -51,9 +51,6 @@ pub fn run(args: Args) -> u8 {
             return 1;
         }
     };
-    for w in &config.warnings {
-        eprintln!("warning: {w}");
-    }
     // This runtime runs the control plane (reloads, signals); requests are
     // served by the workers' runtimes (`server::serve_workers`).
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -77,7 +74,15 @@ async fn serve(config: Config, args: Args) -> u8 {
         policy: config.policy.clone(),
         config: Some(config.path.clone()),
     };
+    // The config's warnings come with the policy's once the store loaded
+    // (`served_builder`); said here only when it cannot.
+    let config_warnings = || {
+        for w in &config.warnings {
+            eprintln!("warning: {w}");
+        }
+    };
     if !config.policy.exists() {
+        config_warnings();
         // Said in the config's terms: the path the user wrote and where.
         eprintln!(
             "{}",
@@ -95,6 +100,7 @@ async fn serve(config: Config, args: Args) -> u8 {
     let store = match PolicyStore::load(paths, served_builder(started), Some(metrics.clone())) {
         Ok(s) => s,
         Err(failure) => {
+            config_warnings();
             eprintln!(
                 "routeplane: cannot serve `{}`:\n{failure}",
                 config.policy.display()
