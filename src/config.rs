@@ -1563,14 +1563,25 @@ impl Checker<'_> {
             .enumerate()
             .filter(|(_, l)| {
                 let l = l.trim_start().trim_start_matches("- ");
+                // A list entry written in flow style, `- { name: a, kind: mock }`,
+                // is found by its first key as a block entry is.
+                let (l, flow) = match l.strip_prefix('{') {
+                    Some(inner) => (inner.trim_start(), true),
+                    None => (l, false),
+                };
                 let Some(rest) = l.strip_prefix(key) else {
                     return false;
                 };
                 match value {
                     None => true,
                     Some(v) => {
-                        let r = rest.split('#').next().unwrap_or("").trim();
-                        r.trim_matches(|c| c == '"' || c == '\'') == v
+                        let r = rest.split('#').next().unwrap_or("");
+                        let r = if flow {
+                            r.split([',', '}']).next().unwrap_or("")
+                        } else {
+                            r
+                        };
+                        r.trim().trim_matches(|c| c == '"' || c == '\'') == v
                     }
                 }
             })
@@ -1688,6 +1699,9 @@ max_body: 1MiB
             ("policy: p\nlisten: 1.2.3.4:5\nmax_body: 10 parsecs\n", "gw.yaml:3:", "invalid size unit `parsecs`"),
             ("policy: p\nproviders:\n  - name: a\n    kind: openai\n", "gw.yaml:3:", "provider `a`: `https://api.openai.com/v1` needs an API key"),
             ("policy: p\nproviders:\n  - name: a\n    kind: anthropic\n", "gw.yaml:3:", "`https://api.anthropic.com/v1` needs an API key"),
+            // Entries in flow style are located by their first key too.
+            ("policy: p\nproviders:\n  - { name: m, kind: mock }\n  - {name: \"m\", kind: mock}\n", "gw.yaml:4:", "duplicate provider `m`"),
+            ("policy: p\ntenants:\n  - { id: a, key: k }\n  - { id: b, key: k }\n", "gw.yaml:4:", "tenant `b` has the same key as tenant `a`"),
         ];
         for (text, loc, msg) in cases {
             let errs = parse(text).unwrap_err();

@@ -31,7 +31,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -204,6 +204,9 @@ pub struct PolicyStore<T> {
     /// Serialises reloads (watcher, SIGHUP and manual may overlap).
     reloading: tokio::sync::Mutex<()>,
     metrics: Option<Arc<Metrics>>,
+    /// The file watcher while a [`WatchHandle`] keeps it alive; every reload
+    /// moves its watches to where the paths lead now.
+    watching: Mutex<Weak<Watching>>,
 }
 
 impl<T: Send + Sync + 'static> PolicyStore<T> {
@@ -240,6 +243,7 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
             status: Mutex::new(status),
             reloading: tokio::sync::Mutex::new(()),
             metrics,
+            watching: Mutex::new(Weak::new()),
         }))
     }
 
@@ -263,9 +267,17 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
         let started = Instant::now();
         let paths = self.paths.clone();
         let builder = Arc::clone(&self.builder);
-        let built = tokio::task::spawn_blocking(move || build_from_disk(&paths, &*builder))
-            .await
-            .unwrap_or_else(|e| Err(Failure::new(format!("the policy build crashed: {e}"))));
+        let watching = self.watching.lock().ok().and_then(|w| w.upgrade());
+        let built = tokio::task::spawn_blocking(move || {
+            // Before reading, not after: an edit made after the watches
+            // moved wakes the watcher again, one made before is read now.
+            if let Some(watching) = watching {
+                watching.refresh(&paths);
+            }
+            build_from_disk(&paths, &*builder)
+        })
+        .await
+        .unwrap_or_else(|e| Err(Failure::new(format!("the policy build crashed: {e}"))));
         let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
         match built {
             Ok(loaded) => {
@@ -273,6 +285,11 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
                 let warnings = loaded.warnings.len();
                 self.current.store(Arc::new(loaded));
                 tracing::info!(version = %version, ?trigger, duration_ms, warnings, "policy reloaded");
+                // Said at every reload, not only at start: an edit that
+                // brought a warning must be visible in the log too.
+                for warning in &self.current().warnings {
+                    tracing::warn!(version = %version, "{warning}");
+                }
                 self.record(ReloadRecord {
                     ok: true,
                     at: SystemTime::now(),
@@ -332,43 +349,47 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
     ///
     /// Directories are watched, not files: editors that save by writing a
     /// temporary file and renaming it over the original replace the file's
-    /// inode, which a watch on the file itself would lose.
+    /// inode, which a watch on the file itself would lose. Every reload,
+    /// whatever triggered it, resolves the paths again and moves the watches
+    /// to where they lead now ([`Watching::refresh`]): a symlink swap
+    /// (`current -> rel/v2`, a Kubernetes ConfigMap's `..data`) must not
+    /// leave the watch on the old target.
     pub fn watch(self: &Arc<Self>, debounce: Debounce) -> Result<WatchHandle, notify::Error> {
         use notify::Watcher;
-        let targets = Targets::new(&self.paths)?;
+        let targets = Targets::new(&self.paths);
         let wake = Arc::new(tokio::sync::Notify::new());
         let wake_tx = Arc::clone(&wake);
-        let filter = targets.clone();
+        let current_targets = Arc::new(ArcSwap::from_pointee(targets.clone()));
+        let filter = Arc::clone(&current_targets);
         let mut watcher =
-            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-                Ok(event) if filter.is_relevant(&event) => wake_tx.notify_one(),
-                Ok(_) => {}
-                Err(e) => tracing::warn!("policy watcher error: {e}"),
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                if should_reload(&filter.load(), &res) {
+                    wake_tx.notify_one();
+                }
             })?;
-        for dir in targets.dirs() {
+        let dirs = targets.dirs();
+        for dir in &dirs {
             watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
         }
-        let watcher = Arc::new(Mutex::new(watcher));
-        let rewatch = Arc::clone(&watcher);
+        let watching = Arc::new(Watching {
+            watcher: Mutex::new(watcher),
+            targets: current_targets,
+            dirs: Mutex::new(dirs),
+        });
+        if let Ok(mut w) = self.watching.lock() {
+            *w = Arc::downgrade(&watching);
+        }
         let store = Arc::clone(self);
         let task = tokio::spawn(async move {
             loop {
                 wake.notified().await;
                 debounce.settle(&wake).await;
-                // A directory that was removed and created again (`rm -r` and
-                // a copy, a checkout that deletes it) lost its watch; adding
-                // it again is harmless when it did not. If it is missing, the
-                // reload below fails and says so; its re-creation is seen
-                // through the parent's watch.
-                if let Ok(mut w) = rewatch.lock() {
-                    let _ = w.watch(&targets.policy_dir, notify::RecursiveMode::NonRecursive);
-                }
                 // The outcome is logged and recorded by `reload`.
                 let _ = store.reload(Trigger::Watch).await;
             }
         });
         Ok(WatchHandle {
-            _watcher: watcher,
+            _watching: watching,
             task,
         })
     }
@@ -442,7 +463,7 @@ impl Debounce {
 
 /// Keeps the watcher alive; dropping it stops watching.
 pub struct WatchHandle {
-    _watcher: Arc<Mutex<notify::RecommendedWatcher>>,
+    _watching: Arc<Watching>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -452,54 +473,97 @@ impl Drop for WatchHandle {
     }
 }
 
-/// Which paths matter to a reload. Paths are canonical, matching what the
-/// watcher reports for canonical watch roots.
-#[derive(Clone, Debug)]
+/// The file watcher and what it watches now.
+struct Watching {
+    watcher: Mutex<notify::RecommendedWatcher>,
+    /// Read by the watcher's callback for every event.
+    targets: Arc<ArcSwap<Targets>>,
+    /// The directories watched now.
+    dirs: Mutex<Vec<PathBuf>>,
+}
+
+impl Watching {
+    /// Resolve the paths again and watch where they lead now; stop watching
+    /// directories no longer on the way (a ConfigMap's deleted `..v1`, the
+    /// release a `current` symlink left).
+    fn refresh(&self, paths: &Paths) {
+        use notify::Watcher;
+        let targets = Targets::new(paths);
+        let wanted = targets.dirs();
+        // First, so the events of newly watched directories are judged
+        // against the targets they were watched for.
+        self.targets.store(Arc::new(targets));
+        let (Ok(mut watcher), Ok(mut dirs)) = (self.watcher.lock(), self.dirs.lock()) else {
+            return;
+        };
+        for gone in dirs.iter().filter(|d| !wanted.contains(d)) {
+            // Fails when the directory was deleted: its watch went with it.
+            let _ = watcher.unwatch(gone);
+        }
+        // Every wanted directory again, not only new ones: a directory
+        // deleted and created again (`rm -r` and a copy, a checkout) lost
+        // its watch under the same path; watching a watched one is harmless.
+        for dir in &wanted {
+            if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+                // A missing directory: the reload that follows says so, and
+                // its re-creation is seen from its parent.
+                tracing::debug!("cannot watch `{}`: {e}", dir.display());
+            }
+        }
+        *dirs = wanted;
+    }
+}
+
+/// Which paths matter to a reload, for one resolution of the configured
+/// paths. Paths are canonical where they exist (every symlink followed),
+/// matching what the watcher reports for the canonical directories it
+/// watches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Targets {
-    policy_dir: PathBuf,
-    /// Set when the policy is a single file.
-    policy_file: Option<OsString>,
-    config: Option<(PathBuf, OsString)>,
+    /// Where the policy path leads.
+    policy: PathBuf,
+    /// Whether that is one `.route` file rather than a directory of them.
+    policy_is_file: bool,
+    /// Where the config path leads.
+    config: Option<PathBuf>,
+    /// Every symlink met on the way to the policy or the config, in its
+    /// canonical directory (`cm/gw.yaml`, `cm/..data`, `current`): replacing
+    /// one moves a target, so an event on it is relevant and its directory
+    /// is watched.
+    links: Vec<PathBuf>,
 }
 
 impl Targets {
-    fn new(paths: &Paths) -> Result<Self, notify::Error> {
-        let policy = std::fs::canonicalize(&paths.policy).map_err(notify::Error::io)?;
-        let (policy_dir, policy_file) = if policy.is_file() {
-            split(&policy)?
-        } else {
-            (policy, None)
-        };
-        let config = match &paths.config {
-            Some(c) => {
-                let c = std::fs::canonicalize(c).map_err(notify::Error::io)?;
-                match split(&c)? {
-                    (dir, Some(name)) => Some((dir, name)),
-                    (_, None) => None,
-                }
-            }
-            None => None,
-        };
-        Ok(Targets {
-            policy_dir,
-            policy_file,
+    fn new(paths: &Paths) -> Self {
+        let (policy, mut links) = resolve(&paths.policy);
+        let config = paths.config.as_deref().map(|c| {
+            let (config, config_links) = resolve(c);
+            links.extend(config_links);
+            config
+        });
+        Targets {
+            policy_is_file: policy.is_file(),
+            policy,
             config,
-        })
+            links,
+        }
     }
 
-    /// The policy directory, its parent (to see it deleted and created
-    /// again) and the config file's directory, each once.
-    fn dirs(&self) -> Vec<&Path> {
-        let mut dirs = vec![self.policy_dir.as_path()];
-        let parent = self
-            .policy_file
-            .is_none()
-            .then(|| self.policy_dir.parent())
-            .flatten();
-        let config = self.config.as_ref().map(|(dir, _)| dir.as_path());
-        for dir in [parent, config].into_iter().flatten() {
-            if !dirs.contains(&dir) {
-                dirs.push(dir);
+    /// The policy directory and its parent (to see it deleted and created
+    /// again), or a policy file's directory; the config file's directory;
+    /// the directory of every symlink on the way; each once.
+    fn dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        if !self.policy_is_file {
+            dirs.push(self.policy.clone());
+        }
+        let parents = std::iter::once(&self.policy)
+            .chain(&self.config)
+            .chain(&self.links)
+            .filter_map(|p| p.parent());
+        for dir in parents {
+            if !dirs.iter().any(|d| d == dir) {
+                dirs.push(dir.to_path_buf());
             }
         }
         dirs
@@ -507,6 +571,12 @@ impl Targets {
 
     fn is_relevant(&self, event: &notify::Event) -> bool {
         use notify::event::{AccessKind, AccessMode, EventKind};
+        // The kernel's queue overflowed (inotify's `IN_Q_OVERFLOW`): events
+        // were dropped and any of them may have been an edit. An event
+        // without paths cannot be ruled out either.
+        if event.need_rescan() || event.paths.is_empty() {
+            return true;
+        }
         match event.kind {
             // Our own reads of the files must not trigger another reload.
             EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
@@ -517,37 +587,108 @@ impl Targets {
     }
 
     fn is_relevant_path(&self, path: &Path) -> bool {
-        if path == self.policy_dir {
+        if path == self.policy
+            || self.config.as_deref() == Some(path)
+            || self.links.iter().any(|l| l == path)
+        {
             return true;
         }
-        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        if self.policy_is_file || path.parent() != Some(self.policy.as_path()) {
             return false;
-        };
-        if dir == self.policy_dir {
-            let hit = match &self.policy_file {
-                Some(f) => name == f,
-                // Editor swap and backup files (`.x.route.swp`, `x.route~`) do not end in `.route`.
-                // Kubernetes updates a mounted ConfigMap by swapping a `..data` symlink.
-                None => {
-                    path.extension().is_some_and(|e| e == "route")
-                        || name.to_str().is_some_and(|n| n.starts_with(".."))
-                }
-            };
-            if hit {
-                return true;
-            }
         }
-        self.config
-            .as_ref()
-            .is_some_and(|(cdir, cname)| dir == cdir && name == cname)
+        // Editor swap and backup files (`.x.route.swp`, `x.route~`) do not end in `.route`.
+        // Kubernetes updates a ConfigMap mounted as the policy directory by
+        // swapping its `..data` symlink.
+        path.extension().is_some_and(|e| e == "route")
+            || path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".."))
     }
 }
 
-fn split(path: &Path) -> Result<(PathBuf, Option<OsString>), notify::Error> {
-    let dir = path.parent().map(Path::to_path_buf).ok_or_else(|| {
-        notify::Error::generic(&format!("`{}` has no parent directory", path.display()))
-    })?;
-    Ok((dir, path.file_name().map(OsString::from)))
+/// Linux's limit on symlinks followed in one lookup (`MAXSYMLINKS`).
+const MAX_SYMLINK_HOPS: usize = 40;
+
+/// Where `path` leads, following every symlink on the way as the kernel
+/// does, and the symlinks met, each in its (canonical) directory. Never
+/// fails: from a component that does not exist on, the rest is joined as
+/// written, so a target deleted and created again is still recognised; a
+/// symlink loop stops after [`MAX_SYMLINK_HOPS`].
+fn resolve(path: &Path) -> (PathBuf, Vec<PathBuf>) {
+    use std::path::Component;
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        match std::env::current_dir() {
+            Ok(here) => here.join(path),
+            Err(_) => return (path.to_path_buf(), Vec::new()),
+        }
+    };
+    /// One step of the walk.
+    enum Step {
+        Root,
+        Up,
+        Into(OsString),
+    }
+    /// Push the steps of `path` so that the first is popped first.
+    fn push_steps(rest: &mut Vec<Step>, path: &Path) {
+        let steps: Vec<Step> = path
+            .components()
+            .filter_map(|c| match c {
+                Component::Prefix(_) | Component::RootDir => Some(Step::Root),
+                Component::CurDir => None,
+                Component::ParentDir => Some(Step::Up),
+                Component::Normal(name) => Some(Step::Into(name.to_os_string())),
+            })
+            .collect();
+        rest.extend(steps.into_iter().rev());
+    }
+    let root = PathBuf::from(Component::RootDir.as_os_str());
+    let mut rest = Vec::new();
+    push_steps(&mut rest, &absolute);
+    let mut real = root.clone();
+    let mut links = Vec::new();
+    while let Some(step) = rest.pop() {
+        match step {
+            Step::Root => real.clone_from(&root),
+            Step::Up => {
+                real.pop();
+            }
+            Step::Into(name) => {
+                let next = real.join(name);
+                match std::fs::read_link(&next) {
+                    Ok(target) if links.len() < MAX_SYMLINK_HOPS => {
+                        push_steps(&mut rest, &target);
+                        links.push(next);
+                    }
+                    // Not a symlink, missing, or a loop: take it as it is.
+                    _ => real = next,
+                }
+            }
+        }
+    }
+    (real, links)
+}
+
+/// The watcher's decision for one notification: reload or not. When events
+/// may have been lost (a queue overflow, an error from the watcher), reload:
+/// a reload that finds nothing changed costs a build, a missed edit leaves an
+/// old policy serving with nothing to say so.
+fn should_reload(targets: &Targets, res: &notify::Result<notify::Event>) -> bool {
+    match res {
+        Ok(event) if event.need_rescan() => {
+            tracing::warn!(
+                "the file watcher lost events (its queue overflowed); reloading in case a policy or config file changed"
+            );
+            true
+        }
+        Ok(event) => targets.is_relevant(event),
+        Err(e) => {
+            tracing::warn!("file watcher error, reloading in case a change was missed: {e}");
+            true
+        }
+    }
 }
 
 /// Read the inputs and build; the caller decides whether to swap.
@@ -629,7 +770,8 @@ pub struct Served {
 /// (environment variables resolved now, so an unset one fails the reload,
 /// not a request) and checks every tenant's attributes against the policy's
 /// tenant schema. `started` is the config the process started with: fields
-/// that need a restart (`listen`, `policy`) must not change.
+/// that need a restart (`listen`, `policy`, `state`, `decision_log`) must not
+/// change.
 pub fn served_builder(
     started: Arc<Config>,
 ) -> impl Fn(&Inputs) -> Result<Built<Served>, Failure> + Send + Sync + 'static {
@@ -650,12 +792,33 @@ pub fn served_builder(
                         diagnostics: e.0.iter().map(ToString::to_string).collect(),
                         rendered: e.to_string(),
                     })?;
+                // What `serve` opens once at start (the listener, the
+                // policy path the store reads, the budget store, the
+                // decision log) cannot follow a reload: accepting a change
+                // to it would report "reloaded" while requests kept using
+                // the old one. Everything else (providers, tenants, `admin`,
+                // `max_body`) is read per request from the reloaded config.
                 let mut restart = Vec::new();
+                let mut needs_restart = |key: &str| {
+                    restart.push(parsed.error_at(
+                        parsed.line_of_key(key),
+                        format!("changing `{key}` needs a restart"),
+                    ));
+                };
                 if parsed.listen != started.listen {
-                    restart.push(parsed.error_at(None, "changing `listen` needs a restart"));
+                    needs_restart("listen");
                 }
-                if parsed.policy != started.policy {
-                    restart.push(parsed.error_at(None, "changing `policy` needs a restart"));
+                if !same_place(&parsed.policy, &started.policy) {
+                    needs_restart("policy");
+                }
+                if !same_state(&parsed.state, &started.state) {
+                    needs_restart("state");
+                }
+                if !same_sink(
+                    parsed.decision_log.as_deref(),
+                    started.decision_log.as_deref(),
+                ) {
+                    needs_restart("decision_log");
                 }
                 if !restart.is_empty() {
                     let errors = crate::config::ConfigErrors(restart);
@@ -729,6 +892,17 @@ pub fn served_builder(
         }
         // Before the swap, so no budgeted request waits for an encoding to load.
         crate::estimate::warm_up_for(compiled.value.policy());
+        // The config's own warnings (a plain `key`) with the policy's, so a
+        // reload shows and logs them as it does the policy's; they carry
+        // the `warning: ` `serve` prints them with.
+        let mut warnings: Vec<String> = config
+            .warnings
+            .iter()
+            .cloned()
+            .chain(unused_providers(compiled.value.policy(), &config))
+            .map(|w| format!("warning: {w}"))
+            .collect();
+        warnings.extend(compiled.warnings);
         Ok(Built {
             value: Served {
                 policy: compiled.value,
@@ -736,9 +910,80 @@ pub fn served_builder(
                 tenants,
             },
             version: compiled.version,
-            warnings: compiled.warnings,
+            warnings,
         })
     }
+}
+
+/// Whether two paths from the config name the same place: equal as
+/// written, or once their directories are resolved (`../pol` from a config
+/// read through a relative path, and the absolute path of that directory).
+/// The last component is compared as written, not followed: a symlink there
+/// is how deploys switch versions (`current -> rel/v2`), and the store goes
+/// on reading the path it started with, so `current` rewritten as `rel/v2`
+/// is a change.
+fn same_place(a: &Path, b: &Path) -> bool {
+    a == b || resolved_parent(a).is_some_and(|a| resolved_parent(b).is_some_and(|b| a == b))
+}
+
+/// `path` with its directory made canonical; `None` when that directory
+/// does not exist (then only the text can be compared).
+fn resolved_parent(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    Some(std::fs::canonicalize(dir).ok()?.join(name))
+}
+
+fn same_state(a: &crate::state::Backend, b: &crate::state::Backend) -> bool {
+    use crate::state::Backend;
+    match (a, b) {
+        (Backend::Sqlite(a), Backend::Sqlite(b)) => same_place(a, b),
+        _ => a == b,
+    }
+}
+
+/// Whether two `decision_log:` values write to the same sink.
+fn same_sink(a: Option<&Path>, b: Option<&Path>) -> bool {
+    use crate::decision_log::Sink;
+    match (Sink::from_config(a), Sink::from_config(b)) {
+        (Sink::File(a), Sink::File(b)) => same_place(&a, &b),
+        (a, b) => a == b,
+    }
+}
+
+/// Entries of `providers:` that no model of the policy uses: a misspelt
+/// name (`mistrall`) or a leftover would otherwise sit there unnoticed,
+/// looking as if it mattered.
+fn unused_providers(policy: &crate::ir::Policy, config: &Config) -> Vec<String> {
+    let used: Vec<&str> = policy
+        .models
+        .iter()
+        .filter_map(|m| policy.provider(m.provider))
+        .map(|p| p.name.as_str())
+        .collect();
+    config
+        .providers
+        .iter()
+        .filter(|c| !used.contains(&c.name.as_str()))
+        .map(|c| {
+            let hint = match crate::diag::did_you_mean(&c.name, used.iter().copied()) {
+                Some(m) => format!("did you mean `{m}`?"),
+                None => "delete it if it is left over".to_string(),
+            };
+            config
+                .error_at(
+                    c.line,
+                    format!(
+                        "provider `{}` is not used by any model of the policy: {hint}",
+                        c.name
+                    ),
+                )
+                .to_string()
+        })
+        .collect()
 }
 
 /// Entries of a provider's `models:` map that name no model of that provider
@@ -1151,7 +1396,7 @@ mod tests {
         let err = store.reload(Trigger::Manual).await.unwrap_err();
         assert!(
             err.to_string()
-                .contains("changing `listen` needs a restart"),
+                .contains("gateway.yaml:1: changing `listen` needs a restart"),
             "{err}"
         );
         // A broken policy file: refused with the rendered report.
@@ -1241,9 +1486,13 @@ mod tests {
     #[test]
     fn which_paths_trigger_a_reload() {
         let targets = Targets {
-            policy_dir: PathBuf::from("/p"),
-            policy_file: None,
-            config: Some((PathBuf::from("/etc/rp"), OsString::from("gateway.yaml"))),
+            policy: PathBuf::from("/p"),
+            policy_is_file: false,
+            config: Some(PathBuf::from("/etc/rp/..v1/gateway.yaml")),
+            links: vec![
+                PathBuf::from("/etc/rp/gateway.yaml"),
+                PathBuf::from("/etc/rp/..data"),
+            ],
         };
         for (path, expect) in [
             ("/p/a.route", true),
@@ -1255,19 +1504,160 @@ mod tests {
             ("/p/4913", false),
             ("/p/notes.md", false),
             ("/p/sub/a.route", false),
+            ("/etc/rp/..v1/gateway.yaml", true),
+            ("/etc/rp/..v1/other.yaml", false),
+            // A symlink on the way to the config: replaced, the config moves.
             ("/etc/rp/gateway.yaml", true),
+            ("/etc/rp/..data", true),
+            ("/etc/rp/..data_tmp", false),
             ("/etc/rp/other.yaml", false),
             ("/elsewhere/a.route", false),
         ] {
             assert_eq!(targets.is_relevant_path(Path::new(path)), expect, "{path}");
         }
         let single = Targets {
-            policy_dir: PathBuf::from("/p"),
-            policy_file: Some(OsString::from("main.route")),
-            config: None,
+            policy: PathBuf::from("/p/main.route"),
+            policy_is_file: true,
+            ..Targets::default()
         };
         assert!(single.is_relevant_path(Path::new("/p/main.route")));
         assert!(!single.is_relevant_path(Path::new("/p/other.route")));
+    }
+
+    #[test]
+    fn targets_follow_every_symlink_on_the_way_and_watch_their_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(tmp.path()).unwrap();
+        // A mounted ConfigMap: `cm/gw.yaml -> ..data/gw.yaml`, `..data -> ..v1`.
+        std::fs::create_dir_all(root.join("cm/..v1")).unwrap();
+        std::fs::write(root.join("cm/..v1/gw.yaml"), "").unwrap();
+        std::os::unix::fs::symlink("..v1", root.join("cm/..data")).unwrap();
+        std::os::unix::fs::symlink("..data/gw.yaml", root.join("cm/gw.yaml")).unwrap();
+        // A release symlink: `current -> rel/v1`.
+        std::fs::create_dir_all(root.join("rel/v1")).unwrap();
+        std::os::unix::fs::symlink("rel/v1", root.join("current")).unwrap();
+        let paths = Paths {
+            policy: root.join("cm/../current"),
+            config: Some(root.join("cm/gw.yaml")),
+        };
+        let targets = Targets::new(&paths);
+        assert_eq!(
+            targets,
+            Targets {
+                policy: root.join("rel/v1"),
+                policy_is_file: false,
+                config: Some(root.join("cm/..v1/gw.yaml")),
+                links: vec![
+                    root.join("current"),
+                    root.join("cm/gw.yaml"),
+                    root.join("cm/..data"),
+                ],
+            }
+        );
+        assert_eq!(
+            targets.dirs(),
+            [
+                root.join("rel/v1"),
+                root.join("rel"),
+                root.join("cm/..v1"),
+                root.clone(),
+                root.join("cm"),
+            ]
+        );
+        // A missing path is joined as written; a loop stops.
+        std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
+        assert_eq!(resolve(&root.join("gone/../x/y")).0, root.join("x/y"));
+        let (looped, links) = resolve(&root.join("loop"));
+        assert_eq!(looped, root.join("loop"));
+        assert_eq!(links.len(), MAX_SYMLINK_HOPS);
+    }
+
+    #[test]
+    fn config_paths_are_the_same_place_when_their_directories_resolve_alike() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(tmp.path()).unwrap();
+        for dir in ["conf", "pol", "rel/v1", "rel/v2"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::os::unix::fs::symlink("rel/v1", root.join("current")).unwrap();
+        std::os::unix::fs::symlink("conf", root.join("conf-link")).unwrap();
+        for (a, b, same) in [
+            // `../pol` from the config's directory, and the absolute path.
+            (root.join("conf/../pol"), root.join("pol"), true),
+            (root.join("conf-link/../pol"), root.join("pol"), true),
+            (
+                root.join("conf-link/state.db"),
+                root.join("conf/state.db"),
+                true,
+            ),
+            (root.join("pol"), root.join("conf"), false),
+            // The last component is not followed: the store reads `current`.
+            (root.join("current"), root.join("rel/v1"), false),
+            (root.join("current"), root.join("current"), true),
+            // A directory that does not exist: only the text can tell.
+            (root.join("gone/x"), root.join("gone/x"), true),
+            (root.join("gone/x"), root.join("gone/../gone/x"), false),
+        ] {
+            assert_eq!(same_place(&a, &b), same, "{} {}", a.display(), b.display());
+        }
+        // A relative path against the working directory.
+        let here = std::env::current_dir().unwrap();
+        assert!(same_place(
+            Path::new("Cargo.toml"),
+            &here.join("Cargo.toml")
+        ));
+        assert!(same_sink(
+            Some(&root.join("-")),
+            Some(Path::new("/elsewhere/-"))
+        ));
+        assert!(!same_sink(Some(&root.join("-")), None));
+        assert!(!same_sink(
+            Some(&root.join("a.jsonl")),
+            Some(&root.join("b.jsonl"))
+        ));
+    }
+
+    #[test]
+    fn lost_events_and_watcher_errors_reload() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, Flag};
+        use notify::Event;
+        let targets = Targets {
+            policy: PathBuf::from("/p"),
+            ..Targets::default()
+        };
+        let at = |kind: EventKind, path: &str| Event::new(kind).add_path(PathBuf::from(path));
+        for (what, event, expect) in [
+            // inotify's queue overflow: no paths, the rescan flag.
+            (
+                "overflow",
+                Event::new(EventKind::Other).set_flag(Flag::Rescan),
+                true,
+            ),
+            ("no paths", Event::new(EventKind::Any), true),
+            (
+                "a policy file",
+                at(EventKind::Create(CreateKind::File), "/p/a.route"),
+                true,
+            ),
+            (
+                "another file",
+                at(EventKind::Create(CreateKind::File), "/p/a.txt"),
+                false,
+            ),
+            (
+                "our own read",
+                at(
+                    EventKind::Access(AccessKind::Open(AccessMode::Any)),
+                    "/p/a.route",
+                ),
+                false,
+            ),
+        ] {
+            assert_eq!(targets.is_relevant(&event), expect, "{what}");
+            assert_eq!(should_reload(&targets, &Ok(event)), expect, "{what}");
+        }
+        let error = notify::Error::generic("inotify read failed");
+        assert!(should_reload(&targets, &Err(error)));
     }
 
     #[test]

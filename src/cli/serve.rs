@@ -1,6 +1,7 @@
 //! `routeplane serve --config gateway.yaml`: run the OpenAI-compatible gateway.
 //!
-//! Wiring: the config is read once (`listen` and `policy` need a restart);
+//! Wiring: the config is read once (`listen`, `policy`, `state` and
+//! `decision_log` need a restart: a reload that changes them is refused);
 //! the policy and the config file are served through the reload store, which
 //! watches both, reloads on SIGHUP and keeps the last good version when a
 //! reload fails.
@@ -50,9 +51,6 @@ pub fn run(args: Args) -> u8 {
             return 1;
         }
     };
-    for w in &config.warnings {
-        eprintln!("warning: {w}");
-    }
     // This runtime runs the control plane (reloads, signals); requests are
     // served by the workers' runtimes (`server::serve_workers`).
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -76,7 +74,15 @@ async fn serve(config: Config, args: Args) -> u8 {
         policy: config.policy.clone(),
         config: Some(config.path.clone()),
     };
+    // The config's warnings come with the policy's once the store loaded
+    // (`served_builder`); said here only when it cannot.
+    let config_warnings = || {
+        for w in &config.warnings {
+            eprintln!("warning: {w}");
+        }
+    };
     if !config.policy.exists() {
+        config_warnings();
         // Said in the config's terms: the path the user wrote and where.
         eprintln!(
             "{}",
@@ -94,6 +100,7 @@ async fn serve(config: Config, args: Args) -> u8 {
     let store = match PolicyStore::load(paths, served_builder(started), Some(metrics.clone())) {
         Ok(s) => s,
         Err(failure) => {
+            config_warnings();
             eprintln!(
                 "routeplane: cannot serve `{}`:\n{failure}",
                 config.policy.display()
