@@ -16,9 +16,7 @@
 
 use std::fmt::{self, Write as _};
 
-use miette::{
-    GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource, ThemeCharacters, ThemeStyles,
-};
+use miette::{GraphicalReportHandler, GraphicalTheme, LabeledSpan, ThemeCharacters, ThemeStyles};
 use serde::Serialize;
 
 use crate::diag::{Diagnostic, Severity};
@@ -437,14 +435,52 @@ fn header(severity: Severity, code: &str) -> String {
     }
 }
 
-fn named(src: &SourceFile) -> NamedSource<String> {
+fn named(src: &SourceFile) -> Named {
     let mut text = src.text.clone();
     if !text.ends_with('\n') {
         // miette draws no label at the very end of a text; a final line
         // break gives an "at end of file" label a place to stand.
         text.push('\n');
     }
-    NamedSource::new(src.name.clone(), text).with_language("route")
+    Named {
+        name: src.name.clone(),
+        text,
+    }
+}
+
+/// A named source whose columns count characters, as every other output
+/// does: miette's count bytes, so the `file:line:col` above a report would
+/// point past the spot on a line with `é` before it.
+#[derive(Debug)]
+struct Named {
+    name: String,
+    text: String,
+}
+
+impl miette::SourceCode for Named {
+    fn read_span<'a>(
+        &'a self,
+        span: &miette::SourceSpan,
+        before: usize,
+        after: usize,
+    ) -> Result<Box<dyn miette::SpanContents<'a> + 'a>, miette::MietteError> {
+        let inner = self.text.read_span(span, before, after)?;
+        let at = inner.span().offset();
+        let column = self.text.get(..at).map_or(inner.column(), |head| {
+            head.rsplit('\n').next().unwrap_or("").chars().count()
+        });
+        Ok(Box::new(
+            miette::MietteSpanContents::new_named(
+                self.name.clone(),
+                inner.data(),
+                *inner.span(),
+                inner.line(),
+                column,
+                inner.line_count(),
+            )
+            .with_language("route"),
+        ))
+    }
 }
 
 /// A miette label for a span, clamped to the text and to character boundaries
@@ -476,7 +512,7 @@ struct Report<'a> {
     message: &'a str,
     severity: Severity,
     help: Option<&'a str>,
-    source: Option<NamedSource<String>>,
+    source: Option<Named>,
     labels: Vec<LabeledSpan>,
 }
 
