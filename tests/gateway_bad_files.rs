@@ -23,37 +23,11 @@
 #[path = "support/binary.rs"]
 mod binary;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const POLICY: &str = "tenant {
-  plan: enum(free, pro) = pro
-}
-
-provider mock {
-  region us
-}
-
-model small {
-  provider mock
-  kind chat
-  context 8k
-  price in $1 out $2 per 1M
-  quality 0.5
-}
-
-classify {
-  chat otherwise
-}
-
-route chat {
-  candidates [small]
-  score 1.0 * quality
-}
-";
+use binary::{http, POLICY};
 
 /// A second good policy, to check at the end that reloads still work.
 fn policy_v2() -> String {
@@ -1228,29 +1202,6 @@ fn every_broken_file_is_refused_at_start_with_its_location() {
     );
 }
 
-fn http(addr: &str, method: &str, path: &str, auth: &str, body: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let policy = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("x-routeplane-policy:")
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    (status, policy, body.to_string())
-}
-
 fn chat(addr: &str) -> (u16, String) {
     let (status, policy, body) = http(
         addr,
@@ -1264,9 +1215,7 @@ fn chat(addr: &str) -> (u16, String) {
 }
 
 fn admin(addr: &str) -> serde_json::Value {
-    let (status, _, body) = http(addr, "GET", "/admin/policy", ADMIN, "");
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
+    binary::admin_policy(addr, ADMIN)
 }
 
 fn sighup(pid: u32) {

@@ -475,60 +475,49 @@ pub fn decide(
         }
     }
 
-    // Layer 4.
-    match s.budget_action() {
-        Some(BudgetAction::Block) => {
-            d.outcome = Err(Denial::BudgetBlocked);
+    // Layer 4: block, downgrade, then the premium guard, which holds from
+    // the `confirm premium` threshold on, past a downgrade too.
+    let action = s.budget_action();
+    if action == Some(BudgetAction::Block) {
+        d.outcome = Err(Denial::BudgetBlocked);
+        return d;
+    }
+    if action == Some(BudgetAction::Downgrade) {
+        if route.downgrade.is_empty() {
+            let cost = |m: &ModelId| estimate_cost(p, *m, r);
+            let primary = order.first().map(cost).unwrap_or(0);
+            let cheaper: Vec<ModelId> = order
+                .iter()
+                .copied()
+                .filter(|m| cost(m) < primary)
+                .collect();
+            if cheaper.is_empty() {
+                let min = order.iter().map(cost).min().unwrap_or(0);
+                order.retain(|m| cost(m) == min);
+            } else {
+                order = cheaper;
+            }
+        } else {
+            order = Vec::new();
+            for c in &route.downgrade {
+                if usable(c.model) && !order.contains(&c.model) {
+                    order.push(c.model);
+                }
+            }
+        }
+    }
+    let guarded = action == Some(BudgetAction::ConfirmPremium)
+        || (action == Some(BudgetAction::Downgrade) && s.premium_needs_confirmation());
+    if guarded && !r.confirmed {
+        if requested_model.is_some_and(is_premium) {
+            d.outcome = Err(Denial::ConfirmationRequired);
             return d;
         }
-        Some(BudgetAction::ConfirmPremium) if !r.confirmed => {
-            if requested_model.is_some_and(is_premium) {
-                d.outcome = Err(Denial::ConfirmationRequired);
-                return d;
-            }
-            order.retain(|m| !is_premium(*m));
-            if order.is_empty() {
-                d.outcome = Err(Denial::ConfirmationRequired);
-                return d;
-            }
+        order.retain(|m| !is_premium(*m));
+        if order.is_empty() {
+            d.outcome = Err(Denial::ConfirmationRequired);
+            return d;
         }
-        Some(BudgetAction::Downgrade) => {
-            if route.downgrade.is_empty() {
-                let cost = |m: &ModelId| estimate_cost(p, *m, r);
-                let primary = order.first().map(cost).unwrap_or(0);
-                let cheaper: Vec<ModelId> = order
-                    .iter()
-                    .copied()
-                    .filter(|m| cost(m) < primary)
-                    .collect();
-                if cheaper.is_empty() {
-                    let min = order.iter().map(cost).min().unwrap_or(0);
-                    order.retain(|m| cost(m) == min);
-                } else {
-                    order = cheaper;
-                }
-            } else {
-                order = Vec::new();
-                for c in &route.downgrade {
-                    if usable(c.model) && !order.contains(&c.model) {
-                        order.push(c.model);
-                    }
-                }
-            }
-            // A `confirm premium` threshold below the downgrade still holds.
-            if s.premium_needs_confirmation() && !r.confirmed {
-                if requested_model.is_some_and(is_premium) {
-                    d.outcome = Err(Denial::ConfirmationRequired);
-                    return d;
-                }
-                order.retain(|m| !is_premium(*m));
-                if order.is_empty() {
-                    d.outcome = Err(Denial::ConfirmationRequired);
-                    return d;
-                }
-            }
-        }
-        _ => {}
     }
     let (closed, open): (Vec<ModelId>, Vec<ModelId>) = order
         .into_iter()

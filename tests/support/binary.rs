@@ -7,7 +7,8 @@
     reason = "test support"
 )]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -96,4 +97,63 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(3));
     }
+}
+
+/// A one-model policy on the built-in mock provider, with a tenant schema.
+pub const POLICY: &str = "tenant {
+  plan: enum(free, pro) = pro
+}
+
+provider mock {
+  region us
+}
+
+model small {
+  provider mock
+  kind chat
+  context 8k
+  price in $1 out $2 per 1M
+  quality 0.5
+}
+
+classify {
+  chat otherwise
+}
+
+route chat {
+  candidates [small]
+  score 1.0 * quality
+}
+";
+
+/// One request on a fresh connection: the status, the `x-routeplane-policy`
+/// version that answered, and the body.
+pub fn http(addr: &str, method: &str, path: &str, auth: &str, body: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let policy = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-routeplane-policy:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (status, policy, body.to_string())
+}
+
+/// `GET /admin/policy` with the admin `token`.
+pub fn admin_policy(addr: &str, token: &str) -> serde_json::Value {
+    let (status, _, body) = http(addr, "GET", "/admin/policy", token, "");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
 }
