@@ -1,0 +1,274 @@
+//! What of an upstream's stream reaches the client, and what the gateway
+//! reads from it on the way (`[DONE]`, the usage, the text).
+//!
+//! Only whole events are passed on: the bytes after the last blank line wait
+//! for the rest of their event. So when the upstream fails in the middle of
+//! an event, the half event is dropped and the client's next bytes are the
+//! gateway's own error event, not JSON glued to a fragment. A chunk that ends
+//! on a blank line (the usual case) is passed on as it is, without a copy.
+
+use std::sync::LazyLock;
+
+use bytes::{Bytes, BytesMut};
+
+use super::providers::{AttemptError, Usage};
+use super::sse;
+
+/// The longest event a relay waits for. An upstream that never ends its
+/// event would otherwise grow the wait without bound; the parser's own line
+/// limit is the same.
+const MAX_PARTIAL_EVENT: usize = 4 * 1024 * 1024;
+
+/// One stream's relay: fed the upstream's chunks, it returns what may go to
+/// the client now.
+#[derive(Default)]
+pub struct Relay {
+    parser: sse::Parser,
+    tracker: Tracker,
+    /// The bytes after the last blank line: an event not complete yet.
+    partial: BytesMut,
+}
+
+impl Relay {
+    /// `collect`: keep the streamed text, to count the output when no usage comes.
+    pub fn new(collect: bool) -> Relay {
+        Relay {
+            tracker: Tracker {
+                collect,
+                ..Tracker::default()
+            },
+            ..Relay::default()
+        }
+    }
+
+    /// Take one chunk of the upstream's stream; return the bytes that may go
+    /// to the client now (possibly none): every block up to the chunk's last
+    /// blank line, after what was waiting from earlier chunks. Once `[DONE]`
+    /// is read the stream is complete, and everything left is returned as
+    /// the upstream sent it. `Err`: an event longer than any real one.
+    pub fn push(&mut self, chunk: Bytes) -> Result<Bytes, AttemptError> {
+        let mut whole: Option<usize> = None;
+        for block in self.parser.feed_blocks(&chunk) {
+            if let Some(event) = block.event {
+                self.tracker.event(event);
+            }
+            whole = Some(block.end);
+            if self.tracker.done {
+                // Nothing after `[DONE]` is read.
+                break;
+            }
+        }
+        if self.tracker.done {
+            whole = Some(chunk.len());
+        }
+        let Some(whole) = whole.map(|w| w.min(chunk.len())) else {
+            self.partial.extend_from_slice(&chunk);
+            if self.partial.len() > MAX_PARTIAL_EVENT {
+                return Err(AttemptError::Protocol(format!(
+                    "the upstream sent an event longer than {MAX_PARTIAL_EVENT} bytes"
+                )));
+            }
+            return Ok(Bytes::new());
+        };
+        let out = if self.partial.is_empty() {
+            chunk.slice(..whole)
+        } else {
+            let mut out = std::mem::take(&mut self.partial);
+            out.extend_from_slice(chunk.get(..whole).unwrap_or_default());
+            out.freeze()
+        };
+        self.partial
+            .extend_from_slice(chunk.get(whole..).unwrap_or_default());
+        Ok(out)
+    }
+
+    /// `[DONE]` was read: the stream is complete.
+    pub fn done(&self) -> bool {
+        self.tracker.done
+    }
+
+    /// The usage the upstream reported, if it did.
+    pub fn usage(&self) -> Option<Usage> {
+        self.tracker.usage
+    }
+
+    /// The text streamed so far (collected only when asked at [`Relay::new`]).
+    pub fn text(&mut self) -> &str {
+        self.tracker.text()
+    }
+}
+
+/// Watches a passed-through stream: did it finish (`[DONE]`), what usage did it report.
+#[derive(Default)]
+struct Tracker {
+    done: bool,
+    usage: Option<Usage>,
+    /// Keep the streamed text, to count the output when no usage comes.
+    collect: bool,
+    /// Content chunks not read yet: most streams end with their usage, and
+    /// then the chunks never need parsing.
+    deltas: Vec<Vec<u8>>,
+    deltas_bytes: usize,
+    text: String,
+}
+
+/// Past this many bytes of unread content chunks, they are read into text
+/// (a few bytes each instead of a whole chunk), so a long stream without
+/// usage holds little memory.
+const MAX_UNREAD_DELTAS: usize = 256 * 1024;
+
+/// The keys a tracker looks for in each event, with their searchers built
+/// once (building one per search cost more than the search).
+static USAGE_KEY: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+static CONTENT_KEY: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"content\""));
+
+impl Tracker {
+    fn event(&mut self, e: sse::Event) {
+        if e.data == b"[DONE]" {
+            self.done = true;
+            return;
+        }
+        // Some APIs send `"usage": null` in every chunk and the counts in the last.
+        if USAGE_KEY.find(&e.data).is_some() {
+            // Lossy, as the text readers are: one bad byte elsewhere in
+            // the chunk must not lose the counts.
+            if let Ok(Some(u)) =
+                Usage::from_openai_bytes(String::from_utf8_lossy(&e.data).as_bytes())
+            {
+                self.usage = Some(u);
+                return;
+            }
+        }
+        if self.collect && self.usage.is_none() && CONTENT_KEY.find(&e.data).is_some() {
+            self.deltas_bytes += e.data.len();
+            self.deltas.push(e.data);
+            if self.deltas_bytes > MAX_UNREAD_DELTAS {
+                self.read_deltas();
+            }
+        }
+    }
+
+    fn read_deltas(&mut self) {
+        for d in self.deltas.drain(..) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&String::from_utf8_lossy(&d)) {
+                crate::estimate::push_delta_text(&v, &mut self.text);
+            }
+        }
+        self.deltas_bytes = 0;
+    }
+
+    /// The text streamed so far.
+    fn text(&mut self) -> &str {
+        self.read_deltas();
+        &self.text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(content: &str, usage: &str) -> String {
+        format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{content}\"}}}}],\"usage\":{usage}}}\n\n"
+        )
+    }
+
+    /// What the client gets when `text` arrives in chunks of `size` bytes.
+    fn relayed(text: &str, size: usize) -> (String, Relay) {
+        let mut r = Relay::new(false);
+        let mut out = String::new();
+        for c in text.as_bytes().chunks(size) {
+            let b = r.push(Bytes::copy_from_slice(c)).unwrap();
+            out.push_str(std::str::from_utf8(&b).unwrap());
+        }
+        (out, r)
+    }
+
+    #[test]
+    fn a_tracker_reads_usage_and_keeps_the_text_for_when_none_comes() {
+        let mut r = Relay::new(true);
+        r.push(Bytes::from(chunk("Hel", "null"))).unwrap();
+        r.push(Bytes::from(chunk("lo", "null"))).unwrap();
+        r.push(Bytes::from_static(b"data: [DONE]\n\n")).unwrap();
+        assert!(r.done());
+        assert_eq!(r.usage(), None);
+        assert_eq!(r.text(), "Hello");
+
+        let mut r = Relay::new(true);
+        r.push(Bytes::from(chunk("Hi", "null"))).unwrap();
+        r.push(Bytes::from_static(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            r.usage(),
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 1
+            })
+        );
+
+        // A long stream without usage keeps text, not whole chunks.
+        let mut r = Relay::new(true);
+        for _ in 0..5_000 {
+            r.push(Bytes::from(chunk("ab", "null"))).unwrap();
+        }
+        assert!(r.tracker.deltas_bytes <= MAX_UNREAD_DELTAS);
+        assert_eq!(r.text().len(), 10_000);
+    }
+
+    #[test]
+    fn only_whole_events_are_passed_on_in_any_chunking() {
+        let events = [
+            "data: {\"a\":1}\n\n",
+            ": keep-alive\n\n",
+            "data: {\"b\":\r\ndata: 2}\r\n\r\n",
+            "event: x\ndata: {\"c\":3}\n\n",
+        ];
+        let text = format!("{}data: {{\"trunc", events.concat());
+        for size in 1..=text.len() {
+            let (out, r) = relayed(&text, size);
+            // Every event whole, nothing of the cut one.
+            assert_eq!(out, events.concat(), "chunk size {size}");
+            assert!(!r.done());
+        }
+    }
+
+    #[test]
+    fn a_chunk_ending_on_a_blank_line_is_passed_on_without_a_copy() {
+        let mut r = Relay::new(false);
+        let chunk = Bytes::from(chunk("x", "null"));
+        let out = r.push(chunk.clone()).unwrap();
+        assert_eq!(out.as_ptr(), chunk.as_ptr());
+        assert_eq!(out.len(), chunk.len());
+    }
+
+    #[test]
+    fn after_done_everything_left_is_passed_on_as_sent() {
+        let text = "data: {\"a\":1}\n\ndata: [DONE]\n\n\n";
+        for size in 1..=text.len() {
+            let (out, r) = relayed(text, size);
+            assert!(r.done(), "chunk size {size}");
+            assert_eq!(out, text, "chunk size {size}");
+        }
+    }
+
+    #[test]
+    fn an_event_that_never_ends_fails_the_stream_with_bounded_memory() {
+        let mut r = Relay::new(false);
+        r.push(Bytes::from_static(b"data: {\"a\":")).unwrap();
+        let big = Bytes::from(vec![b'x'; 1024 * 1024]);
+        let mut failed = false;
+        for _ in 0..8 {
+            if r.push(big.clone()).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed);
+        assert!(r.partial.len() <= MAX_PARTIAL_EVENT + big.len());
+    }
+}
