@@ -11,12 +11,91 @@
 
 mod gateway_common;
 
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use gateway_common::*;
+use routeplane::budget::Budgets;
+use routeplane::config::Config;
+use routeplane::decision_log::{DecisionLog, Sink};
+use routeplane::gateway::{FixedPolicy, Gateway, Options};
+use routeplane::metrics::Metrics;
+use routeplane::state::BudgetStore;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+
+/// A budget on every tenant, so every stream settles into the ledger.
+const BUDGET: &str = "protect { budget monthly per tenant $100 { block at 100% } }";
+
+/// A gateway as `serve` runs it: budgets (memory store), metrics and a
+/// decision log, over one `openai`-kind provider per upstream.
+struct Observed {
+    gw: Gw,
+    store: Arc<dyn BudgetStore>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn observed(providers: &[(&str, &str)], models: &[(&str, &str)], extra: &str) -> Observed {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("{}state: {{ backend: memory }}\n", config(providers));
+    let cfg = Config::parse("test.yaml", &text, Path::new("."), &|_| {
+        Some("test-key".into())
+    })
+    .unwrap();
+    let store = routeplane::state::open(&cfg.state).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let log = dir.path().join("decisions.jsonl");
+    let (decision_log, _writer) =
+        DecisionLog::start(Sink::File(log.clone()), 64, Some(metrics.clone())).unwrap();
+    let opts = Options {
+        metrics: Some(metrics),
+        decision_log: Some(decision_log),
+        budgets: Some(Arc::new(Budgets::new(store.clone()))),
+    };
+    let policy = policy(models, &format!("{BUDGET}\n{extra}"));
+    let gw = Gateway::new(cfg, Arc::new(FixedPolicy::new(policy)), opts).unwrap();
+    Observed {
+        gw: serve_gateway(gw).await,
+        store,
+        log,
+        _dir: dir,
+    }
+}
+
+impl Observed {
+    /// The decision log's record of `decision`, once written.
+    async fn decision(&self, decision: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let found = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["decision_id"] == decision);
+            if let Some(v) = found {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{decision} not logged: {text}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The ledger once it holds `n` entries.
+    async fn ledger(&self, n: usize) -> Vec<routeplane::state::LedgerEntry> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let ledger = self.store.ledger(None).unwrap();
+            if ledger.len() >= n {
+                return ledger;
+            }
+            assert!(Instant::now() < deadline, "{ledger:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
 
 fn hello_stream() -> Value {
     json!({ "model": "auto", "stream": true, "messages": [{ "role": "user", "content": "hi" }] })
@@ -78,4 +157,66 @@ async fn a_cut_in_the_middle_of_an_event_drops_the_half_event_before_the_error_e
     let last: Value = serde_json::from_str(events[2].strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(last["error"]["code"], "reset", "{last}");
     assert!(!body.contains("trunc"), "{body}");
+}
+
+/// A chunk with no choices and the usage: what `include_usage` asks for.
+fn usage_only_chunk(prompt: u64, completion: u64) -> String {
+    let c = json!({ "id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [],
+        "usage": { "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion } });
+    format!("data: {c}\n\n")
+}
+
+fn is_usage_only(data: &str) -> bool {
+    serde_json::from_str::<Value>(data)
+        .is_ok_and(|v| v["choices"].as_array().is_some_and(Vec::is_empty) && v["usage"].is_object())
+}
+
+#[tokio::test]
+async fn the_usage_chunk_the_gateway_asked_for_reaches_only_a_client_that_asked() {
+    // As OpenAI does: the usage chunk only when the request asks for it.
+    let up = raw_upstream(|req| {
+        let mut events = content_chunk("hello");
+        if req["stream_options"]["include_usage"] == true {
+            events.push_str(&usage_only_chunk(11, 7));
+        }
+        events.push_str("data: [DONE]\n\n");
+        http_sse(&events)
+    })
+    .await;
+    let o = observed(&[("pa", &up.url)], &[("model-a", "pa")], "").await;
+    let cases = [
+        (None, false),
+        (Some(json!({ "include_usage": false })), false),
+        (Some(json!({ "include_usage": true })), true),
+    ];
+    for (i, (options, asked)) in cases.into_iter().enumerate() {
+        let mut body = hello_stream();
+        if let Some(options) = &options {
+            body["stream_options"] = options.clone();
+        }
+        let r = o.gw.chat("sk-demo", body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let decision = header(&r, "x-routeplane-decision");
+        let text = r.text().await.unwrap();
+        let data = sse_data(&text);
+        let usage_chunks = data.iter().filter(|d| is_usage_only(d)).count();
+        assert_eq!(usage_chunks, usize::from(asked), "{options:?}: {text}");
+        assert_eq!(data.last().unwrap(), "[DONE]", "{text}");
+        assert!(data.iter().any(|d| d.contains("hello")), "{text}");
+        // The gateway still asked upstream, and settled from the usage.
+        assert_eq!(
+            up.bodies.lock().unwrap()[i]["stream_options"]["include_usage"],
+            true
+        );
+        let ledger = o.ledger(i + 1).await;
+        let entry = ledger.iter().find(|e| e.id.contains(&decision)).unwrap();
+        assert_eq!(
+            (entry.input_tokens, entry.output_tokens),
+            (11, 7),
+            "{ledger:?}"
+        );
+        let logged = o.decision(&decision).await;
+        assert_eq!(logged["output_tokens"], 7, "{logged}");
+        assert_eq!(logged["input_tokens"], 11, "{logged}");
+    }
 }

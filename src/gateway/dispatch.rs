@@ -211,6 +211,12 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
     let first_token = protect.timeout.first_token_ms.map(Duration::from_millis);
     let total = protect.timeout.total_ms.map(Duration::from_millis);
     let stream = ctx.features.stream;
+    // The gateway asks for a stream's usage for itself; the client gets the
+    // usage-only chunk when it asked too.
+    let usage_to_client = match &ctx.body {
+        ClientBody::Json(b) => b.client_asked_usage(),
+        ClientBody::Multipart { .. } => false,
+    };
     let mut out = Outcome {
         attempts: Vec::new(),
         last_error: None,
@@ -301,8 +307,8 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                 }
             }
             let t0 = Instant::now();
-            let collect = ctx.budget.is_some();
-            let res = attempt(&upstream, req, first_token, total, collect).await;
+            let relay = Relay::new(ctx.budget.is_some(), usage_to_client);
+            let res = attempt(&upstream, req, first_token, total, relay).await;
             let elapsed = t0.elapsed();
             match res {
                 Ok(started) => {
@@ -439,14 +445,13 @@ fn record_result(
     }
 }
 
-/// `collect`: a stream's relay keeps the streamed text, to count the output
-/// when no usage comes.
+/// `relay`: what a stream's bytes go through on their way to the client.
 async fn attempt(
     upstream: &super::providers::Upstream,
     req: UpstreamRequest<'_>,
     first_token: Option<Duration>,
     total: Option<Duration>,
-    collect: bool,
+    mut relay: Relay,
 ) -> Result<Started, AttemptError> {
     let stream = req.stream;
     let fut = async {
@@ -462,7 +467,6 @@ async fn attempt(
             }),
             Reply::Stream(mut s) => match s.next().await {
                 Some(Ok(first)) => {
-                    let mut relay = Relay::new(collect);
                     let first = relay.push(first)?;
                     Ok(Started::Stream {
                         first,

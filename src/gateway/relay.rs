@@ -6,10 +6,19 @@
 //! an event, the half event is dropped and the client's next bytes are the
 //! gateway's own error event, not JSON glued to a fragment. A chunk that ends
 //! on a blank line (the usual case) is passed on as it is, without a copy.
+//!
+//! A usage-only event (no `choices`, or none, and a `usage`) reaches the
+//! client only when it asked for one (`stream_options.include_usage: true`).
+//! The gateway asks every upstream for usage to settle the cost, and the
+//! Anthropic translation and the mock always report it; a client that did
+//! not ask would otherwise get a chunk whose empty `choices` breaks the
+//! usual `chunk.choices[0]`. An event with content and usage goes on whole.
 
+use std::ops::Range;
 use std::sync::LazyLock;
 
 use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
 
 use super::providers::{AttemptError, Usage};
 use super::sse;
@@ -27,16 +36,20 @@ pub struct Relay {
     tracker: Tracker,
     /// The bytes after the last blank line: an event not complete yet.
     partial: BytesMut,
+    /// The client asked for the usage chunk.
+    usage_to_client: bool,
 }
 
 impl Relay {
-    /// `collect`: keep the streamed text, to count the output when no usage comes.
-    pub fn new(collect: bool) -> Relay {
+    /// `collect`: keep the streamed text, to count the output when no usage
+    /// comes. `usage_to_client`: the client asked for the usage chunk.
+    pub fn new(collect: bool, usage_to_client: bool) -> Relay {
         Relay {
             tracker: Tracker {
                 collect,
                 ..Tracker::default()
             },
+            usage_to_client,
             ..Relay::default()
         }
     }
@@ -47,19 +60,36 @@ impl Relay {
     /// is read the stream is complete, and everything left is returned as
     /// the upstream sent it. `Err`: an event longer than any real one.
     pub fn push(&mut self, chunk: Bytes) -> Result<Bytes, AttemptError> {
+        // What of `partial` + `chunk[..whole]` goes on: `partial` belongs to
+        // the chunk's first block; `kept` are ranges of `chunk`, merged when
+        // they touch, so a chunk with nothing left out is one range.
         let mut whole: Option<usize> = None;
+        let mut keep_partial = true;
+        let mut kept: SmallVec<[Range<usize>; 2]> = SmallVec::new();
         for block in self.parser.feed_blocks(&chunk) {
-            if let Some(event) = block.event {
-                self.tracker.event(event);
-            }
+            let start = whole.unwrap_or(0);
+            let seen = match block.event {
+                Some(event) => self.tracker.event(event),
+                None => Seen::Other,
+            };
             whole = Some(block.end);
+            if seen == Seen::UsageOnly && !self.usage_to_client {
+                if start == 0 {
+                    keep_partial = false;
+                }
+            } else {
+                match kept.last_mut() {
+                    Some(last) if last.end == start => last.end = block.end,
+                    _ => kept.push(start..block.end),
+                }
+            }
             if self.tracker.done {
-                // Nothing after `[DONE]` is read.
+                // Nothing after `[DONE]` is read: the rest goes on as sent.
+                if let Some(last) = kept.last_mut() {
+                    last.end = chunk.len();
+                }
                 break;
             }
-        }
-        if self.tracker.done {
-            whole = Some(chunk.len());
         }
         let Some(whole) = whole.map(|w| w.min(chunk.len())) else {
             self.partial.extend_from_slice(&chunk);
@@ -70,15 +100,26 @@ impl Relay {
             }
             return Ok(Bytes::new());
         };
-        let out = if self.partial.is_empty() {
-            chunk.slice(..whole)
-        } else {
-            let mut out = std::mem::take(&mut self.partial);
-            out.extend_from_slice(chunk.get(..whole).unwrap_or_default());
-            out.freeze()
+        let before = std::mem::take(&mut self.partial);
+        let out = match (keep_partial && !before.is_empty(), kept.as_slice()) {
+            (false, []) => Bytes::new(),
+            (false, [only]) => chunk.slice(only.start.min(chunk.len())..only.end.min(chunk.len())),
+            (true, _) | (false, [_, _, ..]) => {
+                let mut out = if keep_partial {
+                    before
+                } else {
+                    BytesMut::new()
+                };
+                for r in &kept {
+                    out.extend_from_slice(chunk.get(r.clone()).unwrap_or_default());
+                }
+                out.freeze()
+            }
         };
-        self.partial
-            .extend_from_slice(chunk.get(whole..).unwrap_or_default());
+        if !self.tracker.done {
+            self.partial
+                .extend_from_slice(chunk.get(whole..).unwrap_or_default());
+        }
         Ok(out)
     }
 
@@ -124,21 +165,32 @@ static USAGE_KEY: LazyLock<memchr::memmem::Finder<'static>> =
 static CONTENT_KEY: LazyLock<memchr::memmem::Finder<'static>> =
     LazyLock::new(|| memchr::memmem::Finder::new(b"\"content\""));
 
+/// What a tracker saw in one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    /// Usage and no choices: the final chunk `include_usage` asks for.
+    UsageOnly,
+    Other,
+}
+
 impl Tracker {
-    fn event(&mut self, e: sse::Event) {
+    fn event(&mut self, e: sse::Event) -> Seen {
         if e.data == b"[DONE]" {
             self.done = true;
-            return;
+            return Seen::Other;
         }
         // Some APIs send `"usage": null` in every chunk and the counts in the last.
         if USAGE_KEY.find(&e.data).is_some() {
             // Lossy, as the text readers are: one bad byte elsewhere in
             // the chunk must not lose the counts.
-            if let Ok(Some(u)) =
-                Usage::from_openai_bytes(String::from_utf8_lossy(&e.data).as_bytes())
-            {
+            let text = String::from_utf8_lossy(&e.data);
+            if let Ok(Some(u)) = Usage::from_openai_bytes(text.as_bytes()) {
                 self.usage = Some(u);
-                return;
+                return if no_choices(text.as_bytes()) {
+                    Seen::UsageOnly
+                } else {
+                    Seen::Other
+                };
             }
         }
         if self.collect && self.usage.is_none() && CONTENT_KEY.find(&e.data).is_some() {
@@ -148,6 +200,7 @@ impl Tracker {
                 self.read_deltas();
             }
         }
+        Seen::Other
     }
 
     fn read_deltas(&mut self) {
@@ -166,6 +219,17 @@ impl Tracker {
     }
 }
 
+/// A chunk without choices: `choices` missing, `null` or `[]`. Read only for
+/// the few events that carry usage.
+fn no_choices(data: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+    }
+    serde_json::from_slice::<Chunk>(data).is_ok_and(|c| c.choices.is_none_or(|c| c.is_empty()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,7 +242,10 @@ mod tests {
 
     /// What the client gets when `text` arrives in chunks of `size` bytes.
     fn relayed(text: &str, size: usize) -> (String, Relay) {
-        let mut r = Relay::new(false);
+        relayed_to(Relay::new(false, true), text, size)
+    }
+
+    fn relayed_to(mut r: Relay, text: &str, size: usize) -> (String, Relay) {
         let mut out = String::new();
         for c in text.as_bytes().chunks(size) {
             let b = r.push(Bytes::copy_from_slice(c)).unwrap();
@@ -189,7 +256,7 @@ mod tests {
 
     #[test]
     fn a_tracker_reads_usage_and_keeps_the_text_for_when_none_comes() {
-        let mut r = Relay::new(true);
+        let mut r = Relay::new(true, true);
         r.push(Bytes::from(chunk("Hel", "null"))).unwrap();
         r.push(Bytes::from(chunk("lo", "null"))).unwrap();
         r.push(Bytes::from_static(b"data: [DONE]\n\n")).unwrap();
@@ -197,7 +264,7 @@ mod tests {
         assert_eq!(r.usage(), None);
         assert_eq!(r.text(), "Hello");
 
-        let mut r = Relay::new(true);
+        let mut r = Relay::new(true, true);
         r.push(Bytes::from(chunk("Hi", "null"))).unwrap();
         r.push(Bytes::from_static(
             b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n",
@@ -212,7 +279,7 @@ mod tests {
         );
 
         // A long stream without usage keeps text, not whole chunks.
-        let mut r = Relay::new(true);
+        let mut r = Relay::new(true, true);
         for _ in 0..5_000 {
             r.push(Bytes::from(chunk("ab", "null"))).unwrap();
         }
@@ -239,7 +306,7 @@ mod tests {
 
     #[test]
     fn a_chunk_ending_on_a_blank_line_is_passed_on_without_a_copy() {
-        let mut r = Relay::new(false);
+        let mut r = Relay::new(false, true);
         let chunk = Bytes::from(chunk("x", "null"));
         let out = r.push(chunk.clone()).unwrap();
         assert_eq!(out.as_ptr(), chunk.as_ptr());
@@ -257,8 +324,53 @@ mod tests {
     }
 
     #[test]
+    fn a_usage_only_event_reaches_only_a_client_that_asked() {
+        let usage_only =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n";
+        let no_choices = "data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n";
+        let with_content = chunk("!", "{\"prompt_tokens\":3,\"completion_tokens\":1}");
+        let first = chunk("Hi", "null");
+        let done = "data: [DONE]\n\n";
+        let want = Some(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 1,
+        });
+        for (last, dropped) in [
+            (usage_only, true),
+            (no_choices, true),
+            (with_content.as_str(), false),
+        ] {
+            let text = format!("{first}{last}{done}");
+            for size in 1..=text.len() {
+                let (out, r) = relayed_to(Relay::new(false, false), &text, size);
+                let expect = if dropped {
+                    format!("{first}{done}")
+                } else {
+                    text.clone()
+                };
+                assert_eq!(out, expect, "chunk size {size}");
+                // The gateway still read the usage it settles with.
+                assert_eq!(r.usage(), want);
+                let (out, _) = relayed_to(Relay::new(false, true), &text, size);
+                assert_eq!(out, text, "chunk size {size}, asked");
+            }
+        }
+        // One that is first in its chunk, after a partial event of the
+        // previous chunk, takes that partial with it.
+        let mut r = Relay::new(false, false);
+        let (head, tail) = usage_only.split_at(10);
+        assert_eq!(r.push(Bytes::from(first.clone())).unwrap(), first);
+        assert!(r
+            .push(Bytes::copy_from_slice(head.as_bytes()))
+            .unwrap()
+            .is_empty());
+        let out = r.push(Bytes::from(format!("{tail}{done}"))).unwrap();
+        assert_eq!(out, done);
+    }
+
+    #[test]
     fn an_event_that_never_ends_fails_the_stream_with_bounded_memory() {
-        let mut r = Relay::new(false);
+        let mut r = Relay::new(false, true);
         r.push(Bytes::from_static(b"data: {\"a\":")).unwrap();
         let big = Bytes::from(vec![b'x'; 1024 * 1024]);
         let mut failed = false;
