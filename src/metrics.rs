@@ -327,7 +327,7 @@ impl Metrics {
             Family::new_with_constructor(latency_histogram);
         registry.register_with_unit(
             "first_token",
-            "Latency until the first byte of the answer",
+            "Latency until the first token of the answer (a stream's first event with content)",
             Unit::Seconds,
             first_token.clone(),
         );

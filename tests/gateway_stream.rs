@@ -220,3 +220,92 @@ async fn the_usage_chunk_the_gateway_asked_for_reaches_only_a_client_that_asked(
         assert_eq!(logged["input_tokens"], 11, "{logged}");
     }
 }
+
+fn role_chunk() -> String {
+    let c = json!({ "id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+        "choices": [{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }] });
+    format!("data: {c}\n\n")
+}
+
+/// An upstream that sends `before` (a keep-alive, a role chunk) and stalls.
+async fn stalls_after(before: String) -> String {
+    socket_upstream(move |mut sock| {
+        let before = before.clone();
+        async move {
+            send_pieces(&mut sock, &[before]).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    })
+    .await
+}
+
+/// `a` stalls after `before`; the first-token timeout must move on to `b`
+/// with nothing of `a` sent to the client.
+async fn falls_back_past(before: String) {
+    let a = stalls_after(before.clone()).await;
+    let b = upstream("b", |_| Act::Ok).await;
+    let gw = gateway(
+        &config(&[("pa", &a), ("pb", &b.url)]),
+        policy(
+            &[("model-a", "pa"), ("model-b", "pb")],
+            "protect { timeout first_token 300ms total 3s }",
+        ),
+    )
+    .await;
+    let t0 = Instant::now();
+    let r = gw.chat("sk-demo", hello_stream()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b", "{before:?}");
+    let body = r.text().await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(!body.contains(before.trim_end()), "{body}");
+    assert!(!body.contains("error"), "{body}");
+    assert_eq!(sse_data(&body).last().unwrap(), "[DONE]", "{body}");
+    assert_eq!(b.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_keep_alive_then_a_stall_falls_back_within_the_first_token_timeout() {
+    falls_back_past(": keep-alive\n\n".to_string()).await;
+}
+
+#[tokio::test]
+async fn a_role_chunk_then_a_stall_falls_back_within_the_first_token_timeout() {
+    falls_back_past(role_chunk()).await;
+}
+
+#[tokio::test]
+async fn a_role_chunk_then_content_reaches_the_client_in_order() {
+    let url = socket_upstream(|mut sock| async move {
+        let pieces = [
+            ": keep-alive\n\n".to_string(),
+            role_chunk(),
+            content_chunk("hello"),
+            "data: [DONE]\n\n".to_string(),
+        ];
+        send_pieces(&mut sock, &pieces).await;
+        let _ = sock.write_all(b"0\r\n\r\n").await;
+    })
+    .await;
+    let gw = gateway(
+        &config(&[("pa", &url)]),
+        policy(
+            &[("model-a", "pa")],
+            "protect { timeout first_token 2s total 5s }",
+        ),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello_stream()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    let expect = format!(
+        ": keep-alive\n\n{}{}data: [DONE]\n\n",
+        role_chunk(),
+        content_chunk("hello")
+    );
+    assert_eq!(body, expect);
+}

@@ -1,8 +1,10 @@
 //! Dispatch along the decision's attempts: per attempt the breakers and
 //! limits are checked again, retries follow the policy's status filter and
 //! backoff (honouring `Retry-After`), timeouts bound the first token and the
-//! whole answer, and a stream falls back only before its first byte reached
-//! the client. After that a failure ends the stream with an SSE error event.
+//! whole answer, and a stream falls back only before its first token (the
+//! first event with content, see [`super::relay`]): nothing reaches the
+//! client before it. After that a failure ends the stream with an SSE error
+//! event.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -88,11 +90,22 @@ enum Started {
         usage: Option<Usage>,
     },
     Stream {
-        /// The whole events of what the upstream sent so far.
+        /// The whole events the upstream sent up to its first token and
+        /// with it (what came before it was held until then).
         first: Bytes,
         rest: ByteStream,
-        relay: Relay,
     },
+}
+
+/// A successful attempt, for [`respond`].
+struct Answer {
+    started: Started,
+    /// The relay the stream's first events went through; it goes on with the rest.
+    relay: Relay,
+    /// When the attempt started.
+    t0: Instant,
+    /// The policy's total timeout.
+    total: Option<Duration>,
 }
 
 fn retry_matches(e: &AttemptError, on: &[RetryOn]) -> bool {
@@ -307,14 +320,20 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                 }
             }
             let t0 = Instant::now();
-            let relay = Relay::new(ctx.budget.is_some(), usage_to_client);
-            let res = attempt(&upstream, req, first_token, total, relay).await;
+            let mut relay = Relay::new(ctx.budget.is_some(), usage_to_client);
+            let res = attempt(&upstream, req, first_token, total, &mut relay).await;
             let elapsed = t0.elapsed();
             match res {
                 Ok(started) => {
                     let record = att(m, "ok".into(), tries, ms(elapsed));
                     out.attempts.push(record);
-                    return respond(gw, ctx, model_id.index(), started, out, t0, total, slots);
+                    let answer = Answer {
+                        started,
+                        relay,
+                        t0,
+                        total,
+                    };
+                    return respond(gw, ctx, model_id.index(), answer, out, slots);
                 }
                 Err(e) => {
                     if let Some(b) = &ctx.budget {
@@ -451,7 +470,7 @@ async fn attempt(
     req: UpstreamRequest<'_>,
     first_token: Option<Duration>,
     total: Option<Duration>,
-    mut relay: Relay,
+    relay: &mut Relay,
 ) -> Result<Started, AttemptError> {
     let stream = req.stream;
     let fut = async {
@@ -465,24 +484,28 @@ async fn attempt(
                 body,
                 usage,
             }),
-            Reply::Stream(mut s) => match s.next().await {
-                Some(Ok(first)) => {
-                    let first = relay.push(first)?;
-                    Ok(Started::Stream {
-                        first,
-                        rest: s,
-                        relay,
-                    })
+            // Up to the first token (not a comment or an empty role chunk:
+            // `Relay`), so a stall after a keep-alive still falls back.
+            Reply::Stream(mut s) => loop {
+                match s.next().await {
+                    Some(Ok(chunk)) => {
+                        let first = relay.push(chunk)?;
+                        if relay.started() {
+                            break Ok(Started::Stream { first, rest: s });
+                        }
+                    }
+                    Some(Err(e)) => break Err(e),
+                    None => {
+                        break Err(AttemptError::Reset(
+                            "the stream ended before its first token".into(),
+                        ))
+                    }
                 }
-                Some(Err(e)) => Err(e),
-                None => Err(AttemptError::Reset(
-                    "the stream ended before any data".into(),
-                )),
             },
         }
     };
     // For a stream the first-token timeout bounds everything up to the first
-    // chunk; for a full answer only the total timeout applies.
+    // token; for a full answer only the total timeout applies.
     let limit = match (stream, first_token, total) {
         (true, Some(f), Some(t)) => Some(f.min(t)),
         (true, Some(f), None) => Some(f),
@@ -670,17 +693,20 @@ fn log(gw: &Gateway, ctx: &RequestCtx, mut s: Summary) {
     });
 }
 
-#[allow(clippy::too_many_arguments)]
 fn respond(
     gw: Arc<Gateway>,
     ctx: RequestCtx,
     model: usize,
-    started: Started,
+    answer: Answer,
     out: Outcome,
-    t0: Instant,
-    total: Option<Duration>,
     slots: Vec<Slot>,
 ) -> Response<Body> {
+    let Answer {
+        started,
+        relay,
+        t0,
+        total,
+    } = answer;
     let rt = ctx.rt.clone();
     let Some(m) = rt.models.get(model) else {
         return ApiError::new(
@@ -731,7 +757,7 @@ fn respond(
             log(&gw, &ctx, rec);
             r
         }
-        Started::Stream { first, rest, relay } => {
+        Started::Stream { first, rest } => {
             let first_token = t0.elapsed();
             let mut head = Response::new(());
             let h = head.headers_mut();

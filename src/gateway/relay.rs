@@ -7,6 +7,14 @@
 //! gateway's own error event, not JSON glued to a fragment. A chunk that ends
 //! on a blank line (the usual case) is passed on as it is, without a copy.
 //!
+//! Nothing goes on before the first token: the first event that carries
+//! anything (content, a tool call, a refusal, a finish reason, usage, an
+//! error, `[DONE]`). Comments (`: keep-alive`) and chunks with only a role or
+//! an empty content are held until then and go on first, in order. So an
+//! upstream that sends a keep-alive or a role chunk and then stalls still
+//! meets the first-token timeout, and dispatch falls back with nothing sent
+//! to the client.
+//!
 //! A usage-only event (no `choices`, or none, and a `usage`) reaches the
 //! client only when it asked for one (`stream_options.include_usage: true`).
 //! The gateway asks every upstream for usage to settle the cost, and the
@@ -28,6 +36,10 @@ use super::sse;
 /// limit is the same.
 const MAX_PARTIAL_EVENT: usize = 4 * 1024 * 1024;
 
+/// The most an upstream may send before its first token: comments and
+/// role chunks are a few dozen bytes each.
+const MAX_BEFORE_FIRST_TOKEN: usize = 1024 * 1024;
+
 /// One stream's relay: fed the upstream's chunks, it returns what may go to
 /// the client now.
 #[derive(Default)]
@@ -38,6 +50,10 @@ pub struct Relay {
     partial: BytesMut,
     /// The client asked for the usage chunk.
     usage_to_client: bool,
+    /// The first token was read: from now on whole events go on at once.
+    started: bool,
+    /// What came before the first token, held until it comes.
+    held: BytesMut,
 }
 
 impl Relay {
@@ -69,7 +85,12 @@ impl Relay {
         for block in self.parser.feed_blocks(&chunk) {
             let start = whole.unwrap_or(0);
             let seen = match block.event {
-                Some(event) => self.tracker.event(event),
+                Some(event) => {
+                    if !self.started && !before_first_token(&event.data) {
+                        self.started = true;
+                    }
+                    self.tracker.event(event)
+                }
                 None => Seen::Other,
             };
             whole = Some(block.end);
@@ -120,7 +141,25 @@ impl Relay {
             self.partial
                 .extend_from_slice(chunk.get(whole..).unwrap_or_default());
         }
-        Ok(out)
+        if self.started && self.held.is_empty() {
+            return Ok(out);
+        }
+        self.held.extend_from_slice(&out);
+        if self.started {
+            return Ok(std::mem::take(&mut self.held).freeze());
+        }
+        if self.held.len() > MAX_BEFORE_FIRST_TOKEN {
+            return Err(AttemptError::Protocol(format!(
+                "the upstream sent more than {MAX_BEFORE_FIRST_TOKEN} bytes before its first token"
+            )));
+        }
+        Ok(Bytes::new())
+    }
+
+    /// The first token was read (see the module's docs): what
+    /// [`Relay::push`] returned so far is what may go to the client.
+    pub fn started(&self) -> bool {
+        self.started
     }
 
     /// `[DONE]` was read: the stream is complete.
@@ -216,6 +255,47 @@ impl Tracker {
     fn text(&mut self) -> &str {
         self.read_deltas();
         &self.text
+    }
+}
+
+/// An event that carries nothing yet: a chat completion chunk whose choices
+/// (if any) have only a role, and otherwise empty values (`""`, `null`,
+/// `[]`, `{}`): OpenAI's first chunk (`"role":"assistant","content":""`,
+/// `"refusal":null`), Anthropic's translated `message_start`, Azure's
+/// `choices: []` with the prompt's filter results. Anything else, `[DONE]`
+/// and whatever is not such a JSON object included, is a first token.
+fn before_first_token(data: &[u8]) -> bool {
+    use serde_json::Value;
+    fn nothing(v: &Value) -> bool {
+        match v {
+            Value::Null => true,
+            Value::String(s) => s.is_empty(),
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            Value::Bool(_) | Value::Number(_) => false,
+        }
+    }
+    fn empty_choice(c: &Value) -> bool {
+        let Value::Object(c) = c else { return false };
+        c.iter().all(|(k, v)| match k.as_str() {
+            "index" => true,
+            "delta" => match v {
+                Value::Object(d) => d.iter().all(|(k, v)| k == "role" || nothing(v)),
+                _ => nothing(v),
+            },
+            _ => nothing(v),
+        })
+    }
+    let Ok(Value::Object(chunk)) = serde_json::from_slice::<Value>(data) else {
+        return false;
+    };
+    let carries = |key: &str| chunk.get(key).is_some_and(|v| !nothing(v));
+    if carries("usage") || carries("error") {
+        return false;
+    }
+    match chunk.get("choices") {
+        Some(Value::Array(choices)) => choices.iter().all(empty_choice),
+        _ => false,
     }
 }
 
@@ -366,6 +446,76 @@ mod tests {
             .is_empty());
         let out = r.push(Bytes::from(format!("{tail}{done}"))).unwrap();
         assert_eq!(out, done);
+    }
+
+    #[test]
+    fn the_first_token_is_the_first_event_that_carries_something() {
+        for (data, before) in [
+            (
+                r#"{"choices":[{"index":0,"delta":{"role":"assistant"},"finish_reason":null}]}"#,
+                true,
+            ),
+            (
+                r#"{"id":"x","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}],"usage":null}"#,
+                true,
+            ),
+            (
+                r#"{"choices":[],"prompt_filter_results":[{"prompt_index":0}]}"#,
+                true,
+            ),
+            (
+                r#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#,
+                false,
+            ),
+            (
+                r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"name":"f"}}]}}]}"#,
+                false,
+            ),
+            (
+                r#"{"choices":[{"index":0,"delta":{"refusal":"no"}}]}"#,
+                false,
+            ),
+            (
+                r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+                false,
+            ),
+            (r#"{"choices":[],"usage":{"prompt_tokens":1}}"#, false),
+            (r#"{"error":{"message":"overloaded"}}"#, false),
+            (r#"{"id":"x"}"#, false),
+            ("[DONE]", false),
+            ("not json", false),
+        ] {
+            assert_eq!(before_first_token(data.as_bytes()), before, "{data}");
+        }
+    }
+
+    #[test]
+    fn what_comes_before_the_first_token_is_held_then_passed_on_first() {
+        let role = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+        let keep_alive = ": keep-alive\n\n";
+        let first = chunk("Hi", "null");
+        let text = format!("{keep_alive}{role}{first}");
+        for size in 1..=text.len() {
+            let mut r = Relay::new(false, true);
+            let mut out = String::new();
+            for c in text.as_bytes().chunks(size) {
+                let b = r.push(Bytes::copy_from_slice(c)).unwrap();
+                // Nothing goes on before the first token.
+                assert!(r.started() || b.is_empty(), "chunk size {size}");
+                out.push_str(std::str::from_utf8(&b).unwrap());
+            }
+            assert!(r.started());
+            assert_eq!(out, text, "chunk size {size}");
+        }
+        let mut r = Relay::new(false, true);
+        assert!(r
+            .push(Bytes::from(format!("{keep_alive}{role}")))
+            .unwrap()
+            .is_empty());
+        assert!(!r.started());
+        // An upstream that never gets to its first token cannot fill memory.
+        let comments = Bytes::from(": x\n\n".repeat(64 * 1024));
+        assert!((0..8).any(|_| r.push(comments.clone()).is_err()));
     }
 
     #[test]
