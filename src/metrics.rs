@@ -74,6 +74,8 @@ struct ErrorLabels {
     model: String,
     provider: String,
     /// An HTTP status (`429`, `503`) or `timeout`, `first_token_timeout`, `connect`, `reset`.
+    /// A stream that fails after its first token reached the client counts
+    /// here with its code too, while `requests` has the 200 the client got.
     code: String,
 }
 
@@ -346,7 +348,7 @@ impl Metrics {
         let provider_errors = Family::default();
         registry.register(
             "provider_errors",
-            "Failed upstream attempts by HTTP status or failure kind",
+            "Failed upstream attempts by HTTP status or failure kind, streams that failed after their first token included",
             provider_errors.clone(),
         );
         let retries = Family::default();

@@ -309,3 +309,65 @@ async fn a_role_chunk_then_content_reaches_the_client_in_order() {
     );
     assert_eq!(body, expect);
 }
+
+impl Observed {
+    async fn metrics(&self) -> String {
+        let r = self
+            .gw
+            .client
+            .get(format!("{}/metrics", self.gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    }
+}
+
+/// `upstream` fails after two chunks reached the client; `/metrics` must
+/// count a provider error with `code`, and the request as the 200 the client got.
+async fn a_failure_after_the_first_token_is_counted(upstream_url: &str, extra: &str, code: &str) {
+    let o = observed(&[("pa", upstream_url)], &[("model-a", "pa")], extra).await;
+    let r = o.gw.chat("sk-demo", hello_stream()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let decision = header(&r, "x-routeplane-decision");
+    let body = r.text().await.unwrap();
+    assert!(body.contains(&format!("\"code\":\"{code}\"")), "{body}");
+    let logged = o.decision(&decision).await;
+    let last = logged["attempts"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["outcome"], "stream_cut", "{logged}");
+    let metrics = o.metrics().await;
+    let error = format!(
+        "routeplane_provider_errors_total{{model=\"model-a\",provider=\"pa\",code=\"{code}\"}} 1"
+    );
+    assert!(
+        metrics.lines().any(|l| l == error),
+        "no `{error}` in\n{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("routeplane_requests_total{")
+                && l.contains("model=\"model-a\"")
+                && l.ends_with("status=\"200\"} 1")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_the_first_token_is_a_provider_error_in_metrics() {
+    let a = upstream("a", |_| Act::CutAfter(2)).await;
+    a_failure_after_the_first_token_is_counted(&a.url, "", "reset").await;
+}
+
+#[tokio::test]
+async fn a_stream_timed_out_after_the_first_token_is_a_provider_error_in_metrics() {
+    let a = stalls_after(content_chunk("hello")).await;
+    let protect = "protect { timeout total 300ms }";
+    a_failure_after_the_first_token_is_counted(&a, protect, "timeout").await;
+}

@@ -844,8 +844,13 @@ impl Forward {
             return;
         };
         let relay = &mut self.relay;
-        if error.is_some() {
+        if let Some((_, code)) = &error {
             record_result(&gw, &rt, m, false, None, None);
+            // The client's status stays 200, which it got; the provider
+            // failed all the same, and only this counter can say so.
+            if let Some(metrics) = &gw.metrics {
+                metrics.attempt_failed(&m.name, &m.provider, code);
+            }
         } else if !client_gone {
             record_result(&gw, &rt, m, true, Some(t0.elapsed()), Some(first_token));
         }
