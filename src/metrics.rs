@@ -74,6 +74,8 @@ struct ErrorLabels {
     model: String,
     provider: String,
     /// An HTTP status (`429`, `503`) or `timeout`, `first_token_timeout`, `connect`, `reset`.
+    /// A stream that fails after its first token reached the client counts
+    /// here with its code too, while `requests` has the 200 the client got.
     code: String,
 }
 
@@ -327,7 +329,7 @@ impl Metrics {
             Family::new_with_constructor(latency_histogram);
         registry.register_with_unit(
             "first_token",
-            "Latency until the first byte of the answer",
+            "Latency until the first token of the answer (a stream's first event with content)",
             Unit::Seconds,
             first_token.clone(),
         );
@@ -346,7 +348,7 @@ impl Metrics {
         let provider_errors = Family::default();
         registry.register(
             "provider_errors",
-            "Failed upstream attempts by HTTP status or failure kind",
+            "Failed upstream attempts by HTTP status or failure kind, streams that failed after their first token included",
             provider_errors.clone(),
         );
         let retries = Family::default();

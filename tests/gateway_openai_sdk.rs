@@ -13,6 +13,7 @@ mod gateway_common;
 use std::path::PathBuf;
 
 use gateway_common::*;
+use tokio::io::AsyncWriteExt;
 
 const SCRIPT: &str = r#"
 import json, sys, openai
@@ -35,6 +36,14 @@ try:
     out["cut"] = "no error, got " + got
 except openai.APIError as e:
     out["cut"] = "error: " + e.message
+try:
+    s = c.chat.completions.create(model="model-d", stream=True, messages=[{"role": "user", "content": "hi"}])
+    got = "".join(ch.choices[0].delta.content or "" for ch in s)
+    out["cut_mid_event"] = "no error, got " + got
+except openai.APIError as e:
+    out["cut_mid_event"] = "error: " + e.message
+except Exception as e:
+    out["cut_mid_event"] = "not an APIError: " + repr(e)
 print(json.dumps(out))
 "#;
 
@@ -55,11 +64,26 @@ async fn the_official_openai_sdk_works_through_the_gateway() {
     };
     let a = upstream("a", |_| Act::Ok).await;
     let b = upstream("b", |_| Act::CutAfter(2)).await;
+    // Two whole chunks, then half an event and gone.
+    let d = socket_upstream(|mut sock| async move {
+        let chunk = r#"data: {"id":"x","object":"chat.completion.chunk","created":0,"model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#;
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{chunk}\n\n{chunk}\n\ndata: {{\"trunc"
+        );
+        let _ = sock.write_all(answer.as_bytes()).await;
+        // Dropping the socket closes it in the middle of the event.
+    })
+    .await;
     let p = policy(
-        &[("model-a", "pa"), ("model-b", "pb"), ("model-c", "pa")],
+        &[
+            ("model-a", "pa"),
+            ("model-b", "pb"),
+            ("model-c", "pa"),
+            ("model-d", "pd"),
+        ],
         "constraints { no_c: deny [model-c] when tenant.plan == pro }",
     );
-    let gw = gateway(&config(&[("pa", &a.url), ("pb", &b.url)]), p).await;
+    let gw = gateway(&config(&[("pa", &a.url), ("pb", &b.url), ("pd", &d)]), p).await;
     let base = format!("{}/v1", gw.url);
     let out = tokio::process::Command::new(py)
         .args(["-c", SCRIPT, &base])
@@ -84,6 +108,11 @@ async fn the_official_openai_sdk_works_through_the_gateway() {
         "{v}"
     );
     let cut = v["cut"].as_str().unwrap();
+    let explained = cut.contains("before completion") || cut.contains("mid-stream");
+    assert!(cut.starts_with("error: ") && explained, "{cut}");
+    // Cut in the middle of an event: the SDK raises the gateway's error, not
+    // a JSONDecodeError on half an event glued to it.
+    let cut = v["cut_mid_event"].as_str().unwrap();
     let explained = cut.contains("before completion") || cut.contains("mid-stream");
     assert!(cut.starts_with("error: ") && explained, "{cut}");
 }

@@ -326,6 +326,17 @@ async fn the_mock_answers_every_endpoint() {
     .await
     .unwrap();
     let data = sse_data(&r.text().await.unwrap());
+    // Role, four pieces, the finish and `[DONE]`: the mock's usage chunk
+    // reaches only a client that asked for it, as OpenAI sends it.
+    assert_eq!(data.len(), 1 + 4 + 1 + 1, "{data:#?}");
+    let r = post(
+        "/v1/chat/completions",
+        json!({ "stream": true, "stream_options": { "include_usage": true },
+                "messages": [{ "role": "user", "content": "hi" }] }),
+    )
+    .await
+    .unwrap();
+    let data = sse_data(&r.text().await.unwrap());
     assert_eq!(data.len(), 1 + 4 + 1 + 1 + 1, "{data:#?}");
     let r = post("/v1/embeddings", json!({ "input": ["a", "b"] }))
         .await

@@ -1,13 +1,15 @@
 //! Dispatch along the decision's attempts: per attempt the breakers and
 //! limits are checked again, retries follow the policy's status filter and
 //! backoff (honouring `Retry-After`), timeouts bound the first token and the
-//! whole answer, and a stream falls back only before its first byte reached
-//! the client. After that a failure ends the stream with an SSE error event.
+//! whole answer, and a stream falls back only before its first token (the
+//! first event with content, see [`super::relay`]): nothing reaches the
+//! client before it. After that a failure ends the stream with an SSE error
+//! event.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,7 @@ use super::engine::{Decision, RequestFeatures};
 use super::error::{full, ApiError, Body};
 use super::limits::Slot;
 use super::providers::{AttemptError, ByteStream, ClientBody, Reply, UpstreamRequest, Usage};
+use super::relay::Relay;
 use super::{sse, Gateway, ModelRt, Runtime};
 use crate::ir::{LimitKind, LimitScope, Micros, RetryOn};
 use crate::metrics::{BreakerGauge, BreakerScope, RequestDone};
@@ -87,9 +90,22 @@ enum Started {
         usage: Option<Usage>,
     },
     Stream {
+        /// The whole events the upstream sent up to its first token and
+        /// with it (what came before it was held until then).
         first: Bytes,
         rest: ByteStream,
     },
+}
+
+/// A successful attempt, for [`respond`].
+struct Answer {
+    started: Started,
+    /// The relay the stream's first events went through; it goes on with the rest.
+    relay: Relay,
+    /// When the attempt started.
+    t0: Instant,
+    /// The policy's total timeout.
+    total: Option<Duration>,
 }
 
 fn retry_matches(e: &AttemptError, on: &[RetryOn]) -> bool {
@@ -208,6 +224,12 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
     let first_token = protect.timeout.first_token_ms.map(Duration::from_millis);
     let total = protect.timeout.total_ms.map(Duration::from_millis);
     let stream = ctx.features.stream;
+    // The gateway asks for a stream's usage for itself; the client gets the
+    // usage-only chunk when it asked too.
+    let usage_to_client = match &ctx.body {
+        ClientBody::Json(b) => b.client_asked_usage(),
+        ClientBody::Multipart { .. } => false,
+    };
     let mut out = Outcome {
         attempts: Vec::new(),
         last_error: None,
@@ -304,13 +326,20 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                 }
             }
             let t0 = Instant::now();
-            let res = attempt(&upstream, req, stream, first_token, total).await;
+            let mut relay = Relay::new(ctx.budget.is_some(), usage_to_client);
+            let res = attempt(&upstream, req, first_token, total, &mut relay).await;
             let elapsed = t0.elapsed();
             match res {
                 Ok(started) => {
                     let record = att(m, "ok".into(), tries, ms(elapsed));
                     out.attempts.push(record);
-                    return respond(gw, ctx, model_id.index(), started, out, t0, total, slots);
+                    let answer = Answer {
+                        started,
+                        relay,
+                        t0,
+                        total,
+                    };
+                    return respond(gw, ctx, model_id.index(), answer, out, slots);
                 }
                 Err(e) => {
                     if let Some(b) = &ctx.budget {
@@ -441,13 +470,15 @@ fn record_result(
     }
 }
 
+/// `relay`: what a stream's bytes go through on their way to the client.
 async fn attempt(
     upstream: &super::providers::Upstream,
     req: UpstreamRequest<'_>,
-    stream: bool,
     first_token: Option<Duration>,
     total: Option<Duration>,
+    relay: &mut Relay,
 ) -> Result<Started, AttemptError> {
+    let stream = req.stream;
     let fut = async {
         match upstream.send(req).await? {
             Reply::Full {
@@ -459,17 +490,28 @@ async fn attempt(
                 body,
                 usage,
             }),
-            Reply::Stream(mut s) => match s.next().await {
-                Some(Ok(first)) => Ok(Started::Stream { first, rest: s }),
-                Some(Err(e)) => Err(e),
-                None => Err(AttemptError::Reset(
-                    "the stream ended before any data".into(),
-                )),
+            // Up to the first token (not a comment or an empty role chunk:
+            // `Relay`), so a stall after a keep-alive still falls back.
+            Reply::Stream(mut s) => loop {
+                match s.next().await {
+                    Some(Ok(chunk)) => {
+                        let first = relay.push(chunk)?;
+                        if relay.started() {
+                            break Ok(Started::Stream { first, rest: s });
+                        }
+                    }
+                    Some(Err(e)) => break Err(e),
+                    None => {
+                        break Err(AttemptError::Reset(
+                            "the stream ended before its first token".into(),
+                        ))
+                    }
+                }
             },
         }
     };
     // For a stream the first-token timeout bounds everything up to the first
-    // chunk; for a full answer only the total timeout applies.
+    // token; for a full answer only the total timeout applies.
     let limit = match (stream, first_token, total) {
         (true, Some(f), Some(t)) => Some(f.min(t)),
         (true, Some(f), None) => Some(f),
@@ -657,17 +699,20 @@ fn log(gw: &Gateway, ctx: &RequestCtx, mut s: Summary) {
     });
 }
 
-#[allow(clippy::too_many_arguments)]
 fn respond(
     gw: Arc<Gateway>,
     ctx: RequestCtx,
     model: usize,
-    started: Started,
+    answer: Answer,
     out: Outcome,
-    t0: Instant,
-    total: Option<Duration>,
     slots: Vec<Slot>,
 ) -> Response<Body> {
+    let Answer {
+        started,
+        relay,
+        t0,
+        total,
+    } = answer;
     let rt = ctx.rt.clone();
     let Some(m) = rt.models.get(model) else {
         return ApiError::new(
@@ -735,10 +780,7 @@ fn respond(
                 first: Some(first),
                 rest,
                 deadline: total.map(|t| Box::pin(tokio::time::sleep_until((t0 + t).into()))),
-                tracker: Tracker {
-                    collect: ctx.budget.is_some(),
-                    ..Tracker::default()
-                },
+                relay,
                 error_event: None,
                 finish: Some(StreamEnd {
                     gw,
@@ -756,77 +798,6 @@ fn respond(
     }
 }
 
-/// Watches a passed-through stream: did it finish (`[DONE]`), what usage did it report.
-#[derive(Default)]
-struct Tracker {
-    parser: sse::Parser,
-    done: bool,
-    usage: Option<Usage>,
-    /// Keep the streamed text, to count the output when no usage comes.
-    collect: bool,
-    /// Content chunks not read yet: most streams end with their usage, and
-    /// then the chunks never need parsing.
-    deltas: Vec<Vec<u8>>,
-    deltas_bytes: usize,
-    text: String,
-}
-
-/// Past this many bytes of unread content chunks, they are read into text
-/// (a few bytes each instead of a whole chunk), so a long stream without
-/// usage holds little memory.
-const MAX_UNREAD_DELTAS: usize = 256 * 1024;
-
-/// The keys a tracker looks for in each event, with their searchers built
-/// once (building one per search cost more than the search).
-static USAGE_KEY: LazyLock<memchr::memmem::Finder<'static>> =
-    LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
-static CONTENT_KEY: LazyLock<memchr::memmem::Finder<'static>> =
-    LazyLock::new(|| memchr::memmem::Finder::new(b"\"content\""));
-
-impl Tracker {
-    fn feed(&mut self, b: &[u8]) {
-        for e in self.parser.feed(b) {
-            if e.data == b"[DONE]" {
-                self.done = true;
-                continue;
-            }
-            // Some APIs send `"usage": null` in every chunk and the counts in the last.
-            if USAGE_KEY.find(&e.data).is_some() {
-                // Lossy, as the text readers are: one bad byte elsewhere in
-                // the chunk must not lose the counts.
-                if let Ok(Some(u)) =
-                    Usage::from_openai_bytes(String::from_utf8_lossy(&e.data).as_bytes())
-                {
-                    self.usage = Some(u);
-                    continue;
-                }
-            }
-            if self.collect && self.usage.is_none() && CONTENT_KEY.find(&e.data).is_some() {
-                self.deltas_bytes += e.data.len();
-                self.deltas.push(e.data);
-                if self.deltas_bytes > MAX_UNREAD_DELTAS {
-                    self.read_deltas();
-                }
-            }
-        }
-    }
-
-    fn read_deltas(&mut self) {
-        for d in self.deltas.drain(..) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&String::from_utf8_lossy(&d)) {
-                crate::estimate::push_delta_text(&v, &mut self.text);
-            }
-        }
-        self.deltas_bytes = 0;
-    }
-
-    /// The text streamed so far.
-    fn text(&mut self) -> &str {
-        self.read_deltas();
-        &self.text
-    }
-}
-
 /// The body of a passed-through stream. It polls the upstream itself, so a
 /// stream costs no task and no channel, and the client's pace is the
 /// upstream's (backpressure). When the stream ends, fails or the client goes
@@ -836,7 +807,8 @@ struct Forward {
     rest: ByteStream,
     /// The policy's total timeout, from the attempt's start.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    tracker: Tracker,
+    /// Passes on whole events only, and reads the usage on the way.
+    relay: Relay,
     /// Bytes already reached the client, so a failure ends the stream with
     /// this SSE error event instead of a fallback.
     error_event: Option<Bytes>,
@@ -877,9 +849,14 @@ impl Forward {
         let Some(m) = rt.models.get(model) else {
             return;
         };
-        let tracker = &mut self.tracker;
-        if error.is_some() {
+        let relay = &mut self.relay;
+        if let Some((_, code)) = &error {
             record_result(&gw, &rt, m, false, None, None);
+            // The client's status stays 200, which it got; the provider
+            // failed all the same, and only this counter can say so.
+            if let Some(metrics) = &gw.metrics {
+                metrics.attempt_failed(&m.name, &m.provider, code);
+            }
         } else if !client_gone {
             record_result(&gw, &rt, m, true, Some(t0.elapsed()), Some(first_token));
         }
@@ -887,17 +864,16 @@ impl Forward {
         rec.model = Some(m.name.clone());
         rec.status = 200;
         rec.first_token_ms = Some(ms(first_token));
-        rec.usage = tracker.usage;
-        rec.actual_cost_micros = tracker.usage.map(|u| cost(&rt, model, &u));
+        let usage = relay.usage();
+        rec.usage = usage;
+        rec.actual_cost_micros = usage.map(|u| cost(&rt, model, &u));
         if let Some(b) = &ctx.budget {
             let p = rt.policy.policy();
-            let counted = match (tracker.usage, p.models.get(model)) {
-                (None, Some(pm)) => crate::estimate::Tokenizer::for_model(pm).count(tracker.text()),
+            let counted = match (usage, p.models.get(model)) {
+                (None, Some(pm)) => crate::estimate::Tokenizer::for_model(pm).count(relay.text()),
                 _ => 0,
             };
-            let u = tracker
-                .usage
-                .map(|u| (u.prompt_tokens, u.completion_tokens));
+            let u = usage.map(|u| (u.prompt_tokens, u.completion_tokens));
             if let Some(actual) = b.settle(p, u, counted) {
                 rec.actual_cost_micros = Some(actual);
             }
@@ -934,45 +910,56 @@ impl hyper::body::Body for Forward {
         if let Some(event) = this.error_event.take() {
             return Poll::Ready(Some(Ok(Frame::data(event))));
         }
-        if this.finish.is_none() {
-            return Poll::Ready(None);
-        }
-        let chunk = match this.first.take() {
-            Some(first) => first,
-            None => {
-                if this
-                    .deadline
-                    .as_mut()
-                    .is_some_and(|d| d.as_mut().poll(cx).is_ready())
-                {
-                    let e = AttemptError::Timeout;
-                    let event = this.fail(format!("the upstream failed mid-stream: {e}"), e.code());
-                    return Poll::Ready(Some(Ok(Frame::data(event))));
-                }
-                match this.rest.as_mut().poll_next(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Some(Ok(b))) => b,
-                    Poll::Ready(Some(Err(e))) => {
+        loop {
+            let out = match this.first.take() {
+                Some(first) => first,
+                None => {
+                    if this.finish.is_none() {
+                        return Poll::Ready(None);
+                    }
+                    if this
+                        .deadline
+                        .as_mut()
+                        .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+                    {
+                        let e = AttemptError::Timeout;
                         let event =
                             this.fail(format!("the upstream failed mid-stream: {e}"), e.code());
                         return Poll::Ready(Some(Ok(Frame::data(event))));
                     }
-                    Poll::Ready(None) => {
-                        let event = this.fail(
-                            "the upstream stream ended before completion".into(),
-                            "reset".into(),
-                        );
-                        return Poll::Ready(Some(Ok(Frame::data(event))));
+                    // A failure drops the relay's unfinished event: the
+                    // client's next bytes are the error event.
+                    let pushed = match this.rest.as_mut().poll_next(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Some(Ok(b))) => this.relay.push(b),
+                        Poll::Ready(Some(Err(e))) => Err(e),
+                        Poll::Ready(None) => {
+                            let event = this.fail(
+                                "the upstream stream ended before completion".into(),
+                                "reset".into(),
+                            );
+                            return Poll::Ready(Some(Ok(Frame::data(event))));
+                        }
+                    };
+                    match pushed {
+                        Ok(out) => out,
+                        Err(e) => {
+                            let event =
+                                this.fail(format!("the upstream failed mid-stream: {e}"), e.code());
+                            return Poll::Ready(Some(Ok(Frame::data(event))));
+                        }
                     }
                 }
+            };
+            if this.relay.done() {
+                // `[DONE]`: nothing after it is read; the stream ends with this chunk.
+                this.finish(None, false);
             }
-        };
-        this.tracker.feed(&chunk);
-        if this.tracker.done {
-            // `[DONE]`: nothing after it is read; the stream ends with this chunk.
-            this.finish(None, false);
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
+            // Nothing whole yet (or nothing left after `[DONE]`): read on.
         }
-        Poll::Ready(Some(Ok(Frame::data(chunk))))
     }
 }
 
@@ -1132,53 +1119,6 @@ fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn chunk(content: &str, usage: &str) -> String {
-        format!(
-            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{content}\"}}}}],\"usage\":{usage}}}\n\n"
-        )
-    }
-
-    #[test]
-    fn a_tracker_reads_usage_and_keeps_the_text_for_when_none_comes() {
-        let mut t = Tracker {
-            collect: true,
-            ..Tracker::default()
-        };
-        t.feed(chunk("Hel", "null").as_bytes());
-        t.feed(chunk("lo", "null").as_bytes());
-        t.feed(b"data: [DONE]\n\n");
-        assert!(t.done);
-        assert_eq!(t.usage, None);
-        assert_eq!(t.text(), "Hello");
-
-        let mut t = Tracker {
-            collect: true,
-            ..Tracker::default()
-        };
-        t.feed(chunk("Hi", "null").as_bytes());
-        t.feed(
-            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n",
-        );
-        assert_eq!(
-            t.usage,
-            Some(Usage {
-                prompt_tokens: 3,
-                completion_tokens: 1
-            })
-        );
-
-        // A long stream without usage keeps text, not whole chunks.
-        let mut t = Tracker {
-            collect: true,
-            ..Tracker::default()
-        };
-        for _ in 0..5_000 {
-            t.feed(chunk("ab", "null").as_bytes());
-        }
-        assert!(t.deltas_bytes <= MAX_UNREAD_DELTAS);
-        assert_eq!(t.text().len(), 10_000);
-    }
 
     #[test]
     fn retry_filters_match_statuses_classes_and_kinds() {

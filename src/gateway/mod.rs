@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod limits;
 pub mod providers;
+pub mod relay;
 pub mod server;
 pub mod sse;
 pub mod stats;

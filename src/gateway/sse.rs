@@ -13,6 +13,15 @@ pub struct Event {
     pub data: Vec<u8>,
 }
 
+/// What one blank line ended: the event it completed, if the lines before it
+/// made one (comments alone do not), and the offset in the fed chunk just
+/// past the blank line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub event: Option<Event>,
+    pub end: usize,
+}
+
 /// Feed it chunks as they arrive; it returns every event completed so far.
 /// Lines may end in `\n`, `\r\n` or `\r`; a partial line waits for the next chunk.
 #[derive(Debug)]
@@ -46,6 +55,22 @@ impl Parser {
 
     pub fn feed(&mut self, chunk: &[u8]) -> Vec<Event> {
         let mut out = Vec::new();
+        self.scan(chunk, |event, _| out.extend(event));
+        out
+    }
+
+    /// Like [`Parser::feed`], but every blank line ends a [`Block`], with or
+    /// without an event in it (a block of comments has none), and says where
+    /// in `chunk` it ended: what a relay needs to pass on whole events only.
+    pub fn feed_blocks(&mut self, chunk: &[u8]) -> Vec<Block> {
+        let mut out = Vec::new();
+        self.scan(chunk, |event, end| out.push(Block { event, end }));
+        out
+    }
+
+    /// Calls `on_blank_line` with the event the blank line completed (if
+    /// any) and the offset in `chunk` just past the blank line's end.
+    fn scan(&mut self, chunk: &[u8], mut on_blank_line: impl FnMut(Option<Event>, usize)) {
         let mut rest = chunk;
         loop {
             if self.after_cr {
@@ -66,16 +91,25 @@ impl Parser {
             let (head, tail) = rest.split_at(end);
             self.extend_line(head);
             self.after_cr = tail.first() == Some(&b'\r');
+            rest = tail.get(1..).unwrap_or_default();
+            if self.line.is_empty() {
+                // A `\r\n` whose `\n` is in this chunk ends here too; one
+                // split between two chunks ends at its `\r`, and the `\n`
+                // starts the next block (a line end either way).
+                let mut after = chunk.len() - rest.len();
+                if self.after_cr && rest.first() == Some(&b'\n') {
+                    after += 1;
+                }
+                on_blank_line(self.blank_line(), after);
+                continue;
+            }
             // The line's buffer is kept for the next line.
             let mut line = std::mem::take(&mut self.line);
-            self.line_done(&line, &mut out);
+            self.line_done(&line);
             line.clear();
             self.line = line;
-            rest = tail.get(1..).unwrap_or_default();
         }
-        out
     }
-
     /// Append to the current line, up to `max_line` bytes; the rest is dropped.
     fn extend_line(&mut self, bytes: &[u8]) {
         let room = self.max_line.saturating_sub(self.line.len());
@@ -83,14 +117,17 @@ impl Parser {
             .extend_from_slice(bytes.get(..room.min(bytes.len())).unwrap_or_default());
     }
 
-    fn line_done(&mut self, line: &[u8], out: &mut Vec<Event>) {
-        if line.is_empty() {
-            if self.has_data || self.current.event.is_some() {
-                out.push(std::mem::take(&mut self.current));
-                self.has_data = false;
-            }
-            return;
+    /// A blank line: the end of the event being read, if it has anything.
+    fn blank_line(&mut self) -> Option<Event> {
+        if self.has_data || self.current.event.is_some() {
+            self.has_data = false;
+            return Some(std::mem::take(&mut self.current));
         }
+        None
+    }
+
+    /// A line that is not blank: a comment or a field.
+    fn line_done(&mut self, line: &[u8]) {
         if line.first() == Some(&b':') {
             return;
         }
@@ -185,6 +222,48 @@ mod tests {
         let events = p.feed(b"\n");
         assert_eq!(events.len(), 1);
         assert!(events[0].data.starts_with(b"0123456789\n0123456789"));
+    }
+
+    #[test]
+    fn blocks_end_after_each_blank_line_in_any_chunking() {
+        // `\r\n`, `\n` and `\r` line ends, a comment-only block, stray blank lines.
+        let text = "data: a\r\n\r\n: keep-alive\n\ndata: b\r\rdata: c\n\n\ndata: cut";
+        let whole_ends = [11, 25, 34, 43, 44];
+        let mut p = Parser::new();
+        let blocks = p.feed_blocks(text.as_bytes());
+        assert_eq!(blocks.iter().map(|b| b.end).collect::<Vec<_>>(), whole_ends);
+        let events = |bs: &[Block]| -> Vec<Option<Vec<u8>>> {
+            bs.iter()
+                .map(|b| b.event.as_ref().map(|e| e.data.clone()))
+                .collect()
+        };
+        let expect = events(&blocks);
+        assert_eq!(
+            expect,
+            vec![
+                Some(b"a".to_vec()),
+                None,
+                Some(b"b".to_vec()),
+                Some(b"c".to_vec()),
+                None
+            ]
+        );
+        for size in 1..text.len() {
+            let mut p = Parser::new();
+            let mut got = Vec::new();
+            for (i, c) in text.as_bytes().chunks(size).enumerate() {
+                got.extend(p.feed_blocks(c).into_iter().map(|b| Block {
+                    end: b.end + i * size,
+                    ..b
+                }));
+            }
+            assert_eq!(events(&got), expect, "chunk size {size}");
+            for (b, want) in got.iter().zip(whole_ends) {
+                // A `\r\n` split between two chunks ends its block at the `\r`.
+                let split_crlf = b.end + 1 == want && b.end % size == 0;
+                assert!(b.end == want || split_crlf, "chunk size {size}: {got:?}");
+            }
+        }
     }
 
     #[test]

@@ -47,7 +47,9 @@
 //! answer stays a faithful one: `seed`, `presence_penalty`,
 //! `frequency_penalty`, `reasoning_effort`, `verbosity`, `prediction`,
 //! `service_tier`, `store`, `metadata` (the gateway reads it for routing),
-//! `stream_options` (usage is always reported), a message's `name`, an
+//! `stream_options` (the translated stream always ends with a usage chunk,
+//! which the gateway reads and passes on only when the client asked for it
+//! with `include_usage`: `gateway::relay`), a message's `name`, an
 //! image's `detail` and a function's `strict`.
 
 use bytes::Bytes;

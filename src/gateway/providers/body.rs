@@ -25,6 +25,9 @@ pub struct JsonBody {
     raw: Bytes,
     /// Where `model` and `stream_options` sit in `raw`.
     layout: Layout,
+    /// The client itself asked for a stream's usage chunk
+    /// (`stream_options.include_usage: true`), whatever the gateway adds.
+    client_asked_usage: bool,
 }
 
 impl JsonBody {
@@ -37,7 +40,16 @@ impl JsonBody {
         if layout.members != members_in(&value) {
             return Err(duplicate_key(&raw));
         }
-        Ok(JsonBody { value, raw, layout })
+        let client_asked_usage = value
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            == Some(&Value::Bool(true));
+        Ok(JsonBody {
+            value,
+            raw,
+            layout,
+            client_asked_usage,
+        })
     }
 
     /// The parsed body.
@@ -56,9 +68,19 @@ impl JsonBody {
         Bytes::from(self.spliced("model", self.layout.model.as_ref(), &value))
     }
 
+    /// The client asked for a stream's final usage chunk
+    /// (`stream_options.include_usage: true`). Still what the client sent
+    /// after [`JsonBody::ask_stream_usage`]: a client that did not ask must
+    /// not get the chunk the gateway asked for (code that reads
+    /// `chunk.choices[0]` fails on its empty `choices`).
+    pub fn client_asked_usage(&self) -> bool {
+        self.client_asked_usage
+    }
+
     /// Make a streamed chat completion report its usage in a final chunk
     /// (`stream_options.include_usage`), which settling a budget needs. The
-    /// client's other stream options are kept.
+    /// client's other stream options are kept; [`JsonBody::client_asked_usage`]
+    /// still says what the client asked.
     pub fn ask_stream_usage(&mut self) {
         const ASK: &[u8] = br#"{"include_usage":true}"#;
         let Some(at) = &self.layout.stream_options else {
@@ -494,6 +516,22 @@ mod tests {
         let mut b = body(src);
         b.ask_stream_usage();
         assert_eq!(text(b.raw().clone()), src);
+    }
+
+    #[test]
+    fn what_the_client_asked_for_survives_the_gateways_ask() {
+        for (src, asked) in [
+            (r#"{"stream":true}"#, false),
+            (r#"{"stream_options":null}"#, false),
+            (r#"{"stream_options":{"include_usage":false}}"#, false),
+            (r#"{"stream_options":{"x":1}}"#, false),
+            (r#"{"stream_options":{"include_usage":true}}"#, true),
+        ] {
+            let mut b = body(src);
+            b.ask_stream_usage();
+            assert_eq!(b.value()["stream_options"]["include_usage"], true, "{src}");
+            assert_eq!(b.client_asked_usage(), asked, "{src}");
+        }
     }
 
     fn json() -> impl proptest::strategy::Strategy<Value = Value> {
