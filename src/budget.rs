@@ -61,6 +61,20 @@ pub struct Check {
     pub message: Option<String>,
 }
 
+impl Check {
+    /// The thresholds the balances reach.
+    fn of(budgets: Vec<(Applicable, Balance)>) -> Check {
+        let (action, message) = evaluate(&budgets);
+        let confirm_premium = premium_guarded(&budgets);
+        Check {
+            budgets,
+            action,
+            message,
+            confirm_premium,
+        }
+    }
+}
+
 /// `$1.50`, `$0.000123`: dollars with as many decimals as the micros need (at least 2).
 pub fn dollars(m: Micros) -> String {
     let frac = format!("{:06}", m % 1_000_000);
@@ -321,19 +335,26 @@ impl Budgets {
         feature: Option<&str>,
         now_ms: i64,
     ) -> Result<Check, StateError> {
-        let mut budgets = Vec::new();
-        for a in applicable(p, tenant, feature, now_ms) {
-            let b = self.store.balance(&a.charge.counter, now_ms)?;
-            budgets.push((a, b));
+        let budgets = balances(&*self.store, applicable(p, tenant, feature, now_ms), now_ms)?;
+        Ok(Check::of(budgets))
+    }
+
+    /// [`Budgets::check`] with the store read off the event loop (see
+    /// [`off_loop`]); a request no budget applies to reads nothing.
+    pub async fn check_off_loop(
+        &self,
+        p: &Policy,
+        tenant: &TenantView,
+        feature: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Check, StateError> {
+        let applicable = applicable(p, tenant, feature, now_ms);
+        if applicable.is_empty() {
+            return Ok(Check::of(Vec::new()));
         }
-        let (action, message) = evaluate(&budgets);
-        let confirm_premium = premium_guarded(&budgets);
-        Ok(Check {
-            budgets,
-            action,
-            message,
-            confirm_premium,
-        })
+        let store = Arc::clone(&self.store);
+        let budgets = off_loop(move || balances(&*store, applicable, now_ms)).await?;
+        Ok(Check::of(budgets))
     }
 
     /// Reserve `amount` for one attempt against every budget of `check`.
@@ -345,6 +366,44 @@ impl Budgets {
         amount: Micros,
         now_ms: i64,
     ) -> Result<Result<Reservation, Refused>, StateError> {
+        let (id, charges) = match self.to_reserve(check, id, amount, now_ms) {
+            Ok(free) => return Ok(Ok(free)),
+            Err(held) => held,
+        };
+        let reserved = self
+            .store
+            .reserve(&id, &charges, amount, now_ms, self.ttl_ms);
+        answer(check, amount, reserved)
+    }
+
+    /// [`Budgets::reserve`] with the store call off the event loop.
+    pub async fn reserve_off_loop(
+        &self,
+        check: &Check,
+        id: &str,
+        amount: Micros,
+        now_ms: i64,
+    ) -> Result<Result<Reservation, Refused>, StateError> {
+        let (id, charges) = match self.to_reserve(check, id, amount, now_ms) {
+            Ok(free) => return Ok(Ok(free)),
+            Err(held) => held,
+        };
+        let store = Arc::clone(&self.store);
+        let ttl_ms = self.ttl_ms;
+        let reserved =
+            off_loop(move || Ok(store.reserve(&id, &charges, amount, now_ms, ttl_ms))).await?;
+        answer(check, amount, reserved)
+    }
+
+    /// The reservation's id and charges; `Ok` when no budget applies: a
+    /// reservation of nothing, made without the store.
+    fn to_reserve(
+        &self,
+        check: &Check,
+        id: &str,
+        amount: Micros,
+        now_ms: i64,
+    ) -> Result<Reservation, (String, Vec<Charge>)> {
         let charges: Vec<Charge> = check
             .budgets
             .iter()
@@ -353,66 +412,61 @@ impl Budgets {
         let id = format!("{:016x}/{id}", self.instance);
         if charges.is_empty() {
             // Nothing to hold against: only the ledger entry will be written.
-            return Ok(Ok(Reservation {
+            return Ok(Reservation {
                 id,
                 counters: Vec::new(),
                 amount,
                 expires_ms: now_ms.saturating_add(self.ttl_ms),
-            }));
+            });
         }
-        match self
-            .store
-            .reserve(&id, &charges, amount, now_ms, self.ttl_ms)
-        {
-            Ok(r) => Ok(Ok(r)),
-            Err(StateError::Refused(r)) => {
-                let a = check
-                    .budgets
-                    .iter()
-                    .find(|(a, _)| a.charge.counter == r.counter)
-                    .map(|(a, _)| a);
-                let message = match a {
-                    Some(a) => format!(
-                        "{} is exhausted: the budget is {}, {} is spent and {} reserved, and this request needs up to {}; it resets at {}",
-                        a.label,
-                        dollars(a.charge.limit),
-                        dollars(r.balance.spent),
-                        dollars(r.balance.reserved),
-                        dollars(amount),
-                        period::format_utc(a.resets_ms)
-                    ),
-                    None => format!("the budget `{}` is exhausted", r.counter.key),
-                };
-                Ok(Err(Refused {
-                    message,
-                    resets_ms: a.map_or(0, |a| a.resets_ms),
-                    store_unavailable: false,
-                }))
-            }
-            Err(e) => Err(e),
-        }
+        Err((id, charges))
     }
 
     /// Spend the actual cost and record the attempt in the ledger. An
     /// attempt no budget applies to is appended to the spool: durable
     /// against the process dying when this returns, in the store shortly after.
     pub fn settle(&self, r: &Reservation, entry: LedgerEntry) -> Result<bool, StateError> {
-        let entry = match (r.counters.is_empty(), &self.spool, &self.writer) {
+        match self.spooled(r, entry) {
+            None => Ok(true),
+            Some(entry) => self.store.settle(r, &entry),
+        }
+    }
+
+    /// [`Budgets::settle`] with the store call, when there is one, off the
+    /// event loop (the spool append stays here: a local write).
+    pub async fn settle_off_loop(
+        &self,
+        r: Reservation,
+        entry: LedgerEntry,
+    ) -> Result<bool, StateError> {
+        match self.spooled(&r, entry) {
+            None => Ok(true),
+            Some(entry) => {
+                let store = Arc::clone(&self.store);
+                off_loop(move || store.settle(&r, &entry)).await
+            }
+        }
+    }
+
+    /// Append the entry of an attempt no budget applies to to the spool;
+    /// `Some` hands it back for the store (a budget applies, there is no
+    /// spool, or the append failed).
+    fn spooled(&self, r: &Reservation, entry: LedgerEntry) -> Option<LedgerEntry> {
+        match (r.counters.is_empty(), &self.spool, &self.writer) {
             (true, Some(spool), Some(w)) => match spool.append(entry) {
                 Ok(()) => {
                     // Full means a wake-up is already pending.
                     let _ = w.wake.try_send(());
-                    return Ok(true);
+                    None
                 }
                 Err(not) => {
                     let NotAppended { entry, error } = *not;
                     tracing::warn!("cannot append to the ledger spool, recording at once: {error}");
-                    entry
+                    Some(entry)
                 }
             },
-            _ => entry,
-        };
-        self.store.settle(r, &entry)
+            _ => Some(entry),
+        }
     }
 
     /// Move everything spooled so far into the store now (tests, shutdown).
@@ -428,6 +482,103 @@ impl Budgets {
             return Ok(());
         }
         self.store.release(r)
+    }
+
+    /// [`Budgets::release`] off the event loop, not waited for: a failed
+    /// release holds the money only until the reservation expires.
+    pub fn release_detached(&self, r: Reservation, tenant: String) {
+        if r.counters.is_empty() {
+            return;
+        }
+        let store = Arc::clone(&self.store);
+        detached(move || {
+            if let Err(e) = store.release(&r) {
+                tracing::warn!(tenant = %tenant, "cannot release a budget reservation: {e}");
+            }
+        });
+    }
+}
+
+/// The balance of every applicable budget.
+fn balances(
+    store: &dyn BudgetStore,
+    applicable: Vec<Applicable>,
+    now_ms: i64,
+) -> Result<Vec<(Applicable, Balance)>, StateError> {
+    applicable
+        .into_iter()
+        .map(|a| {
+            let b = store.balance(&a.charge.counter, now_ms)?;
+            Ok((a, b))
+        })
+        .collect()
+}
+
+/// A store call under way, off the event loop.
+pub type StoreCall = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Run store calls where their waiting stalls no one: a store may wait (for
+/// a SQLite lock another process holds, up to its busy timeout; for a Redis
+/// round trip), and a worker's event loop serves every connection it
+/// accepted, `/healthz` included. Outside a runtime (tests, the CLI) it
+/// runs here.
+pub async fn off_loop<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StateError> + Send + 'static,
+) -> Result<T, StateError> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => rt.spawn_blocking(f).await.unwrap_or_else(|e| {
+            Err(StateError::Backend(format!(
+                "a budget store call failed: {e}"
+            )))
+        }),
+        Err(_) => f(),
+    }
+}
+
+/// [`off_loop`] for what nobody waits for (a release: the reservation
+/// expires by itself if it fails).
+fn detached(f: impl FnOnce() + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(f)),
+        Err(_) => f(),
+    }
+}
+
+/// A store's answer to a reservation, a refusal turned into the client's
+/// message: which budget, where it stands, what the request needed, when it
+/// resets.
+fn answer(
+    check: &Check,
+    amount: Micros,
+    reserved: Result<Reservation, StateError>,
+) -> Result<Result<Reservation, Refused>, StateError> {
+    match reserved {
+        Ok(r) => Ok(Ok(r)),
+        Err(StateError::Refused(r)) => {
+            let a = check
+                .budgets
+                .iter()
+                .find(|(a, _)| a.charge.counter == r.counter)
+                .map(|(a, _)| a);
+            let message = match a {
+                Some(a) => format!(
+                    "{} is exhausted: the budget is {}, {} is spent and {} reserved, and this request needs up to {}; it resets at {}",
+                    a.label,
+                    dollars(a.charge.limit),
+                    dollars(r.balance.spent),
+                    dollars(r.balance.reserved),
+                    dollars(amount),
+                    period::format_utc(a.resets_ms)
+                ),
+                None => format!("the budget `{}` is exhausted", r.counter.key),
+            };
+            Ok(Err(Refused {
+                message,
+                resets_ms: a.map_or(0, |a| a.resets_ms),
+                store_unavailable: false,
+            }))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -577,7 +728,7 @@ impl RequestBudget {
 
     /// Reserve the estimated cost of an attempt on model `m`. Any previous
     /// hold is released first. `Err` says why, the message for the client.
-    pub fn reserve(&self, p: &Policy, m: ModelId, id: &str) -> Result<(), Refused> {
+    pub async fn reserve(&self, p: &Policy, m: ModelId, id: &str) -> Result<(), Refused> {
         self.release();
         let Some(model) = p.model(m) else {
             return Ok(());
@@ -585,7 +736,11 @@ impl RequestBudget {
         let input = self.input_tokens(model);
         let amount = estimate::estimate_cost(model, self.endpoint, input, self.max_tokens);
         let now = crate::state::now_ms();
-        match self.budgets.reserve(&self.check, id, amount, now) {
+        let reserved = self
+            .budgets
+            .reserve_off_loop(&self.check, id, amount, now)
+            .await;
+        match reserved {
             Ok(Ok(r)) => {
                 if let Ok(mut h) = self.hold.lock() {
                     *h = Some(Hold {
@@ -618,26 +773,68 @@ impl RequestBudget {
         }
     }
 
-    /// Release the current attempt's reservation, if any.
+    /// Release the current attempt's reservation, if any, off the event
+    /// loop and not waited for: it expires by itself if the release fails.
     pub fn release(&self) {
         let hold = self.hold.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = hold {
-            if let Err(e) = self.budgets.release(&h.reservation) {
-                // It expires by itself; the money is only held until then.
-                tracing::warn!(tenant = %self.tenant, "cannot release a budget reservation: {e}");
-            }
+            self.budgets
+                .release_detached(h.reservation, self.tenant.clone());
         }
     }
 
     /// Settle the current attempt at its actual cost: the provider's usage
     /// (`prompt`, `completion`) when it reported one, else our input count
-    /// and `counted_output`. Returns the actual cost.
-    pub fn settle(
+    /// and `counted_output`. Returns the actual cost once the spend is
+    /// recorded (spooled, or in the store, whose call runs off the event loop).
+    pub async fn settle(
         &self,
         p: &Policy,
         usage: Option<(u64, u64)>,
         counted_output: u64,
     ) -> Option<Micros> {
+        let (reservation, entry) = self.settled(p, usage, counted_output)?;
+        let actual = entry.actual;
+        if let Err(e) = self.budgets.settle_off_loop(reservation, entry).await {
+            tracing::error!(tenant = %self.tenant, "cannot record spend {}: {e}", dollars(actual));
+        }
+        Some(actual)
+    }
+
+    /// [`RequestBudget::settle`] for a stream's end, which is noticed in a
+    /// poll: the spend is worked out and, when no budget applies, spooled
+    /// here; the store call, when there is one, is the returned future (run
+    /// off the event loop), for the stream to await before its last bytes
+    /// go out, so a client that saw the whole stream finds it recorded.
+    pub fn settle_in_poll(
+        &self,
+        p: &Policy,
+        usage: Option<(u64, u64)>,
+        counted_output: u64,
+    ) -> Option<(Micros, Option<StoreCall>)> {
+        let (reservation, entry) = self.settled(p, usage, counted_output)?;
+        let actual = entry.actual;
+        let entry = match self.budgets.spooled(&reservation, entry) {
+            None => return Some((actual, None)),
+            Some(entry) => entry,
+        };
+        let store = Arc::clone(&self.budgets.store);
+        let tenant = self.tenant.clone();
+        let call = Box::pin(async move {
+            if let Err(e) = off_loop(move || store.settle(&reservation, &entry)).await {
+                tracing::error!(tenant = %tenant, "cannot record spend {}: {e}", dollars(actual));
+            }
+        });
+        Some((actual, Some(call)))
+    }
+
+    /// The held reservation and the ledger entry that settles it.
+    fn settled(
+        &self,
+        p: &Policy,
+        usage: Option<(u64, u64)>,
+        counted_output: u64,
+    ) -> Option<(Reservation, LedgerEntry)> {
         let h = self.hold.lock().ok().and_then(|mut h| h.take())?;
         let model = p.model_by_name(&h.model).and_then(|id| p.model(id));
         let (input, output) = usage.unwrap_or((h.input_tokens, counted_output));
@@ -656,10 +853,7 @@ impl RequestBudget {
             estimated: h.reservation.amount,
             actual,
         };
-        if let Err(e) = self.budgets.settle(&h.reservation, entry) {
-            tracing::error!(tenant = %self.tenant, "cannot record spend {}: {e}", dollars(actual));
-        }
-        Some(actual)
+        Some((h.reservation, entry))
     }
 }
 

@@ -332,3 +332,86 @@ async fn a_store_error_when_reserving_is_a_503_and_no_fallback() {
     assert!(a.bodies.lock().unwrap().is_empty());
     assert!(b.bodies.lock().unwrap().is_empty());
 }
+
+/// A store that takes its time to reserve, as SQLite does while another
+/// process holds the write lock (up to its busy timeout).
+struct SlowReserve(Arc<dyn BudgetStore>, Duration);
+
+impl BudgetStore for SlowReserve {
+    fn reserve(
+        &self,
+        id: &str,
+        charges: &[state::Charge],
+        amount: u64,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<state::Reservation, state::StateError> {
+        std::thread::sleep(self.1);
+        self.0.reserve(id, charges, amount, now_ms, ttl_ms)
+    }
+    fn settle(
+        &self,
+        r: &state::Reservation,
+        e: &state::LedgerEntry,
+    ) -> Result<bool, state::StateError> {
+        self.0.settle(r, e)
+    }
+    fn release(&self, r: &state::Reservation) -> Result<(), state::StateError> {
+        self.0.release(r)
+    }
+    fn balance(
+        &self,
+        c: &state::Counter,
+        now_ms: i64,
+    ) -> Result<state::Balance, state::StateError> {
+        self.0.balance(c, now_ms)
+    }
+    fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<state::LedgerEntry>, state::StateError> {
+        self.0.ledger(since_ms)
+    }
+    fn open_reservations(&self, now_ms: i64) -> Result<usize, state::StateError> {
+        self.0.open_reservations(now_ms)
+    }
+}
+
+/// A store that waits does not stall the worker: other requests, and the
+/// health check, are answered meanwhile. (The test runs on one thread, as a
+/// gateway worker does: a store call on the event loop would hold both.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_store_stalls_only_its_own_request() {
+    let a = upstream("a", |_| Act::Ok).await;
+    let store = Arc::new(SlowReserve(
+        state::open(&state::Backend::Memory).unwrap(),
+        Duration::from_millis(1500),
+    ));
+    let gw = start(
+        &config(&[("pa", &a.url)]),
+        store.clone(),
+        &[("model-a", "pa")],
+    )
+    .await;
+    let body = json!({ "model": "auto", "max_tokens": 20,
+                       "messages": [{ "role": "user", "content": "hi" }] });
+    let slow = tokio::spawn(gw.chat("sk-demo", body).send());
+    // Timed from before the wait: a blocked loop would also hold this timer.
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let health = gw
+        .client
+        .get(format!("{}/healthz", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "the health check waited {:?} for another request's store call",
+        t0.elapsed()
+    );
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    // Its spend is recorded and nothing stays reserved.
+    assert_eq!(store.ledger(None).unwrap().len(), 1);
+    assert_eq!(store.open_reservations(state::now_ms()).unwrap(), 0);
+}

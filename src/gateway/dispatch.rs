@@ -307,7 +307,7 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
             // a retry, a fallback or a downgrade passes the budget again.
             if let Some(b) = &ctx.budget {
                 let id = format!("{}/{}", ctx.decision_id, out.attempts.len());
-                if let Err(refused) = b.reserve(rt.policy.policy(), model_id, &id) {
+                if let Err(refused) = b.reserve(rt.policy.policy(), model_id, &id).await {
                     if mp == Permit::Probe {
                         m.model_breaker.release_probe();
                     }
@@ -339,7 +339,7 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                         t0,
                         total,
                     };
-                    return respond(gw, ctx, model_id.index(), answer, out, slots);
+                    return respond(gw, ctx, model_id.index(), answer, out, slots).await;
                 }
                 Err(e) => {
                     if let Some(b) = &ctx.budget {
@@ -699,7 +699,7 @@ fn log(gw: &Gateway, ctx: &RequestCtx, mut s: Summary) {
     });
 }
 
-fn respond(
+async fn respond(
     gw: Arc<Gateway>,
     ctx: RequestCtx,
     model: usize,
@@ -756,7 +756,7 @@ fn respond(
                     _ => 0,
                 };
                 let u = usage.map(|u| (u.prompt_tokens, u.completion_tokens));
-                if let Some(actual) = b.settle(p, u, counted) {
+                if let Some(actual) = b.settle(p, u, counted).await {
                     rec.actual_cost_micros = Some(actual);
                 }
             }
@@ -781,7 +781,8 @@ fn respond(
                 rest,
                 deadline: total.map(|t| Box::pin(tokio::time::sleep_until((t0 + t).into()))),
                 relay,
-                error_event: None,
+                settling: None,
+                held: None,
                 finish: Some(StreamEnd {
                     gw,
                     ctx,
@@ -809,9 +810,12 @@ struct Forward {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Passes on whole events only, and reads the usage on the way.
     relay: Relay,
-    /// Bytes already reached the client, so a failure ends the stream with
-    /// this SSE error event instead of a fallback.
-    error_event: Option<Bytes>,
+    /// The budget store's settle, started when the stream ended: the last
+    /// bytes wait for it, so a client that saw the whole stream finds its
+    /// spend recorded (the store call itself runs off the event loop).
+    settling: Option<crate::budget::StoreCall>,
+    /// The last bytes (the final chunk, or the error event), while they wait.
+    held: Option<Bytes>,
     /// What is needed to record the outcome; taken by [`Forward::finish`].
     finish: Option<StreamEnd>,
 }
@@ -874,8 +878,9 @@ impl Forward {
                 _ => 0,
             };
             let u = usage.map(|u| (u.prompt_tokens, u.completion_tokens));
-            if let Some(actual) = b.settle(p, u, counted) {
+            if let Some((actual, call)) = b.settle_in_poll(p, u, counted) {
                 rec.actual_cost_micros = Some(actual);
+                self.settling = call;
             }
         }
         rec.error = match (&error, client_gone) {
@@ -907,15 +912,22 @@ impl hyper::body::Body for Forward {
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
-        if let Some(event) = this.error_event.take() {
-            return Poll::Ready(Some(Ok(Frame::data(event))));
+        if this.settle_pending(cx) {
+            return Poll::Pending;
+        }
+        if let Some(last) = this.held.take() {
+            return Poll::Ready(Some(Ok(Frame::data(last))));
         }
         loop {
             let out = match this.first.take() {
                 Some(first) => first,
                 None => {
                     if this.finish.is_none() {
-                        return Poll::Ready(None);
+                        return if this.settle_pending(cx) {
+                            Poll::Pending
+                        } else {
+                            Poll::Ready(None)
+                        };
                     }
                     if this
                         .deadline
@@ -925,7 +937,7 @@ impl hyper::body::Body for Forward {
                         let e = AttemptError::Timeout;
                         let event =
                             this.fail(format!("the upstream failed mid-stream: {e}"), e.code());
-                        return Poll::Ready(Some(Ok(Frame::data(event))));
+                        return this.last(event, cx);
                     }
                     // A failure drops the relay's unfinished event: the
                     // client's next bytes are the error event.
@@ -938,7 +950,7 @@ impl hyper::body::Body for Forward {
                                 "the upstream stream ended before completion".into(),
                                 "reset".into(),
                             );
-                            return Poll::Ready(Some(Ok(Frame::data(event))));
+                            return this.last(event, cx);
                         }
                     };
                     match pushed {
@@ -946,7 +958,7 @@ impl hyper::body::Body for Forward {
                         Err(e) => {
                             let event =
                                 this.fail(format!("the upstream failed mid-stream: {e}"), e.code());
-                            return Poll::Ready(Some(Ok(Frame::data(event))));
+                            return this.last(event, cx);
                         }
                     }
                 }
@@ -954,6 +966,9 @@ impl hyper::body::Body for Forward {
             if this.relay.done() {
                 // `[DONE]`: nothing after it is read; the stream ends with this chunk.
                 this.finish(None, false);
+                if !out.is_empty() {
+                    return this.last(out, cx);
+                }
             }
             if !out.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(out))));
@@ -963,10 +978,43 @@ impl hyper::body::Body for Forward {
     }
 }
 
+impl Forward {
+    /// Whether the settle started at the stream's end is still running.
+    fn settle_pending(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        let Some(call) = self.settling.as_mut() else {
+            return false;
+        };
+        if call.as_mut().poll(cx).is_pending() {
+            return true;
+        }
+        self.settling = None;
+        false
+    }
+
+    /// The stream's last bytes, once its spend is recorded.
+    fn last(
+        &mut self,
+        bytes: Bytes,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.settle_pending(cx) {
+            self.held = Some(bytes);
+            return Poll::Pending;
+        }
+        Poll::Ready(Some(Ok(Frame::data(bytes))))
+    }
+}
+
 impl Drop for Forward {
     fn drop(&mut self) {
         // Dropped before its end: the client went away (or the server is stopping).
         self.finish(None, true);
+        // Nobody polls a dropped stream: its settle runs on as a task of its
+        // own (an unpolled one would never reach the store).
+        if let (Some(call), Ok(rt)) = (self.settling.take(), tokio::runtime::Handle::try_current())
+        {
+            drop(rt.spawn(call));
+        }
     }
 }
 

@@ -664,12 +664,13 @@ async fn prepare(
     // Budgets: where they stand now decides the threshold action for `decide`.
     let check = match &gw.budgets {
         Some(b) => Some(
-            b.check(
+            b.check_off_loop(
                 rt.policy.policy(),
                 &tenant.view,
                 features.feature.as_deref(),
                 crate::state::now_ms(),
             )
+            .await
             .map_err(|e| {
                 let msg = format!("the budget store is unavailable: {e}");
                 tracing::error!(tenant = %tenant.id, "{msg}");
