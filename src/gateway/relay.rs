@@ -203,6 +203,8 @@ static USAGE_KEY: LazyLock<memchr::memmem::Finder<'static>> =
     LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
 static CONTENT_KEY: LazyLock<memchr::memmem::Finder<'static>> =
     LazyLock::new(|| memchr::memmem::Finder::new(b"\"content\""));
+static CONTENT_STARTS: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"content\":\""));
 
 /// What a tracker saw in one event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,12 +225,12 @@ impl Tracker {
             // Lossy, as the text readers are: one bad byte elsewhere in
             // the chunk must not lose the counts.
             let text = String::from_utf8_lossy(&e.data);
-            if let Ok(Some(u)) = Usage::from_openai_bytes(text.as_bytes()) {
+            if let Ok((Some(u), has_choices)) = Usage::from_openai_chunk(text.as_bytes()) {
                 self.usage = Some(u);
-                return if no_choices(text.as_bytes()) {
-                    Seen::UsageOnly
-                } else {
+                return if has_choices {
                     Seen::Other
+                } else {
+                    Seen::UsageOnly
                 };
             }
         }
@@ -266,6 +268,15 @@ impl Tracker {
 /// and whatever is not such a JSON object included, is a first token.
 fn before_first_token(data: &[u8]) -> bool {
     use serde_json::Value;
+    // Most events carry text: `"content":"` and then anything but the
+    // closing quote. Such an event is a first token whatever else it holds,
+    // and saying so needs no parse (a spelling with spaces takes the parse).
+    if CONTENT_STARTS
+        .find_iter(data)
+        .any(|at| data.get(at + CONTENT_STARTS.needle().len()) != Some(&b'"'))
+    {
+        return false;
+    }
     fn nothing(v: &Value) -> bool {
         match v {
             Value::Null => true,
@@ -297,17 +308,6 @@ fn before_first_token(data: &[u8]) -> bool {
         Some(Value::Array(choices)) => choices.iter().all(empty_choice),
         _ => false,
     }
-}
-
-/// A chunk without choices: `choices` missing, `null` or `[]`. Read only for
-/// the few events that carry usage.
-fn no_choices(data: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Chunk {
-        #[serde(default)]
-        choices: Option<Vec<serde::de::IgnoredAny>>,
-    }
-    serde_json::from_slice::<Chunk>(data).is_ok_and(|c| c.choices.is_none_or(|c| c.is_empty()))
 }
 
 #[cfg(test)]

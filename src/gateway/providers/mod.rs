@@ -57,10 +57,20 @@ impl Usage {
     /// answer's tree (everything else is only checked to be JSON). `Err`: the
     /// bytes are not JSON; `Ok(None)`: JSON without a usage object.
     pub fn from_openai_bytes(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
+        Self::from_openai_chunk(body).map(|(usage, _)| usage)
+    }
+
+    /// [`Usage::from_openai_bytes`], and whether the answer has choices (a
+    /// stream's usage-only chunk has none: `choices` missing, `null` or
+    /// `[]`), in the one pass.
+    pub fn from_openai_chunk(body: &[u8]) -> Result<(Option<Usage>, bool), serde_json::Error> {
         #[derive(serde::Deserialize)]
         struct Answer {
             #[serde(default)]
             usage: Option<Counts>,
+            /// How many; a `choices` of another type counts as none.
+            #[serde(default, deserialize_with = "lenient_len")]
+            choices: usize,
         }
         #[derive(serde::Deserialize)]
         struct Counts {
@@ -74,15 +84,60 @@ impl Usage {
             let v = <serde_json::Value as serde::Deserialize>::deserialize(d)?;
             Ok(v.as_u64().unwrap_or(0))
         }
+        /// The length of an array, walked without keeping its items; 0 for
+        /// anything else.
+        fn lenient_len<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+            use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+            struct Len;
+            impl<'de> Visitor<'de> for Len {
+                type Value = usize;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+                    let mut n = 0;
+                    while seq.next_element::<IgnoredAny>()?.is_some() {
+                        n += 1;
+                    }
+                    Ok(n)
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(0)
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<usize, E> {
+                    Ok(0)
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<usize, E> {
+                    Ok(0)
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<usize, E> {
+                    Ok(0)
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<usize, E> {
+                    Ok(0)
+                }
+                fn visit_str<E>(self, _: &str) -> Result<usize, E> {
+                    Ok(0)
+                }
+                fn visit_unit<E>(self) -> Result<usize, E> {
+                    Ok(0)
+                }
+            }
+            d.deserialize_any(Len)
+        }
         match serde_json::from_slice::<Answer>(body) {
-            Ok(a) => Ok(a.usage.map(|c| Usage {
-                prompt_tokens: c.prompt_tokens,
-                completion_tokens: c.completion_tokens,
-            })),
+            Ok(a) => Ok((
+                a.usage.map(|c| Usage {
+                    prompt_tokens: c.prompt_tokens,
+                    completion_tokens: c.completion_tokens,
+                }),
+                a.choices > 0,
+            )),
             // Valid JSON of another shape (an array, a usage that is not an
             // object) has no usage; only invalid JSON is an error.
             Err(e) if e.is_data() => {
-                serde_json::from_slice::<serde::de::IgnoredAny>(body).map(|_| None)
+                serde_json::from_slice::<serde::de::IgnoredAny>(body).map(|_| (None, false))
             }
             Err(e) => Err(e),
         }
@@ -325,6 +380,31 @@ pub fn endpoint_name(e: Endpoint) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_says_its_usage_and_whether_it_has_choices() {
+        let usage = r#""usage":{"prompt_tokens":3,"completion_tokens":4}"#;
+        let counts = Some(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 4,
+        });
+        for (choices, has) in [
+            ("", false),
+            (r#""choices":[],"#, false),
+            (r#""choices":null,"#, false),
+            (r#""choices":"odd","#, false),
+            (r#""choices":{"a":[1]},"#, false),
+            (r#""choices":[{"delta":{"content":"x"}}],"#, true),
+        ] {
+            let chunk = format!("{{{choices}{usage}}}");
+            assert_eq!(
+                Usage::from_openai_chunk(chunk.as_bytes()).unwrap(),
+                (counts, has),
+                "{chunk}"
+            );
+        }
+        assert!(Usage::from_openai_chunk(b"{\"choices\":[").is_err());
+    }
 
     #[test]
     fn the_host_header_is_what_the_client_would_send() {
