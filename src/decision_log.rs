@@ -34,8 +34,9 @@ pub struct Removed {
 pub struct Attempt {
     pub model: String,
     pub provider: String,
-    /// `ok`, an HTTP status (`429`), or `timeout`, `first_token_timeout`,
-    /// `connect`, `reset`, `breaker_open`, `stream_cut`.
+    /// `ok`, an HTTP status (`429`), or `timeout` (first token or total),
+    /// `connect`, `reset`, `protocol`, `unsupported_parameter`, `budget`,
+    /// `budget_unavailable`, `limited`, `breaker_open`, `stream_cut`.
     pub outcome: String,
     /// 0 for the first try of this model, then 1, 2, .. for retries.
     pub retry: u32,

@@ -73,7 +73,7 @@ struct CostLabels {
 struct ErrorLabels {
     model: String,
     provider: String,
-    /// An HTTP status (`429`, `503`) or `timeout`, `first_token_timeout`, `connect`, `reset`.
+    /// An HTTP status (`429`, `503`) or `timeout` (first token or total), `connect`, `reset`, `protocol`.
     /// A stream that fails after its first token reached the client counts
     /// here with its code too, while `requests` has the 200 the client got.
     code: String,
