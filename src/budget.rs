@@ -390,9 +390,18 @@ impl Budgets {
         };
         let store = Arc::clone(&self.store);
         let ttl_ms = self.ttl_ms;
-        let reserved =
-            off_loop(move || Ok(store.reserve(&id, &charges, amount, now_ms, ttl_ms))).await?;
-        answer(check, amount, reserved)
+        // The reservation is claimed by whoever awaits it; one whose waiter
+        // went away meanwhile (hyper drops a request's future when its
+        // client leaves) is released instead of held until it expires.
+        let reserved = off_loop(move || {
+            let r = store.reserve(&id, &charges, amount, now_ms, ttl_ms);
+            Ok(r.map(|r| Unclaimed {
+                store,
+                reservation: Some(r),
+            }))
+        })
+        .await?;
+        answer(check, amount, reserved.map(Unclaimed::claim))
     }
 
     /// The reservation's id and charges; `Ok` when no budget applies: a
@@ -496,6 +505,64 @@ impl Budgets {
                 tracing::warn!(tenant = %tenant, "cannot release a budget reservation: {e}");
             }
         });
+    }
+}
+
+/// A reservation the store made off the event loop, until its waiter takes
+/// it: dropped unclaimed, it is released.
+struct Unclaimed {
+    store: Arc<dyn BudgetStore>,
+    reservation: Option<Reservation>,
+}
+
+impl Unclaimed {
+    fn claim(mut self) -> Reservation {
+        self.reservation.take().unwrap_or_else(|| Reservation {
+            id: String::new(),
+            counters: Vec::new(),
+            amount: 0,
+            expires_ms: 0,
+        })
+    }
+}
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            let store = Arc::clone(&self.store);
+            detached(move || {
+                if let Err(e) = store.release(&r) {
+                    tracing::warn!("cannot release an unclaimed budget reservation: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// A stream's settle, run once: by the store call it is handed to, or, when
+/// that never happens (the call dropped unpolled: a body dropped outside a
+/// runtime, or by a runtime shutting down, which drops the tasks it is
+/// handed and the blocking calls it has not started), by its own drop, here
+/// and now. Spend that reached a client is never lost.
+struct Settle {
+    store: Arc<dyn BudgetStore>,
+    job: Option<(Reservation, LedgerEntry)>,
+    tenant: String,
+}
+
+impl Settle {
+    fn run(&mut self) {
+        if let Some((r, entry)) = self.job.take() {
+            if let Err(e) = self.store.settle(&r, &entry) {
+                tracing::error!(tenant = %self.tenant, "cannot record spend {}: {e}", dollars(entry.actual));
+            }
+        }
+    }
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        self.run();
     }
 }
 
@@ -818,10 +885,18 @@ impl RequestBudget {
             None => return Some((actual, None)),
             Some(entry) => entry,
         };
-        let store = Arc::clone(&self.budgets.store);
         let tenant = self.tenant.clone();
+        let mut settle = Settle {
+            store: Arc::clone(&self.budgets.store),
+            job: Some((reservation, entry)),
+            tenant: tenant.clone(),
+        };
         let call = Box::pin(async move {
-            if let Err(e) = off_loop(move || store.settle(&reservation, &entry)).await {
+            let ran = off_loop(move || {
+                settle.run();
+                Ok(())
+            });
+            if let Err(e) = ran.await {
                 tracing::error!(tenant = %tenant, "cannot record spend {}: {e}", dollars(actual));
             }
         });
@@ -879,7 +954,7 @@ mod tests {
         })
     }
 
-    const POLICY: &str = r#"
+    pub(super) const POLICY: &str = r#"
 tenant {
   monthly_budget: number = 20
 }
@@ -1073,5 +1148,173 @@ protect {
         // In the store before any writer ran: the append failed, so the
         // settle recorded it itself.
         assert_eq!(store.ledger(None).unwrap(), vec![entry]);
+    }
+}
+
+#[cfg(test)]
+mod off_loop_tests {
+    use super::*;
+    use crate::state::memory::MemoryStore;
+    use futures_util::FutureExt;
+    use std::time::Duration;
+
+    /// A store whose reservations wait until the test lets them through.
+    #[derive(Default)]
+    struct Gated {
+        inner: MemoryStore,
+        gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+        reserved: std::sync::atomic::AtomicBool,
+    }
+
+    impl BudgetStore for Gated {
+        fn reserve(
+            &self,
+            id: &str,
+            charges: &[Charge],
+            amount: Micros,
+            now_ms: i64,
+            ttl_ms: i64,
+        ) -> Result<Reservation, StateError> {
+            if let Some(gate) = self.gate.lock().unwrap().as_ref() {
+                let _ = gate.recv();
+            }
+            let r = self.inner.reserve(id, charges, amount, now_ms, ttl_ms);
+            self.reserved
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            r
+        }
+        fn settle(&self, r: &Reservation, entry: &LedgerEntry) -> Result<bool, StateError> {
+            self.inner.settle(r, entry)
+        }
+        fn release(&self, r: &Reservation) -> Result<(), StateError> {
+            self.inner.release(r)
+        }
+        fn balance(&self, c: &Counter, now_ms: i64) -> Result<Balance, StateError> {
+            self.inner.balance(c, now_ms)
+        }
+        fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<LedgerEntry>, StateError> {
+            self.inner.ledger(since_ms)
+        }
+        fn open_reservations(&self, now_ms: i64) -> Result<usize, StateError> {
+            self.inner.open_reservations(now_ms)
+        }
+    }
+
+    fn policy() -> crate::compile::CompiledPolicy {
+        let mut sources = crate::source::Sources::default();
+        sources.add("p.route", super::tests::POLICY.to_string());
+        crate::compile::compile(&sources).unwrap_or_else(|_| panic!("the policy compiles"))
+    }
+
+    /// A request's budget against `store`, and the counter of its monthly budget.
+    fn request(
+        p: &crate::compile::CompiledPolicy,
+        store: Arc<Gated>,
+    ) -> (RequestBudget, Counter, i64) {
+        let t = p.tenant("acme", &serde_json::Map::new()).unwrap();
+        let budgets = Arc::new(Budgets::new(store));
+        let now = crate::state::now_ms();
+        let check = budgets.check(p.policy(), &t, None, now).unwrap();
+        let counter = check.budgets[0].0.charge.counter.clone();
+        let rb = RequestBudget::new(
+            budgets,
+            check,
+            p.policy(),
+            "acme",
+            None,
+            Endpoint::Chat,
+            Some(100),
+            10,
+            None,
+            &[],
+        );
+        (rb, counter, now)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_reservation_made_after_its_request_went_away_is_released() {
+        let p = policy();
+        let (open, gate) = std::sync::mpsc::channel();
+        let store = Arc::new(Gated::default());
+        *store.gate.lock().unwrap() = Some(gate);
+        let (rb, counter, now) = request(&p, store.clone());
+        let m = p.policy().model_by_name("cheap").unwrap();
+        runtime().block_on(async {
+            // The client goes away while the store is still reserving
+            // (hyper drops the request's future).
+            let gone = tokio::time::timeout(
+                Duration::from_millis(20),
+                rb.reserve(p.policy(), m, "gone/0"),
+            )
+            .await;
+            assert!(gone.is_err());
+            drop(rb);
+            open.send(()).unwrap();
+            let mut left = 0;
+            for _ in 0..200 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                left = store.inner.balance(&counter, now).unwrap().reserved;
+                if store.reserved.load(std::sync::atomic::Ordering::SeqCst) && left == 0 {
+                    break;
+                }
+            }
+            assert!(store.reserved.load(std::sync::atomic::Ordering::SeqCst));
+            assert_eq!(left, 0, "nobody holds this reservation any more");
+        });
+    }
+
+    /// A stream's body dropped with its settle not run yet hands the settle
+    /// to the runtime, as `dispatch::Forward` does.
+    struct Body(Option<StoreCall>);
+
+    impl Drop for Body {
+        fn drop(&mut self) {
+            if let (Some(call), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+                drop(rt.spawn(call));
+            }
+        }
+    }
+
+    #[test]
+    fn a_streams_settle_is_recorded_however_its_body_is_dropped() {
+        let p = policy();
+        let m = p.policy().model_by_name("cheap").unwrap();
+        for case in ["runtime shut down", "dropped unpolled"] {
+            let store = Arc::new(Gated::default());
+            let (rb, counter, now) = request(&p, store.clone());
+            // Outside a runtime the store call runs at once.
+            let reserved = rb.reserve(p.policy(), m, "s/0").now_or_never();
+            assert!(matches!(reserved, Some(Ok(()))), "{case}");
+            let (actual, call) = rb
+                .settle_in_poll(p.policy(), Some((1_000, 1_000)), 0)
+                .unwrap();
+            let call = call.unwrap();
+            assert!(actual > 0);
+            match case {
+                "dropped unpolled" => drop(Body(Some(call))),
+                _ => {
+                    // SIGTERM: `serve` returns and the worker's runtime is
+                    // dropped with its connections' tasks, streams included.
+                    let rt = runtime();
+                    rt.block_on(async {
+                        tokio::spawn(async move {
+                            let _body = Body(Some(call));
+                            std::future::pending::<()>().await;
+                        });
+                        tokio::task::yield_now().await;
+                    });
+                    drop(rt);
+                }
+            }
+            let b = store.inner.balance(&counter, now).unwrap();
+            assert_eq!((b.spent, b.reserved), (actual, 0), "{case}");
+        }
     }
 }
