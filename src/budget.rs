@@ -495,16 +495,21 @@ impl Budgets {
 
     /// [`Budgets::release`] off the event loop, not waited for: a failed
     /// release holds the money only until the reservation expires.
-    pub fn release_detached(&self, r: Reservation, tenant: String) {
+    /// The handle, while the release runs, says when it is done.
+    pub fn release_detached(
+        &self,
+        r: Reservation,
+        tenant: String,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         if r.counters.is_empty() {
-            return;
+            return None;
         }
         let store = Arc::clone(&self.store);
         detached(move || {
             if let Err(e) = store.release(&r) {
                 tracing::warn!(tenant = %tenant, "cannot release a budget reservation: {e}");
             }
-        });
+        })
     }
 }
 
@@ -530,11 +535,11 @@ impl Drop for Unclaimed {
     fn drop(&mut self) {
         if let Some(r) = self.reservation.take() {
             let store = Arc::clone(&self.store);
-            detached(move || {
+            drop(detached(move || {
                 if let Err(e) = store.release(&r) {
                     tracing::warn!("cannot release an unclaimed budget reservation: {e}");
                 }
-            });
+            }));
         }
     }
 }
@@ -604,10 +609,14 @@ pub async fn off_loop<T: Send + 'static>(
 
 /// [`off_loop`] for what nobody waits for (a release: the reservation
 /// expires by itself if it fails).
-fn detached(f: impl FnOnce() + Send + 'static) {
+/// The handle says when it is done, for whoever must come after it.
+fn detached(f: impl FnOnce() + Send + 'static) -> Option<tokio::task::JoinHandle<()>> {
     match tokio::runtime::Handle::try_current() {
-        Ok(rt) => drop(rt.spawn_blocking(f)),
-        Err(_) => f(),
+        Ok(rt) => Some(rt.spawn_blocking(f)),
+        Err(_) => {
+            f();
+            None
+        }
     }
 }
 
@@ -732,6 +741,9 @@ pub struct RequestBudget {
     tokens: Vec<(Tokenizer, u64)>,
     fallback_tokens: u64,
     hold: Mutex<Option<Hold>>,
+    /// The previous attempt's release while it runs: the next reservation
+    /// waits for it, or it could be refused for money nobody holds any more.
+    releasing: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Why the last reservation was refused.
     refused: Mutex<Option<Refused>>,
 }
@@ -771,6 +783,7 @@ impl RequestBudget {
             tokens,
             fallback_tokens,
             hold: Mutex::new(None),
+            releasing: Mutex::new(None),
             refused: Mutex::new(None),
         }
     }
@@ -797,6 +810,12 @@ impl RequestBudget {
     /// hold is released first. `Err` says why, the message for the client.
     pub async fn reserve(&self, p: &Policy, m: ModelId, id: &str) -> Result<(), Refused> {
         self.release();
+        let releasing = self.releasing.lock().ok().and_then(|mut r| r.take());
+        if let Some(releasing) = releasing {
+            // A failed release is logged where it ran; the money is held
+            // until the reservation expires, whatever this waits for.
+            let _ = releasing.await;
+        }
         let Some(model) = p.model(m) else {
             return Ok(());
         };
@@ -845,8 +864,12 @@ impl RequestBudget {
     pub fn release(&self) {
         let hold = self.hold.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = hold {
-            self.budgets
+            let releasing = self
+                .budgets
                 .release_detached(h.reservation, self.tenant.clone());
+            if let (Some(releasing), Ok(mut r)) = (releasing, self.releasing.lock()) {
+                *r = Some(releasing);
+            }
         }
     }
 
@@ -1164,6 +1187,7 @@ mod off_loop_tests {
         inner: MemoryStore,
         gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
         reserved: std::sync::atomic::AtomicBool,
+        release_gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     }
 
     impl BudgetStore for Gated {
@@ -1187,6 +1211,9 @@ mod off_loop_tests {
             self.inner.settle(r, entry)
         }
         fn release(&self, r: &Reservation) -> Result<(), StateError> {
+            if let Some(gate) = self.release_gate.lock().unwrap().as_ref() {
+                let _ = gate.recv();
+            }
             self.inner.release(r)
         }
         fn balance(&self, c: &Counter, now_ms: i64) -> Result<Balance, StateError> {
@@ -1267,6 +1294,46 @@ mod off_loop_tests {
             }
             assert!(store.reserved.load(std::sync::atomic::Ordering::SeqCst));
             assert_eq!(left, 0, "nobody holds this reservation any more");
+        });
+    }
+
+    #[test]
+    fn the_next_attempt_reserves_after_the_previous_one_is_released() {
+        let p = policy();
+        // Room for one attempt's estimate, not two.
+        let mut attrs = serde_json::Map::new();
+        attrs.insert("monthly_budget".into(), serde_json::json!(0.0003));
+        let t = p.tenant("tight", &attrs).unwrap();
+        let (open, gate) = std::sync::mpsc::channel();
+        let store = Arc::new(Gated::default());
+        *store.release_gate.lock().unwrap() = Some(gate);
+        let budgets = Arc::new(Budgets::new(store.clone()));
+        let now = crate::state::now_ms();
+        let check = budgets.check(p.policy(), &t, None, now).unwrap();
+        let rb = RequestBudget::new(
+            budgets,
+            check,
+            p.policy(),
+            "tight",
+            None,
+            Endpoint::Chat,
+            Some(100),
+            10,
+            None,
+            &[],
+        );
+        let m = p.policy().model_by_name("cheap").unwrap();
+        runtime().block_on(async {
+            assert!(rb.reserve(p.policy(), m, "r/0").await.is_ok());
+            // The attempt failed: dispatch releases, and falls back at once
+            // while the store (a Redis round trip away) is still releasing.
+            rb.release();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = open.send(());
+            });
+            let next = rb.reserve(p.policy(), m, "r/1").await;
+            assert!(next.is_ok(), "{:?}", next.err().map(|r| r.message));
         });
     }
 
