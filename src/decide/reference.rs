@@ -509,7 +509,8 @@ pub fn decide(
     let guarded = action == Some(BudgetAction::ConfirmPremium)
         || (action == Some(BudgetAction::Downgrade) && s.premium_needs_confirmation());
     if guarded && !r.confirmed {
-        if requested_model.is_some_and(is_premium) {
+        // The named model, unless a downgrade replaced it.
+        if requested_model.is_some_and(|m| is_premium(m) && order.contains(&m)) {
             d.outcome = Err(Denial::ConfirmationRequired);
             return d;
         }
