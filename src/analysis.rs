@@ -121,9 +121,18 @@ fn allowed_lints(sources: &Sources, files: &[FileAst]) -> (Allowed, Vec<Diagnost
                 .filter(|n| !n.is_empty())
                 .collect();
             for n in names.iter().filter(|n| !lints().any(|l| l == n.as_str())) {
-                let is_error = crate::render::rule(n).is_some();
+                // `rule` also finds lints, and by their `route::` code too.
+                let is_error = crate::render::rule(n)
+                    .is_some_and(|r| r.severity == crate::diag::Severity::Error);
+                let code_of_lint = n
+                    .strip_prefix("route::")
+                    .filter(|b| lints().any(|l| l == *b));
                 let help = match crate::diag::did_you_mean(n, lints()) {
                     _ if is_error => "errors cannot be allowed: fix what it reports".to_string(),
+                    _ if code_of_lint.is_some() => format!(
+                        "name the lint without `route::`: `allow({})`",
+                        code_of_lint.unwrap_or_default()
+                    ),
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!(
                         "lints that can be allowed: {}",

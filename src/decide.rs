@@ -891,13 +891,15 @@ pub(crate) fn run<T: Tracer>(
 }
 
 /// Premium models leave the attempts until the client confirms; a premium
-/// model the client named, or nothing left, needs the confirmation.
+/// model the client named, or nothing left, needs the confirmation. A named
+/// model a downgrade already replaced is not asked about: confirming it
+/// would not bring it back.
 fn without_premium(
     p: &CompiledPolicy,
     explicit: Option<ModelId>,
     attempts: &mut Vec<ModelId>,
 ) -> Result<(), Denial> {
-    if explicit.is_some_and(|m| p.premium.contains(m)) {
+    if explicit.is_some_and(|m| p.premium.contains(m) && attempts.contains(&m)) {
         return Err(Denial::ConfirmationRequired);
     }
     attempts.retain(|m| !p.premium.contains(*m));

@@ -964,10 +964,14 @@ fn unused_providers(policy: &crate::ir::Policy, config: &Config) -> Vec<String> 
         .filter_map(|m| policy.provider(m.provider))
         .map(|p| p.name.as_str())
         .collect();
+    // A provider the policy declares without models must have its entry
+    // (see `missing` above), and the policy's `unused-provider` lint
+    // already says it has no models: no "delete it" here.
+    let declared = |name: &str| policy.providers.iter().any(|p| p.name == name);
     config
         .providers
         .iter()
-        .filter(|c| !used.contains(&c.name.as_str()))
+        .filter(|c| !used.contains(&c.name.as_str()) && !declared(&c.name))
         .map(|c| {
             let hint = match crate::diag::did_you_mean(&c.name, used.iter().copied()) {
                 Some(m) => format!("did you mean `{m}`?"),
@@ -1363,6 +1367,47 @@ mod tests {
             ),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_provider_the_policy_declares_without_models_is_not_called_unused_in_the_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::create_dir_all(dir.join("policy")).unwrap();
+        std::fs::write(
+            dir.join("policy/main.route"),
+            "provider mock { region us }\nprovider spare { region us }\nmodel m { provider mock kind chat }\nclassify { chat otherwise }\nroute chat { candidates [m] }\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("gateway.yaml"),
+            "listen: 127.0.0.1:0\npolicy: policy\nproviders:\n  - { name: mock, kind: mock }\n  - { name: spare, kind: mock }\n  - { name: extra, kind: mock }\n",
+        )
+        .unwrap();
+        let config = Arc::new(Config::load(&dir.join("gateway.yaml")).unwrap());
+        let paths = Paths {
+            policy: config.policy.clone(),
+            config: Some(config.path.clone()),
+        };
+        let store = match PolicyStore::load(paths, served_builder(Arc::clone(&config)), None) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}\n{}", e.rendered),
+        };
+        let warnings = store.current().warnings.join("\n");
+        // The config must have `spare` (without it the build fails), so it
+        // is not called unused; the policy's lint speaks for it.
+        assert!(
+            warnings.contains("provider `spare` has no models"),
+            "{warnings}"
+        );
+        assert!(
+            !warnings.contains("provider `spare` is not used"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("provider `extra` is not used"),
+            "{warnings}"
+        );
     }
 
     #[tokio::test]

@@ -239,16 +239,19 @@ fn example_policies_match_the_reference() {
                         },
                     );
                 }
+                let budget = [
+                    None,
+                    None,
+                    Some(BudgetAction::Warn),
+                    Some(BudgetAction::ConfirmPremium),
+                    Some(BudgetAction::Downgrade),
+                    Some(BudgetAction::Block),
+                ][rng.random_range(0..6)];
                 let stats = gen::GenStats {
                     models,
-                    budget: [
-                        None,
-                        None,
-                        Some(BudgetAction::Warn),
-                        Some(BudgetAction::ConfirmPremium),
-                        Some(BudgetAction::Downgrade),
-                        Some(BudgetAction::Block),
-                    ][rng.random_range(0..6)],
+                    budget,
+                    confirm_premium: budget == Some(BudgetAction::Downgrade)
+                        && rng.random_bool(0.5),
                 };
                 let got = decide(&p, &t, &r, &stats);
                 let want = reference::decide(&p, &id, t.values(), &r, &stats);

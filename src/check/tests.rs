@@ -201,6 +201,28 @@ fn lints_can_be_allowed_inline() {
         &format!("{H}classify {{ chat otherwise }}\n// allow(empty-route)\nroute chat {{ }}"),
         &["unknown-lint@8", "empty-route@9"],
     );
+    let told = |allow: &str| {
+        let d = message(
+            &format!("{H}classify {{ chat otherwise }}\n// allow({allow})\nroute chat {{ candidates [a] }}"),
+            "unknown-lint",
+        );
+        (d.message, d.help.unwrap_or_default())
+    };
+    assert_eq!(
+        told("empty-route"),
+        (
+            "`empty-route` is an error, not a lint".to_string(),
+            "errors cannot be allowed: fix what it reports".to_string()
+        )
+    );
+    // A lint written as the code its warnings show is a lint, not an error.
+    assert_eq!(
+        told("route::single-candidate"),
+        (
+            "`route::single-candidate` is not a lint".to_string(),
+            "name the lint without `route::`: `allow(single-candidate)`".to_string()
+        )
+    );
 }
 
 #[test]

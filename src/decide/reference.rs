@@ -208,7 +208,8 @@ impl Env<'_> {
     }
 }
 
-/// The models layer 1 allows: enabled, and removed by no firing constraint.
+/// The models layer 1 allows: enabled, of a kind that serves the request's
+/// endpoint, and removed by no firing constraint.
 pub fn allowed(
     p: &CompiledPolicy,
     tenant_id: &str,
@@ -224,7 +225,11 @@ pub fn allowed(
     };
     (0..policy.models.len())
         .map(|i| ModelId(i as u32))
-        .filter(|m| policy.model(*m).is_some_and(|x| x.enabled))
+        .filter(|m| {
+            policy
+                .model(*m)
+                .is_some_and(|x| x.enabled && x.kind.serves(r.endpoint))
+        })
         .filter(|m| {
             !policy
                 .constraints
@@ -509,7 +514,8 @@ pub fn decide(
     let guarded = action == Some(BudgetAction::ConfirmPremium)
         || (action == Some(BudgetAction::Downgrade) && s.premium_needs_confirmation());
     if guarded && !r.confirmed {
-        if requested_model.is_some_and(is_premium) {
+        // The named model, unless a downgrade replaced it.
+        if requested_model.is_some_and(|m| is_premium(m) && order.contains(&m)) {
             d.outcome = Err(Denial::ConfirmationRequired);
             return d;
         }

@@ -415,17 +415,50 @@ fn a_downgrade_keeps_the_premium_guard_of_a_lower_threshold() {
         feature: Some("code".into()),
         ..req(Some("big"))
     };
+    // The downgrade already replaced the named premium model with cheaper
+    // ones: nothing premium is left to confirm, and confirming would not
+    // bring it back, so the request is served as the downgrade alone serves it.
     let d = both(&f, &t, &code, &Both(true));
+    assert_eq!(d.outcome, Ok(()));
+    assert_eq!(names(&f, &d), ["mini", "sonnet", "local"]);
+    let d = both(&f, &t, &code, &Both(false));
+    assert_eq!(names(&f, &d), ["mini", "sonnet", "local"]);
+
+    // A downgrade list with a premium model in it: the guard removes it, and
+    // a request naming it needs the confirmation.
+    let mut b = Builder::new();
+    let us = b.provider("openai", "us");
+    let top = b.model("top", us, 20.0, 60.0, 0.99, Tier::Premium);
+    let big = b.model("big", us, 10.0, 30.0, 0.95, Tier::Premium);
+    let cheap = b.model("cheap", us, 0.1, 0.1, 0.5, Tier::Standard);
+    b.classify("chat", None);
+    b.route(RouteSpec {
+        intent: "chat".into(),
+        candidates: vec![top],
+        downgrade: vec![big, cheap],
+        ..Default::default()
+    });
+    let mut src = Sources::new();
+    src.add("guard.route", "");
+    let g = Fixture {
+        p: compile_policy(b.p, src),
+        ..f
+    };
+    let t = g.p.tenant("t1", &serde_json::Map::new()).unwrap();
+    let d = both(&g, &t, &req(None), &Both(false));
+    assert_eq!(names(&g, &d), ["big", "cheap"]);
+    let d = both(&g, &t, &req(None), &Both(true));
+    assert_eq!(names(&g, &d), ["cheap"]);
+    let d = both(&g, &t, &req(Some("top")), &Both(true));
+    assert_eq!(names(&g, &d), ["cheap"]);
+    let d = both(&g, &t, &req(Some("big")), &Both(true));
     assert_eq!(d.outcome, Err(Denial::ConfirmationRequired));
     let confirmed = RequestFeatures {
         confirmed: true,
-        ..code.clone()
+        ..req(Some("big"))
     };
-    let d = both(&f, &t, &confirmed, &Both(true));
-    assert_eq!(d.outcome, Ok(()));
-    // Without a confirm threshold the downgrade alone decides, as before.
-    let d = both(&f, &t, &code, &Both(false));
-    assert_eq!(d.outcome, Ok(()));
+    let d = both(&g, &t, &confirmed, &Both(true));
+    assert_eq!(names(&g, &d), ["big", "cheap"]);
 }
 
 #[test]

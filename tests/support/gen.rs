@@ -215,6 +215,15 @@ pub fn policy(seed: u64) -> Generated {
         );
         let model = &mut b.p.models[m.index()];
         model.enabled = rng.random_bool(0.9);
+        // Mostly chat; the others serve other endpoints or none (video).
+        if rng.random_bool(0.3) {
+            model.kind = [
+                ModelKind::Embeddings,
+                ModelKind::Image,
+                ModelKind::Audio,
+                ModelKind::Video,
+            ][rng.random_range(0..4)];
+        }
         if rng.random_bool(0.3) {
             model.max_output = Some(rng.random_range(1..5) * 1000);
         }
@@ -400,6 +409,8 @@ pub fn request(seed: u64, g: &Generated) -> RequestFeatures {
 pub struct GenStats {
     pub models: HashMap<u32, ModelStats>,
     pub budget: Option<BudgetAction>,
+    /// A `confirm premium` threshold is crossed below a stronger action.
+    pub confirm_premium: bool,
 }
 
 impl Stats for GenStats {
@@ -408,6 +419,9 @@ impl Stats for GenStats {
     }
     fn budget_action(&self) -> Option<BudgetAction> {
         self.budget
+    }
+    fn premium_needs_confirmation(&self) -> bool {
+        self.confirm_premium || self.budget == Some(BudgetAction::ConfirmPremium)
     }
 }
 
@@ -444,7 +458,12 @@ pub fn stats(seed: u64, g: &Generated) -> GenStats {
         3 => Some(BudgetAction::Block),
         _ => None,
     };
-    GenStats { models, budget }
+    let confirm_premium = budget > Some(BudgetAction::ConfirmPremium) && rng.random_bool(0.5);
+    GenStats {
+        models,
+        budget,
+        confirm_premium,
+    }
 }
 
 /// A policy with `rules` rules, half constraints and half classification
