@@ -508,3 +508,38 @@ route chat { candidates [vectors, chatty] score 1 * price }
     // Only the chat request reached the upstream.
     assert_eq!(a.bodies.lock().unwrap().len(), 1);
 }
+
+/// A client that leaves while its request is the breaker's one probe does
+/// not leave the breaker half-open with the probe taken: the next request
+/// probes again (before, the model stayed shut until a restart).
+#[tokio::test]
+async fn a_probe_whose_client_left_gives_its_turn_back() {
+    // 1st: a failure opens the breaker; 2nd (the probe): hangs; then healthy.
+    let a = upstream("a", |n| match n {
+        0 => Act::Status(500, None),
+        1 => Act::Slow(Duration::from_secs(30)),
+        _ => Act::Ok,
+    })
+    .await;
+    let protect =
+        "protect { breaker per model open after 1 failures within 10s, probe after 50ms }";
+    let gw = gateway(
+        &config(&[("pa", &a.url)]),
+        policy(&[("model-a", "pa")], protect),
+    )
+    .await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The probe: the client gives up after 300 ms and closes the connection.
+    let gone = gw
+        .chat("sk-demo", hello())
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the probe should have hung");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the breaker kept the lost probe");
+    assert_eq!(header(&r, "x-routeplane-model"), "model-a");
+}

@@ -6,7 +6,7 @@
 //! model and per provider by name, so they survive policy reloads.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::engine::BreakerState;
@@ -135,9 +135,64 @@ impl Breaker {
     }
 }
 
+/// The probes one attempt holds (its model's breaker, its provider's, or
+/// both, when half-open). Dropping it gives back a probe that got no
+/// verdict: a request whose future is dropped mid-probe (the client left, a
+/// limit or the budget refused the attempt, the server stops) must not leave
+/// its breaker half-open with the probe taken, shut for good. After a
+/// verdict (`record`) the breaker is closed or open again, and giving the
+/// probe back changes nothing.
+#[derive(Default)]
+pub struct Probes(Vec<Arc<Breaker>>);
+
+impl Probes {
+    /// Hold the probes among the attempt's permits (none for `Normal`).
+    pub fn of(permits: [(Permit, &Arc<Breaker>); 2]) -> Probes {
+        Probes(
+            permits
+                .into_iter()
+                .filter(|(p, _)| *p == Permit::Probe)
+                .map(|(_, b)| Arc::clone(b))
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        for b in &self.0 {
+            b.release_probe();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_probe_dropped_without_a_verdict_gives_its_turn_back() {
+        let cfg = BreakerConfig {
+            failures: 1,
+            window: Duration::from_secs(10),
+            cooldown: Duration::from_millis(10),
+        };
+        let b = Arc::new(Breaker::default());
+        let t0 = Instant::now();
+        b.record(&cfg, false, t0);
+        let later = t0 + Duration::from_millis(20);
+        let probe = b.try_acquire(later).unwrap();
+        assert_eq!(probe, Permit::Probe);
+        assert_eq!(b.try_acquire(later), None, "one probe at a time");
+        // The request holding the probe goes away with no verdict.
+        drop(Probes::of([(probe, &b), (Permit::Normal, &b)]));
+        assert_eq!(b.try_acquire(later), Some(Permit::Probe));
+        // A verdict stands: giving the probe back afterwards changes nothing.
+        let held = Probes::of([(Permit::Probe, &b), (Permit::Normal, &b)]);
+        b.record(&cfg, true, later);
+        drop(held);
+        assert_eq!(b.state(later), BreakerState::Closed);
+    }
 
     #[test]
     fn opens_after_failures_in_window_then_probes_once() {

@@ -20,7 +20,7 @@ use hyper::body::Frame;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
 
-use super::breaker::Permit;
+use super::breaker::{Permit, Probes};
 use super::engine::{Decision, RequestFeatures};
 use super::error::{full, ApiError, Body};
 use super::limits::Slot;
@@ -106,6 +106,8 @@ struct Answer {
     t0: Instant,
     /// The policy's total timeout.
     total: Option<Duration>,
+    /// The breaker probes the attempt holds, until its outcome is recorded.
+    probes: Probes,
 }
 
 fn retry_matches(e: &AttemptError, on: &[RetryOn]) -> bool {
@@ -289,15 +291,12 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                     .push(att(m, "provider_breaker_open".into(), tries, 0));
                 break;
             };
+            // Given back if this attempt ends without a verdict, however it
+            // ends (a limit, the budget, a client error, the client leaving).
+            let probes = Probes::of([(mp, &m.model_breaker), (pp, &m.provider_breaker)]);
             let slots = match take_limits(&gw, &rt, m, ctx.features.input_tokens, now) {
                 Ok(s) => s,
                 Err(wait) => {
-                    if mp == Permit::Probe {
-                        m.model_breaker.release_probe();
-                    }
-                    if pp == Permit::Probe {
-                        m.provider_breaker.release_probe();
-                    }
                     out.limited = Some(out.limited.map_or(wait, |w| w.min(wait)));
                     out.attempts.push(att(m, "limited".into(), tries, 0));
                     break;
@@ -308,12 +307,6 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
             if let Some(b) = &ctx.budget {
                 let id = format!("{}/{}", ctx.decision_id, out.attempts.len());
                 if let Err(refused) = b.reserve(rt.policy.policy(), model_id, &id).await {
-                    if mp == Permit::Probe {
-                        m.model_breaker.release_probe();
-                    }
-                    if pp == Permit::Probe {
-                        m.provider_breaker.release_probe();
-                    }
                     drop(slots);
                     if refused.store_unavailable {
                         // The next model would ask the same store.
@@ -338,6 +331,7 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                         relay,
                         t0,
                         total,
+                        probes,
                     };
                     return respond(gw, ctx, model_id.index(), answer, out, slots).await;
                 }
@@ -349,13 +343,8 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
                         // Refused for what the request asks, not because the
                         // upstream is unwell: neither the breakers nor the live
                         // success rate hear of it, or one client sending bad
-                        // requests could open a breaker for every tenant.
-                        if mp == Permit::Probe {
-                            m.model_breaker.release_probe();
-                        }
-                        if pp == Permit::Probe {
-                            m.provider_breaker.release_probe();
-                        }
+                        // requests could open a breaker for every tenant. A
+                        // probe is given back when `probes` goes.
                     } else {
                         record_result(&gw, &rt, m, false, None, None);
                     }
@@ -712,6 +701,7 @@ async fn respond(
         relay,
         t0,
         total,
+        probes,
     } = answer;
     let rt = ctx.rt.clone();
     let Some(m) = rt.models.get(model) else {
@@ -791,6 +781,7 @@ async fn respond(
                     t0,
                     out,
                     slots,
+                    probes,
                 }),
             };
             let (parts, ()) = head.into_parts();
@@ -829,6 +820,9 @@ struct StreamEnd {
     out: Outcome,
     /// Model and provider concurrency slots, held while the stream runs.
     slots: Vec<Slot>,
+    /// The breaker probes, until the stream's outcome is recorded; a stream
+    /// whose client left (no verdict) gives them back.
+    probes: Probes,
 }
 
 impl Forward {
@@ -844,11 +838,14 @@ impl Forward {
             t0,
             out,
             slots,
+            probes,
         }) = self.finish.take()
         else {
             return;
         };
         drop(slots);
+        // Dropped when this returns, after the verdict (if any) is recorded.
+        let _probes = probes;
         let rt = ctx.rt.clone();
         let Some(m) = rt.models.get(model) else {
             return;
