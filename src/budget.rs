@@ -441,22 +441,6 @@ impl Budgets {
         }
     }
 
-    /// [`Budgets::settle`] with the store call, when there is one, off the
-    /// event loop (the spool append stays here: a local write).
-    pub async fn settle_off_loop(
-        &self,
-        r: Reservation,
-        entry: LedgerEntry,
-    ) -> Result<bool, StateError> {
-        match self.spooled(&r, entry) {
-            None => Ok(true),
-            Some(entry) => {
-                let store = Arc::clone(&self.store);
-                off_loop(move || store.settle(&r, &entry)).await
-            }
-        }
-    }
-
     /// Append the entry of an attempt no budget applies to to the spool;
     /// `Some` hands it back for the store (a budget applies, there is no
     /// spool, or the append failed).
@@ -883,10 +867,11 @@ impl RequestBudget {
         usage: Option<(u64, u64)>,
         counted_output: u64,
     ) -> Option<Micros> {
-        let (reservation, entry) = self.settled(p, usage, counted_output)?;
-        let actual = entry.actual;
-        if let Err(e) = self.budgets.settle_off_loop(reservation, entry).await {
-            tracing::error!(tenant = %self.tenant, "cannot record spend {}: {e}", dollars(actual));
+        // The same guarded store call as a stream's: a blocking task the
+        // runtime drops at shutdown still records the spend.
+        let (actual, call) = self.settle_in_poll(p, usage, counted_output)?;
+        if let Some(call) = call {
+            call.await;
         }
         Some(actual)
     }
