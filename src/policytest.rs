@@ -11,7 +11,8 @@
 //!       input_tokens: 2000
 //!     stats:                    # optional live stats per model
 //!       gpt-4o-mini: { latency_ms: 900, success_rate: 0.4, breaker: open }
-//!     budget: downgrade         # optional: warn | confirm_premium | downgrade | block
+//!     budget: downgrade         # optional: warn | confirm_premium | downgrade | block,
+//!                               # or the thresholds reached: [confirm_premium, downgrade]
 //!     expect:
 //!       intent: code
 //!       first: mistral-medium
@@ -52,8 +53,32 @@ pub struct Case {
     pub request: RequestSpec,
     #[serde(default)]
     pub stats: BTreeMap<String, ModelStats>,
-    pub budget: Option<BudgetAction>,
+    #[serde(default)]
+    pub budget: Thresholds,
     pub expect: Expect,
+}
+
+/// The budget thresholds a case (or `explain --stats`) has reached: one
+/// action, or several (`[confirm_premium, downgrade]`: past a downgrade,
+/// premium models still need the confirmation).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(from = "OneOrMany")]
+pub struct Thresholds(pub Vec<BudgetAction>);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(BudgetAction),
+    Many(Vec<BudgetAction>),
+}
+
+impl From<OneOrMany> for Thresholds {
+    fn from(v: OneOrMany) -> Self {
+        match v {
+            OneOrMany::One(a) => Thresholds(vec![a]),
+            OneOrMany::Many(v) => Thresholds(v),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,7 +176,10 @@ pub struct Expect {
 /// Live stats given by model name.
 pub struct CaseStats<'a> {
     pub by_model: Vec<ModelStats>,
+    /// The strongest threshold reached.
     pub budget: Option<BudgetAction>,
+    /// A `confirm premium` threshold is among those reached.
+    pub confirm_premium: bool,
     _p: std::marker::PhantomData<&'a ()>,
 }
 
@@ -159,7 +187,7 @@ impl<'a> CaseStats<'a> {
     pub fn new(
         p: &'a CompiledPolicy,
         stats: &BTreeMap<String, ModelStats>,
-        budget: Option<BudgetAction>,
+        budget: &Thresholds,
     ) -> Result<Self, String> {
         let mut by_model = vec![ModelStats::default(); p.policy().models.len()];
         for (name, s) in stats {
@@ -172,7 +200,8 @@ impl<'a> CaseStats<'a> {
         }
         Ok(CaseStats {
             by_model,
-            budget,
+            budget: budget.0.iter().copied().max(),
+            confirm_premium: budget.0.contains(&BudgetAction::ConfirmPremium),
             _p: std::marker::PhantomData,
         })
     }
@@ -187,6 +216,9 @@ impl Stats for CaseStats<'_> {
     }
     fn budget_action(&self) -> Option<BudgetAction> {
         self.budget
+    }
+    fn premium_needs_confirmation(&self) -> bool {
+        self.confirm_premium
     }
 }
 
@@ -322,7 +354,7 @@ pub fn run_case(p: &CompiledPolicy, file: &TestFile, case: &Case) -> Vec<String>
         Ok(t) => t,
         Err(errs) => return errs,
     };
-    let stats = match CaseStats::new(p, &case.stats, case.budget) {
+    let stats = match CaseStats::new(p, &case.stats, &case.budget) {
         Ok(s) => s,
         Err(e) => return vec![e],
     };

@@ -229,3 +229,53 @@ fn two_cases_of_one_name_fail() {
     );
     assert!(out.contains("1 passed; 1 failed"), "{out}");
 }
+
+/// A case can say several thresholds are reached: past a downgrade, a lower
+/// `confirm premium` threshold still keeps premium models out.
+#[test]
+fn a_case_can_reach_several_thresholds() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    std::fs::create_dir(&p).unwrap();
+    std::fs::write(
+        p.join("policy.route"),
+        "provider openai { region us }
+model big { provider openai kind chat price in $10 out $30 per 1M tier premium }
+model small { provider openai kind chat price in $1 out $2 per 1M }
+classify { chat otherwise }
+route chat {
+  candidates [big, small]
+  downgrade [big, small]
+}
+protect {
+  budget monthly per tenant $10 {
+    confirm premium at 80%
+    downgrade at 90%
+  }
+}
+",
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("t.test.yaml"),
+        "cases:
+  - name: downgrade_alone_keeps_premium
+    tenant: { attrs: {} }
+    budget: downgrade
+    expect: { order: [big, small] }
+  - name: both_thresholds_keep_premium_out
+    tenant: { attrs: {} }
+    budget: [confirm_premium, downgrade]
+    expect: { order: [small] }
+  - name: confirmed_past_both
+    tenant: { attrs: {} }
+    budget: [confirm_premium, downgrade]
+    request: { confirmed: true }
+    expect: { order: [big, small] }
+",
+    )
+    .unwrap();
+    let (code, out, err) = routeplane(&["test", p.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("3 passed; 0 failed"), "{out}");
+}

@@ -18,9 +18,9 @@ use std::path::PathBuf;
 use routeplane::compile::compile;
 use routeplane::config::Config;
 use routeplane::decide::{explain, ModelStats, RequestFeatures};
-use routeplane::ir::{BudgetAction, Endpoint};
+use routeplane::ir::Endpoint;
 use routeplane::load;
-use routeplane::policytest::CaseStats;
+use routeplane::policytest::{CaseStats, Thresholds};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -75,7 +75,8 @@ pub enum EndpointArg {
 struct StatsFile {
     #[serde(default)]
     models: BTreeMap<String, ModelStats>,
-    budget: Option<BudgetAction>,
+    #[serde(default)]
+    budget: Thresholds,
 }
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> u8 {
@@ -174,7 +175,7 @@ pub fn run(args: Args) -> u8 {
         },
         None => StatsFile::default(),
     };
-    let stats = match CaseStats::new(&p, &stats_file.models, stats_file.budget) {
+    let stats = match CaseStats::new(&p, &stats_file.models, &stats_file.budget) {
         Ok(s) => s,
         Err(e) => return fail(1, e),
     };
