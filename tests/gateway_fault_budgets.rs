@@ -263,20 +263,26 @@ async fn every_fault_without_a_fallback_leaves_no_reservation_and_the_ledger_agr
     }
 }
 
-/// A store whose reservations fail (a locked or unreachable database) while
-/// reading balances still works, so the check before dispatch passes.
-struct ReserveFails(Arc<dyn BudgetStore>);
+/// A store whose `reserve` goes through `hook` first: it fails (a locked
+/// or unreachable database) or takes its time (SQLite waiting for a lock
+/// another process holds); balances and the rest are the inner store's, so
+/// the check before dispatch passes.
+struct OnReserve<F>(Arc<dyn BudgetStore>, F);
 
-impl BudgetStore for ReserveFails {
+impl<F> BudgetStore for OnReserve<F>
+where
+    F: Fn() -> Result<(), state::StateError> + Send + Sync,
+{
     fn reserve(
         &self,
-        _id: &str,
-        _charges: &[state::Charge],
-        _amount: u64,
-        _now_ms: i64,
-        _ttl_ms: i64,
+        id: &str,
+        charges: &[state::Charge],
+        amount: u64,
+        now_ms: i64,
+        ttl_ms: i64,
     ) -> Result<state::Reservation, state::StateError> {
-        Err(state::StateError::Backend("database is locked".into()))
+        (self.1)()?;
+        self.0.reserve(id, charges, amount, now_ms, ttl_ms)
     }
     fn settle(
         &self,
@@ -309,7 +315,10 @@ impl BudgetStore for ReserveFails {
 async fn a_store_error_when_reserving_is_a_503_and_no_fallback() {
     let a = upstream("a", |_| Act::Ok).await;
     let b = upstream("b", |_| Act::Ok).await;
-    let store = Arc::new(ReserveFails(state::open(&state::Backend::Memory).unwrap()));
+    let store = Arc::new(OnReserve(
+        state::open(&state::Backend::Memory).unwrap(),
+        || Err(state::StateError::Backend("database is locked".into())),
+    ));
     let gw = start(
         &config(&[("pa", &a.url), ("pb", &b.url)]),
         store,
@@ -333,56 +342,18 @@ async fn a_store_error_when_reserving_is_a_503_and_no_fallback() {
     assert!(b.bodies.lock().unwrap().is_empty());
 }
 
-/// A store that takes its time to reserve, as SQLite does while another
-/// process holds the write lock (up to its busy timeout).
-struct SlowReserve(Arc<dyn BudgetStore>, Duration);
-
-impl BudgetStore for SlowReserve {
-    fn reserve(
-        &self,
-        id: &str,
-        charges: &[state::Charge],
-        amount: u64,
-        now_ms: i64,
-        ttl_ms: i64,
-    ) -> Result<state::Reservation, state::StateError> {
-        std::thread::sleep(self.1);
-        self.0.reserve(id, charges, amount, now_ms, ttl_ms)
-    }
-    fn settle(
-        &self,
-        r: &state::Reservation,
-        e: &state::LedgerEntry,
-    ) -> Result<bool, state::StateError> {
-        self.0.settle(r, e)
-    }
-    fn release(&self, r: &state::Reservation) -> Result<(), state::StateError> {
-        self.0.release(r)
-    }
-    fn balance(
-        &self,
-        c: &state::Counter,
-        now_ms: i64,
-    ) -> Result<state::Balance, state::StateError> {
-        self.0.balance(c, now_ms)
-    }
-    fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<state::LedgerEntry>, state::StateError> {
-        self.0.ledger(since_ms)
-    }
-    fn open_reservations(&self, now_ms: i64) -> Result<usize, state::StateError> {
-        self.0.open_reservations(now_ms)
-    }
-}
-
 /// A store that waits does not stall the worker: other requests, and the
 /// health check, are answered meanwhile. (The test runs on one thread, as a
 /// gateway worker does: a store call on the event loop would hold both.)
 #[tokio::test(flavor = "current_thread")]
 async fn a_slow_store_stalls_only_its_own_request() {
     let a = upstream("a", |_| Act::Ok).await;
-    let store = Arc::new(SlowReserve(
+    let store = Arc::new(OnReserve(
         state::open(&state::Backend::Memory).unwrap(),
-        Duration::from_millis(1500),
+        || {
+            std::thread::sleep(Duration::from_millis(1500));
+            Ok(())
+        },
     ));
     let gw = start(
         &config(&[("pa", &a.url)]),
