@@ -120,6 +120,29 @@ async fn an_html_page_with_a_200_is_not_passed_off_as_an_answer() {
     assert_eq!(b.hits(), 1);
 }
 
+/// The same page behind an event-stream header, to a streaming request:
+/// nothing reached the client yet, so the next model answers.
+#[tokio::test]
+async fn a_stream_of_no_json_events_is_not_passed_off_as_an_answer() {
+    let url = socket_upstream(|mut s| async move {
+        let body = "data: <html><body>Bad Gateway</body></html>\n\n";
+        let _ = s
+            .write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes())
+            .await;
+    })
+    .await;
+    let (gw, b) = a_then_healthy_b(&url, "").await;
+    let mut streaming = hello();
+    streaming["stream"] = Value::Bool(true);
+    let r = gw.chat("sk-demo", streaming).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("Bad Gateway"), "{text}");
+    assert!(text.contains("[DONE]"), "{text}");
+    assert_eq!(b.hits(), 1);
+}
+
 #[tokio::test]
 async fn a_response_that_never_ends_times_out_and_falls_back() {
     let url = socket_upstream(|mut s| async move {

@@ -86,8 +86,19 @@ impl Relay {
             let start = whole.unwrap_or(0);
             let seen = match block.event {
                 Some(event) => {
-                    if !self.started && !before_first_token(&event.data) {
-                        self.started = true;
+                    if !self.started {
+                        match first_token(&event.data) {
+                            First::Held => {}
+                            First::Token => self.started = true,
+                            // Nothing went to the client yet: a broken stream
+                            // (an HTML page behind an event-stream header)
+                            // fails the attempt, and the next model is tried.
+                            First::NotJson => {
+                                return Err(AttemptError::Protocol(
+                                    "the upstream's stream does not carry JSON events".into(),
+                                ))
+                            }
+                        }
                     }
                     self.tracker.event(event)
                 }
@@ -264,18 +275,30 @@ impl Tracker {
 /// (if any) have only a role, and otherwise empty values (`""`, `null`,
 /// `[]`, `{}`): OpenAI's first chunk (`"role":"assistant","content":""`,
 /// `"refusal":null`), Anthropic's translated `message_start`, Azure's
-/// `choices: []` with the prompt's filter results. Anything else, `[DONE]`
-/// and whatever is not such a JSON object included, is a first token.
-fn before_first_token(data: &[u8]) -> bool {
+/// `choices: []` with the prompt's filter results. Anything else that is JSON,
+/// and `[DONE]`, is a first token; an event that is not JSON is a broken
+/// stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum First {
+    Held,
+    Token,
+    NotJson,
+}
+
+/// `"content":"` and then anything but the closing quote: text.
+fn carries_text(data: &[u8]) -> bool {
+    CONTENT_STARTS
+        .find_iter(data)
+        .any(|at| data.get(at + CONTENT_STARTS.needle().len()) != Some(&b'"'))
+}
+
+fn first_token(data: &[u8]) -> First {
     use serde_json::Value;
     // Most events carry text: `"content":"` and then anything but the
     // closing quote. Such an event is a first token whatever else it holds,
     // and saying so needs no parse (a spelling with spaces takes the parse).
-    if CONTENT_STARTS
-        .find_iter(data)
-        .any(|at| data.get(at + CONTENT_STARTS.needle().len()) != Some(&b'"'))
-    {
-        return false;
+    if data == b"[DONE]" || carries_text(data) {
+        return First::Token;
     }
     fn nothing(v: &Value) -> bool {
         match v {
@@ -297,16 +320,18 @@ fn before_first_token(data: &[u8]) -> bool {
             _ => nothing(v),
         })
     }
-    let Ok(Value::Object(chunk)) = serde_json::from_slice::<Value>(data) else {
-        return false;
+    let chunk = match serde_json::from_slice::<Value>(data) {
+        Ok(Value::Object(chunk)) => chunk,
+        Ok(_) => return First::Token,
+        Err(_) => return First::NotJson,
     };
     let carries = |key: &str| chunk.get(key).is_some_and(|v| !nothing(v));
     if carries("usage") || carries("error") {
-        return false;
+        return First::Token;
     }
     match chunk.get("choices") {
-        Some(Value::Array(choices)) => choices.iter().all(empty_choice),
-        _ => false,
+        Some(Value::Array(choices)) if choices.iter().all(empty_choice) => First::Held,
+        _ => First::Token,
     }
 }
 
@@ -453,39 +478,43 @@ mod tests {
         for (data, before) in [
             (
                 r#"{"choices":[{"index":0,"delta":{"role":"assistant"},"finish_reason":null}]}"#,
-                true,
+                First::Held,
             ),
             (
                 r#"{"id":"x","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}],"usage":null}"#,
-                true,
+                First::Held,
             ),
             (
                 r#"{"choices":[],"prompt_filter_results":[{"prompt_index":0}]}"#,
-                true,
+                First::Held,
             ),
             (
                 r#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#,
-                false,
+                First::Token,
             ),
             (
                 r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"name":"f"}}]}}]}"#,
-                false,
+                First::Token,
             ),
             (
                 r#"{"choices":[{"index":0,"delta":{"refusal":"no"}}]}"#,
-                false,
+                First::Token,
             ),
             (
                 r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
-                false,
+                First::Token,
             ),
-            (r#"{"choices":[],"usage":{"prompt_tokens":1}}"#, false),
-            (r#"{"error":{"message":"overloaded"}}"#, false),
-            (r#"{"id":"x"}"#, false),
-            ("[DONE]", false),
-            ("not json", false),
+            (
+                r#"{"choices":[],"usage":{"prompt_tokens":1}}"#,
+                First::Token,
+            ),
+            (r#"{"error":{"message":"overloaded"}}"#, First::Token),
+            (r#"{"id":"x"}"#, First::Token),
+            ("[DONE]", First::Token),
+            ("not json", First::NotJson),
+            ("<html>Bad Gateway</html>", First::NotJson),
         ] {
-            assert_eq!(before_first_token(data.as_bytes()), before, "{data}");
+            assert_eq!(first_token(data.as_bytes()), before, "{data}");
         }
     }
 
