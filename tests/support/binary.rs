@@ -55,9 +55,18 @@ impl Server {
                 l.push('\n');
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the gateway did not start within 60s");
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr,
+            Err(e) => {
+                // Say why: the exit status and what the gateway wrote.
+                let status = child.try_wait();
+                std::thread::sleep(Duration::from_millis(200));
+                panic!(
+                    "the gateway did not start within 60s ({e}); exit: {status:?}; its log:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
         Server { child, addr, log }
     }
 
