@@ -79,9 +79,29 @@ impl SqliteStore {
         let conn = Connection::open(path)
             .map_err(|e| StateError::Backend(format!("cannot open `{}`: {e}", path.display())))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(SCHEMA)?;
+        // Gateways started together on a new file race to switch it to WAL
+        // and create the tables, and the switch can answer "database is
+        // locked" at once, without waiting out the busy timeout (seen in CI:
+        // two test servers on one fresh file). Try again for as long.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let set_up = conn
+                .pragma_update(None, "journal_mode", "WAL")
+                .and_then(|()| conn.pragma_update(None, "synchronous", "NORMAL"))
+                .and_then(|()| conn.execute_batch(SCHEMA));
+            match set_up {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let store = SqliteStore {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
