@@ -810,7 +810,7 @@ impl RequestBudget {
             .budgets
             .reserve_off_loop(&self.check, id, amount, now)
             .await;
-        match reserved {
+        let refused = match reserved {
             Ok(Ok(r)) => {
                 if let Ok(mut h) = self.hold.lock() {
                     *h = Some(Hold {
@@ -819,14 +819,9 @@ impl RequestBudget {
                         input_tokens: input,
                     });
                 }
-                Ok(())
+                return Ok(());
             }
-            Ok(Err(refused)) => {
-                if let Ok(mut r) = self.refused.lock() {
-                    *r = Some(refused.clone());
-                }
-                Err(refused)
-            }
+            Ok(Err(refused)) => refused,
             Err(e) => {
                 // Fail closed: without the store nobody can tell what is left.
                 let refused = Refused {
@@ -835,12 +830,13 @@ impl RequestBudget {
                     store_unavailable: true,
                 };
                 tracing::error!(tenant = %self.tenant, "{}", refused.message);
-                if let Ok(mut r) = self.refused.lock() {
-                    *r = Some(refused.clone());
-                }
-                Err(refused)
+                refused
             }
+        };
+        if let Ok(mut r) = self.refused.lock() {
+            *r = Some(refused.clone());
         }
+        Err(refused)
     }
 
     /// Release the current attempt's reservation, if any, off the event

@@ -125,8 +125,8 @@ impl Breaker {
         }
     }
 
-    /// A probe that was granted but never sent (a limit refused it) gives its turn back.
-    pub fn release_probe(&self) {
+    /// A probe that got no verdict gives its turn back (through [`Probes`]).
+    fn release_probe(&self) {
         if let Ok(mut s) = self.state.lock() {
             if let State::HalfOpen { probing } = &mut *s {
                 *probing = false;
@@ -146,15 +146,11 @@ impl Breaker {
 pub struct Probes(Vec<Arc<Breaker>>);
 
 impl Probes {
-    /// Hold the probes among the attempt's permits (none for `Normal`).
-    pub fn of(permits: [(Permit, &Arc<Breaker>); 2]) -> Probes {
-        Probes(
-            permits
-                .into_iter()
-                .filter(|(p, _)| *p == Permit::Probe)
-                .map(|(_, b)| Arc::clone(b))
-                .collect(),
-        )
+    /// Hold `permit` of `breaker` when it is the probe (nothing for `Normal`).
+    pub fn hold(&mut self, permit: Permit, breaker: &Arc<Breaker>) {
+        if permit == Permit::Probe {
+            self.0.push(Arc::clone(breaker));
+        }
     }
 }
 
@@ -185,10 +181,14 @@ mod tests {
         assert_eq!(probe, Permit::Probe);
         assert_eq!(b.try_acquire(later), None, "one probe at a time");
         // The request holding the probe goes away with no verdict.
-        drop(Probes::of([(probe, &b), (Permit::Normal, &b)]));
+        let mut gone = Probes::default();
+        gone.hold(probe, &b);
+        gone.hold(Permit::Normal, &b);
+        drop(gone);
         assert_eq!(b.try_acquire(later), Some(Permit::Probe));
         // A verdict stands: giving the probe back afterwards changes nothing.
-        let held = Probes::of([(Permit::Probe, &b), (Permit::Normal, &b)]);
+        let mut held = Probes::default();
+        held.hold(Permit::Probe, &b);
         b.record(&cfg, true, later);
         drop(held);
         assert_eq!(b.state(later), BreakerState::Closed);

@@ -20,7 +20,7 @@ use hyper::body::Frame;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
 
-use super::breaker::{Permit, Probes};
+use super::breaker::Probes;
 use super::engine::{Decision, RequestFeatures};
 use super::error::{full, ApiError, Body};
 use super::limits::Slot;
@@ -277,23 +277,23 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
         loop {
             let now = Instant::now();
             // Breakers are checked again for every attempt, retries included.
+            // A probe is given back if this attempt ends without a verdict,
+            // however it ends (the other breaker, a limit, the budget, a
+            // client error, the client leaving): `probes` holds it.
+            let mut probes = Probes::default();
             let Some(mp) = m.model_breaker.try_acquire(now) else {
                 out.breaker_open = true;
                 out.attempts.push(att(m, "breaker_open".into(), tries, 0));
                 break;
             };
+            probes.hold(mp, &m.model_breaker);
             let Some(pp) = m.provider_breaker.try_acquire(now) else {
-                if mp == Permit::Probe {
-                    m.model_breaker.release_probe();
-                }
                 out.breaker_open = true;
                 out.attempts
                     .push(att(m, "provider_breaker_open".into(), tries, 0));
                 break;
             };
-            // Given back if this attempt ends without a verdict, however it
-            // ends (a limit, the budget, a client error, the client leaving).
-            let probes = Probes::of([(mp, &m.model_breaker), (pp, &m.provider_breaker)]);
+            probes.hold(pp, &m.provider_breaker);
             let slots = match take_limits(&gw, &rt, m, ctx.features.input_tokens, now) {
                 Ok(s) => s,
                 Err(wait) => {
