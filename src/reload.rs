@@ -207,6 +207,8 @@ pub struct PolicyStore<T> {
     /// The file watcher while a [`WatchHandle`] keeps it alive; every reload
     /// moves its watches to where the paths lead now.
     watching: Mutex<Weak<Watching>>,
+    /// Run after each swap, before the reload reports success.
+    after_swap: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 impl<T: Send + Sync + 'static> PolicyStore<T> {
@@ -244,12 +246,28 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
             reloading: tokio::sync::Mutex::new(()),
             metrics,
             watching: Mutex::new(Weak::new()),
+            after_swap: Mutex::new(None),
         }))
     }
 
     /// The policy for one request: load once, keep the `Arc` until the response is done.
     pub fn current(&self) -> Arc<Loaded<T>> {
         self.current.load_full()
+    }
+
+    /// The current policy without taking a reference count: for a check
+    /// on every request, not to keep.
+    pub fn peek(&self) -> arc_swap::Guard<Arc<Loaded<T>>> {
+        self.current.load()
+    }
+
+    /// Run `hook` after every successful swap, on the blocking pool, before
+    /// the reload reports success (the gateway builds its runtime there, so
+    /// no request has to). Replaces an earlier hook.
+    pub fn on_swap(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        if let Ok(mut h) = self.after_swap.lock() {
+            *h = Some(Arc::from(hook));
+        }
     }
 
     pub fn paths(&self) -> &Paths {
@@ -284,6 +302,12 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
                 let version = loaded.version.clone();
                 let warnings = loaded.warnings.len();
                 self.current.store(Arc::new(loaded));
+                let hook = self.after_swap.lock().ok().and_then(|h| h.clone());
+                if let Some(hook) = hook {
+                    if let Err(e) = tokio::task::spawn_blocking(move || hook()).await {
+                        tracing::error!("building the runtime of the new policy crashed: {e}");
+                    }
+                }
                 tracing::info!(version = %version, ?trigger, duration_ms, warnings, "policy reloaded");
                 // Said at every reload, not only at start: an edit that
                 // brought a warning must be visible in the log too.
@@ -763,7 +787,7 @@ pub struct Served {
     pub policy: Arc<CompiledPolicy>,
     pub config: Arc<Config>,
     /// Every configured tenant resolved against this policy, in config order.
-    pub tenants: Vec<TenantView>,
+    pub tenants: Arc<[TenantView]>,
 }
 
 /// A builder for [`Served`]: compiles the policy, parses the config file
@@ -907,7 +931,7 @@ pub fn served_builder(
             value: Served {
                 policy: compiled.value,
                 config,
-                tenants,
+                tenants: tenants.into(),
             },
             version: compiled.version,
             warnings,

@@ -40,13 +40,28 @@ use stats::ModelLive;
 pub struct Snapshot {
     pub policy: Arc<CompiledPolicy>,
     pub config: Option<Arc<Config>>,
+    /// The config's tenants resolved against `policy`, in config order, when
+    /// the source resolved them already (the reload store checks them
+    /// before it swaps), so the gateway does not do it again.
+    pub tenants: Option<Arc<[TenantView]>>,
 }
 
 /// Where the gateway gets the current policy. The reload module's store
 /// implements it; tests use [`FixedPolicy`].
 pub trait PolicySource: Send + Sync {
-    /// Called once per request.
+    /// What to serve now; called when the gateway builds its runtime.
     fn current(&self) -> Snapshot;
+    /// Whether `policy` (with `config`) is still what to serve. Called once
+    /// per request, so it should not clone anything.
+    fn serves(&self, policy: &Arc<CompiledPolicy>, config: &Arc<Config>) -> bool {
+        let snap = self.current();
+        Arc::ptr_eq(&snap.policy, policy)
+            && snap.config.as_ref().is_none_or(|c| Arc::ptr_eq(c, config))
+    }
+    /// Call `hook` after every swap to a new policy, before the reload that
+    /// made it reports success: the gateway builds its runtime there, off
+    /// the request path. Sources that change without a reload need not.
+    fn on_swap(&self, _hook: SwapHook) {}
     /// The body of `GET /admin/policy`, when the source can say more than the version.
     fn admin_json(&self) -> Option<serde_json::Value> {
         None
@@ -58,6 +73,9 @@ pub trait PolicySource: Send + Sync {
         None
     }
 }
+
+/// What [`PolicySource::on_swap`] calls.
+pub type SwapHook = Box<dyn Fn() + Send + Sync>;
 
 /// A reload in progress: the new version, or why the old one keeps serving.
 pub type ReloadFuture<'a> = std::pin::Pin<
@@ -81,7 +99,11 @@ impl PolicySource for FixedPolicy {
         Snapshot {
             policy: self.0.load_full(),
             config: None,
+            tenants: None,
         }
+    }
+    fn serves(&self, policy: &Arc<CompiledPolicy>, _config: &Arc<Config>) -> bool {
+        Arc::ptr_eq(&self.0.load(), policy)
     }
 }
 
@@ -91,7 +113,15 @@ impl PolicySource for crate::reload::PolicyStore<crate::reload::Served> {
         Snapshot {
             policy: loaded.value.policy.clone(),
             config: Some(loaded.value.config.clone()),
+            tenants: Some(loaded.value.tenants.clone()),
         }
+    }
+    fn serves(&self, policy: &Arc<CompiledPolicy>, config: &Arc<Config>) -> bool {
+        let loaded = self.peek();
+        Arc::ptr_eq(&loaded.value.policy, policy) && Arc::ptr_eq(&loaded.value.config, config)
+    }
+    fn on_swap(&self, hook: SwapHook) {
+        crate::reload::PolicyStore::on_swap(self, hook);
     }
     fn admin_json(&self) -> Option<serde_json::Value> {
         Some(self.admin_policy_json())
@@ -99,13 +129,6 @@ impl PolicySource for crate::reload::PolicyStore<crate::reload::Served> {
     fn reload_now(&self) -> Option<ReloadFuture<'_>> {
         Some(Box::pin(self.reload(crate::reload::Trigger::Admin)))
     }
-}
-
-/// One tenant resolved against one policy version.
-pub struct TenantRt {
-    pub id: String,
-    pub key_sha256: KeyHash,
-    pub view: TenantView,
 }
 
 /// One model's runtime handles for one policy version; the shared state
@@ -131,7 +154,11 @@ pub struct Runtime {
     pub policy: Arc<CompiledPolicy>,
     /// The config this runtime was built from (reloaded with the policy when the store watches it).
     pub config: Arc<Config>,
-    pub tenants: Vec<TenantRt>,
+    /// The config's tenants resolved against this policy, in config order.
+    pub tenants: Arc<[TenantView]>,
+    /// Each tenant's index in `tenants` by the SHA-256 of its key (keys are
+    /// unique: the config refuses two tenants with one key).
+    pub tenant_by_key: HashMap<KeyHash, usize>,
     /// Indexed by `ModelId`.
     pub models: Vec<ModelRt>,
     /// The policy version and each intent's name (indexed by `IntentId`)
@@ -237,7 +264,8 @@ impl Gateway {
         let empty = Runtime {
             policy: snap.policy.clone(),
             config: config.clone(),
-            tenants: Vec::new(),
+            tenants: Arc::from([]),
+            tenant_by_key: HashMap::new(),
             models: Vec::new(),
             version_header: None,
             intent_headers: Vec::new(),
@@ -260,24 +288,52 @@ impl Gateway {
         };
         let rt = gw.build_runtime(&snap).map_err(StartError)?;
         gw.runtime.store(Arc::new(rt));
-        Ok(Arc::new(gw))
+        let gw = Arc::new(gw);
+        // Weak: the source lives in the gateway, the hook must not keep it alive.
+        let weak = Arc::downgrade(&gw);
+        gw.policies.on_swap(Box::new(move || {
+            if let Some(gw) = weak.upgrade() {
+                gw.rebuild_now();
+            }
+        }));
+        Ok(gw)
     }
 
     /// The runtime for the current policy. A request calls this once and
     /// uses the result throughout, so no decision mixes two versions.
+    ///
+    /// The reload store builds the runtime of a new policy as it swaps it
+    /// in ([`PolicySource::on_swap`]); a request never waits for a build
+    /// another thread is running (with 100,000 tenants it takes tens of
+    /// milliseconds): until it is done, requests keep the last runtime.
     pub fn runtime(&self) -> Arc<Runtime> {
         let rt = self.runtime.load_full();
-        let snap = self.policies.current();
-        if rt.matches(&snap) {
+        if self.policies.serves(&rt.policy, &rt.config) {
             return rt;
         }
-        let Ok(mut failed) = self.rebuild.lock() else {
-            return rt;
-        };
+        match self.rebuild.try_lock() {
+            Ok(mut failed) => self.rebuild_locked(&mut failed),
+            Err(std::sync::TryLockError::Poisoned(p)) => self.rebuild_locked(&mut p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => rt,
+        }
+    }
+
+    /// Bring the runtime up to the current policy now, waiting for a build
+    /// in progress rather than skipping it.
+    fn rebuild_now(&self) {
+        let mut failed = self
+            .rebuild
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.rebuild_locked(&mut failed);
+    }
+
+    fn rebuild_locked(&self, failed: &mut Option<String>) -> Arc<Runtime> {
         // Someone else may have rebuilt while we waited.
         let rt = self.runtime.load_full();
-        let version = snap.policy.version().to_string();
-        if rt.matches(&snap) || failed.as_deref() == Some(version.as_str()) {
+        let snap = self.policies.current();
+        let version = snap.policy.version();
+        if rt.matches(&snap) || failed.as_deref() == Some(version) {
             return rt;
         }
         match self.build_runtime(&snap) {
@@ -293,7 +349,7 @@ impl Gateway {
                 for e in &errors {
                     tracing::error!(version, "{e}");
                 }
-                *failed = Some(version);
+                *failed = Some(version.to_string());
                 rt
             }
         }
@@ -309,21 +365,23 @@ impl Gateway {
             .collect();
         let mut errors = Vec::new();
         let p = policy.policy();
-        let mut tenants = Vec::new();
-        for t in &config.tenants {
-            match policy.tenant(&t.id, &t.attrs) {
-                Ok(view) => tenants.push(TenantRt {
-                    id: t.id.clone(),
-                    key_sha256: t.key_sha256,
-                    view,
-                }),
-                Err(problems) => errors.extend(
-                    problems
-                        .into_iter()
-                        .map(|pr| config.error_at(t.line, pr).to_string()),
-                ),
+        let tenants: Arc<[TenantView]> = match &snap.tenants {
+            Some(resolved) if resolved.len() == config.tenants.len() => resolved.clone(),
+            _ => {
+                let mut tenants = Vec::with_capacity(config.tenants.len());
+                for t in &config.tenants {
+                    match policy.tenant(&t.id, &t.attrs) {
+                        Ok(view) => tenants.push(view),
+                        Err(problems) => errors.extend(
+                            problems
+                                .into_iter()
+                                .map(|pr| config.error_at(t.line, pr).to_string()),
+                        ),
+                    }
+                }
+                tenants.into()
             }
-        }
+        };
         for prov in &p.providers {
             if !upstreams.contains_key(&prov.name) {
                 let msg = format!(
@@ -375,6 +433,12 @@ impl Gateway {
             provider_breaker: breaker_cfg(crate::ir::BreakerScope::Provider),
             version_header: header_value(policy.version()),
             intent_headers: p.intents.iter().map(|i| header_value(&i.name)).collect(),
+            tenant_by_key: config
+                .tenants
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.key_sha256, i))
+                .collect(),
             policy,
             config,
             tenants,
@@ -431,6 +495,94 @@ fn header_value(s: &str) -> Option<HeaderValue> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::reload::{served_builder, Paths, PolicyStore, Trigger};
+
+    fn policy_text(quality: &str) -> String {
+        format!("provider mock {{ region us }}\nmodel m {{ provider mock kind chat quality {quality} }}\nclassify {{ chat otherwise }}\nroute chat {{ candidates [m] }}\n")
+    }
+
+    fn compiled(quality: &str) -> CompiledPolicy {
+        let mut sources = crate::source::Sources::new();
+        sources.add("p.route", policy_text(quality));
+        engine::compile(&sources).unwrap()
+    }
+
+    fn config() -> Config {
+        let text = "policy: p\nproviders: [{ name: mock, kind: mock }]\ntenants:\n  - { id: a, key: ka }\n  - { id: b, key: kb }\n";
+        Config::parse("gw.yaml", text, std::path::Path::new("."), &|_| None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reload_builds_the_runtime_before_it_reports_success() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::create_dir_all(dir.join("p")).unwrap();
+        std::fs::write(dir.join("p/main.route"), policy_text("0.5")).unwrap();
+        std::fs::write(
+            dir.join("gw.yaml"),
+            "policy: p\nproviders: [{ name: mock, kind: mock }]\ntenants: [{ id: a, key: ka }]\n",
+        )
+        .unwrap();
+        let config = Arc::new(Config::load(&dir.join("gw.yaml")).unwrap());
+        let paths = Paths {
+            policy: config.policy.clone(),
+            config: Some(config.path.clone()),
+        };
+        let store = PolicyStore::load(paths, served_builder(Arc::clone(&config)), None).unwrap();
+        let gw = Gateway::new((*config).clone(), store.clone(), Options::default()).unwrap();
+        // The tenants the store resolved to check the reload are the ones
+        // served, not resolved a second time.
+        assert!(Arc::ptr_eq(
+            &gw.runtime().tenants,
+            &store.current().value.tenants
+        ));
+
+        std::fs::write(dir.join("p/main.route"), policy_text("0.6")).unwrap();
+        let version = store.reload(Trigger::Manual).await.unwrap();
+        // No request came: the reload built the runtime itself.
+        assert_eq!(gw.runtime.load().policy.version(), version);
+        assert!(Arc::ptr_eq(
+            &gw.runtime.load().tenants,
+            &store.current().value.tenants
+        ));
+    }
+
+    #[test]
+    fn a_request_keeps_the_last_runtime_while_another_thread_builds_one() {
+        let fixed = Arc::new(FixedPolicy::new(compiled("0.5")));
+        let gw = Gateway::new(config(), fixed.clone(), Options::default()).unwrap();
+        let old = gw.runtime().policy.version().to_string();
+        fixed.set(compiled("0.6"));
+        let building = gw.rebuild.lock().unwrap();
+        // Does not wait for the lock (the test would hang).
+        assert_eq!(gw.runtime().policy.version(), old);
+        drop(building);
+        assert_ne!(gw.runtime().policy.version(), old);
+    }
+
+    #[test]
+    fn tenants_are_found_by_their_key() {
+        let gw = Gateway::new(
+            config(),
+            Arc::new(FixedPolicy::new(compiled("0.5"))),
+            Options::default(),
+        )
+        .unwrap();
+        let rt = gw.runtime();
+        let find = |key: &str| {
+            rt.tenant_by_key
+                .get(&crate::config::sha256(key))
+                .and_then(|&i| rt.tenants.get(i))
+                .map(|t| t.id.clone())
+        };
+        assert_eq!(find("ka").as_deref(), Some("a"));
+        assert_eq!(find("kb").as_deref(), Some("b"));
+        assert_eq!(find("kc"), None);
+    }
+
     #[test]
     fn decision_ids_are_written_as_format_would() {
         for boot in [
