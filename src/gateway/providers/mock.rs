@@ -30,6 +30,15 @@ fn prompt_tokens(m: &MockSettings, body: &ClientBody) -> u64 {
     })
 }
 
+/// Sleep for `d`; no time at all for zero. tokio's timer rounds a zero
+/// sleep up to its next millisecond tick, which made a mock configured
+/// without latency answer in about 1 ms.
+async fn wait(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
 pub async fn send(
     m: &MockSettings,
     seq: &AtomicU64,
@@ -37,7 +46,7 @@ pub async fn send(
 ) -> Result<Reply, AttemptError> {
     let n = seq.fetch_add(1, Ordering::Relaxed);
     if fails(n, m.error_rate) {
-        tokio::time::sleep(m.first_token).await;
+        wait(m.first_token).await;
         let body = json!({ "error": { "message": "mock upstream error", "type": "server_error" } });
         return Err(AttemptError::Status {
             status: m.error_status,
@@ -59,7 +68,7 @@ pub async fn send(
             usage,
         )));
     }
-    tokio::time::sleep(m.latency).await;
+    wait(m.latency).await;
     let id = format!("mock-{n}");
     let model = req.model;
     let (content_type, body) = match req.endpoint {
@@ -159,9 +168,7 @@ fn stream_reply(
     events.push((Duration::ZERO, sse::done()));
     Box::pin(stream::unfold(events.into_iter(), |mut it| async move {
         let (delay, bytes) = it.next()?;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
+        wait(delay).await;
         Some((Ok(bytes), it))
     }))
 }
