@@ -464,6 +464,8 @@ pub(crate) trait Tracer {
     fn premium(&mut self, _ok: bool) {}
     fn scored(&mut self, _c: &Cand) {}
     fn budget(&mut self, _a: BudgetAction) {}
+    /// Premium models left the attempts until the client confirms.
+    fn premium_held(&mut self) {}
 }
 
 pub(crate) struct NoTrace;
@@ -819,6 +821,7 @@ pub(crate) fn run<T: Tracer>(
         }
         Some(BudgetAction::ConfirmPremium) if !r.confirmed => {
             tr.budget(BudgetAction::ConfirmPremium);
+            tr.premium_held();
             if let Err(e) = without_premium(p, explicit, &mut attempts) {
                 d.outcome = Err(e);
                 return d;
@@ -845,6 +848,7 @@ pub(crate) fn run<T: Tracer>(
                 }
             }
             if s.premium_needs_confirmation() && !r.confirmed {
+                tr.premium_held();
                 if let Err(e) = without_premium(p, explicit, &mut attempts) {
                     d.outcome = Err(e);
                     return d;

@@ -18,6 +18,7 @@ struct Recorder {
     premium: Option<bool>,
     scored: Vec<Cand>,
     budget: Option<BudgetAction>,
+    premium_held: bool,
 }
 
 impl Tracer for Recorder {
@@ -36,6 +37,9 @@ impl Tracer for Recorder {
     fn budget(&mut self, a: BudgetAction) {
         self.budget = Some(a);
     }
+    fn premium_held(&mut self) {
+        self.premium_held = true;
+    }
 }
 
 /// Why a decision came out the way it did. Serialises to JSON for the
@@ -47,12 +51,19 @@ pub struct Trace {
     pub request: RequestFeatures,
     /// Constraints that fired, in source order, with the models each removed.
     pub constraints: Vec<FiredConstraint>,
+    /// Enabled models whose kind cannot answer this request's endpoint
+    /// (an embeddings model for a chat completion): layer 1 removes them
+    /// before any rule.
+    pub cannot_serve: Vec<String>,
     /// Models left after layer 1.
     pub allowed: Vec<String>,
     pub classification: Option<Classification>,
     pub route: Option<RouteTrace>,
     pub candidates: Vec<CandidateTrace>,
     pub budget_action: Option<BudgetAction>,
+    /// Premium models were held back until the client confirms: the
+    /// `confirm premium` threshold, also past a `downgrade` one.
+    pub premium_held: bool,
     /// The final order of attempts.
     pub attempts: Vec<String>,
     pub estimated_cost_micros: Micros,
@@ -97,7 +108,8 @@ pub struct RouteTrace {
 #[derive(Clone, Debug, Serialize)]
 pub struct CandidateTrace {
     pub model: String,
-    /// `scored`, `removed by <rule>`, `premium not allowed`, `disabled`.
+    /// `scored`, `removed by <rule>`, `premium not allowed`, `disabled`,
+    /// `cannot serve <endpoint> (kind <kind>)`.
     pub status: String,
     pub terms: Vec<ScoreTerm>,
     pub score: Option<f64>,
@@ -147,7 +159,15 @@ pub fn explain(p: &CompiledPolicy, t: &TenantView, r: &RequestFeatures, s: &dyn 
             })
         })
         .collect();
+    let endpoint = r.endpoint;
+    let wrong_kind = p
+        .not_serving
+        .get(endpoint as usize)
+        .cloned()
+        .unwrap_or_else(|| crate::compile::ModelSet::empty(policy.models.len()));
+    let cannot_serve = names(&mut wrong_kind.iter().filter(|m| p.enabled.contains(*m)));
     let mut allowed = t.allowed.clone();
+    allowed.remove_all(&wrong_kind);
     for id in &rec.live {
         if let Some(c) = p.constraints.get(id.index()) {
             allowed.remove_all(&c.removes);
@@ -203,6 +223,12 @@ pub fn explain(p: &CompiledPolicy, t: &TenantView, r: &RequestFeatures, s: &dyn 
                 "scored".to_string()
             } else if !p.enabled.contains(m) {
                 "disabled".to_string()
+            } else if wrong_kind.contains(m) {
+                format!(
+                    "cannot serve {} (kind {})",
+                    super::endpoint_path(endpoint),
+                    policy.model(m).map_or("?", |x| x.kind.as_str())
+                )
             } else if !allowed.contains(m) {
                 let by = fired.iter().find(|(id, _)| {
                     p.constraints
@@ -252,11 +278,13 @@ pub fn explain(p: &CompiledPolicy, t: &TenantView, r: &RequestFeatures, s: &dyn 
         tenant: t.id.clone(),
         request: r.clone(),
         constraints,
+        cannot_serve,
         allowed,
         classification,
         route,
         candidates,
         budget_action: rec.budget,
+        premium_held: rec.premium_held,
         attempts: names(&mut decision.attempts.iter().copied()),
         estimated_cost_micros: decision.estimated_cost,
         estimated_cost: dollars(decision.estimated_cost),
@@ -421,6 +449,14 @@ impl fmt::Display for Trace {
                 if c.tenant_only { "  [tenant]" } else { "" }
             )?;
         }
+        if !self.cannot_serve.is_empty() {
+            writeln!(
+                f,
+                "  {} cannot serve {}: removed by kind",
+                self.cannot_serve.join(", "),
+                crate::decide::endpoint_path(self.request.endpoint)
+            )?;
+        }
         writeln!(
             f,
             "  allowed: {}",
@@ -485,6 +521,12 @@ impl fmt::Display for Trace {
         }
         if let Some(a) = self.budget_action {
             writeln!(f, "\nbudget action: {}", action_name(a))?;
+        }
+        if self.premium_held {
+            writeln!(
+                f,
+                "  premium models held back until the client confirms (`x-routeplane-confirm: true`)"
+            )?;
         }
         writeln!(
             f,

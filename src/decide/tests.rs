@@ -316,6 +316,24 @@ fn a_model_only_serves_the_endpoints_of_its_kind() {
     // request sent to that intent only gets the chat model.
     let d = both(&f, &t, &req(Some("embed")), &NoStats);
     assert_eq!(names(&f, &d), ["local"]);
+    // `explain` says why `vectors` is not a candidate.
+    let tr = explain(&f.p, &t, &req(Some("embed")), &NoStats);
+    assert_eq!(tr.cannot_serve, ["vectors"]);
+    assert!(
+        !tr.allowed.contains(&"vectors".to_string()),
+        "{:?}",
+        tr.allowed
+    );
+    let vectors = tr.candidates.iter().find(|c| c.model == "vectors").unwrap();
+    assert_eq!(
+        vectors.status,
+        "cannot serve /v1/chat/completions (kind embeddings)"
+    );
+    let text = tr.to_string();
+    assert!(
+        text.contains("vectors cannot serve /v1/chat/completions: removed by kind"),
+        "{text}"
+    );
     // Named on chat completions, an embeddings model is a client error.
     let d = both(&f, &t, &req(Some("vectors")), &NoStats);
     let err = d.outcome.unwrap_err();
@@ -449,6 +467,17 @@ fn a_downgrade_keeps_the_premium_guard_of_a_lower_threshold() {
     assert_eq!(names(&g, &d), ["big", "cheap"]);
     let d = both(&g, &t, &req(None), &Both(true));
     assert_eq!(names(&g, &d), ["cheap"]);
+    // `explain` says the guard acted, not only that a downgrade did.
+    let tr = explain(&g.p, &t, &req(None), &Both(true));
+    assert!(tr.premium_held);
+    let text = tr.to_string();
+    assert!(
+        text.contains(
+            "budget action: downgrade\n  premium models held back until the client confirms"
+        ),
+        "{text}"
+    );
+    assert!(!explain(&g.p, &t, &req(None), &Both(false)).premium_held);
     let d = both(&g, &t, &req(Some("top")), &Both(true));
     assert_eq!(names(&g, &d), ["cheap"]);
     let d = both(&g, &t, &req(Some("big")), &Both(true));
