@@ -305,7 +305,7 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
             // Every attempt reserves its own estimate, for the model it uses:
             // a retry, a fallback or a downgrade passes the budget again.
             if let Some(b) = &ctx.budget {
-                let id = format!("{}/{}", ctx.decision_id, out.attempts.len());
+                let id = attempt_id(&ctx.decision_id, out.attempts.len());
                 if let Err(refused) = b.reserve(rt.policy.policy(), model_id, &id).await {
                     drop(slots);
                     if refused.store_unavailable {
@@ -602,6 +602,29 @@ fn base_record(attempts: Vec<AttemptRecord>) -> Summary {
         first_token_ms: None,
         attempts,
     }
+}
+
+/// `format!("{decision_id}/{n}")`, without `format!`'s machinery: once an
+/// attempt, on every budgeted request.
+fn attempt_id(decision_id: &str, n: usize) -> String {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        if let Some(d) = digits.get_mut(at) {
+            *d = b'0' + (rest % 10) as u8;
+        }
+        rest /= 10;
+        if rest == 0 || at == 0 {
+            break;
+        }
+    }
+    let mut id = String::with_capacity(decision_id.len() + 1 + digits.len() - at);
+    id.push_str(decision_id);
+    id.push('/');
+    id.extend(digits.iter().skip(at).map(|d| char::from(*d)));
+    id
 }
 
 /// The one exit of every dispatched request: metrics and the decision log.
@@ -1163,6 +1186,13 @@ fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn attempt_ids_are_written_as_format_would() {
+        for n in [0, 1, 9, 10, 99, 100, 12_345, usize::MAX] {
+            assert_eq!(super::attempt_id("abc-01", n), format!("abc-01/{n}"));
+        }
+    }
+
     use super::*;
 
     #[test]
