@@ -880,12 +880,14 @@ impl Config {
                     continue;
                 }
                 (Some(k), None) => {
-                    cx.warnings.push(format!(
-                        "{file}:{}: tenant `{}` has a plain `key`; store `key_sha256: {}` instead",
-                        line.unwrap_or(0),
-                        t.id,
-                        hex::encode(sha256(k))
-                    ));
+                    cx.warn(
+                        line,
+                        format!(
+                            "tenant `{}` has a plain `key`; store `key_sha256: {}` instead",
+                            t.id,
+                            hex::encode(sha256(k))
+                        ),
+                    );
                     sha256(k)
                 }
                 (None, Some(h)) => match parse_hash(h) {
@@ -992,11 +994,13 @@ impl Config {
                 let dir = normalize(dir);
                 watched.iter().flatten().any(|w| normalize(w) == dir)
             }) {
-                cx.warnings.push(format!(
-                    "{file}:{}: the state file `{}` is in a directory the gateway watches for edits, so every write wakes the watcher; give it a directory of its own (`path: routeplane-state/state.db`)",
-                    cx.line_of("state:", None).unwrap_or(0),
-                    db.display()
-                ));
+                cx.warn(
+                    cx.line_of("state:", None),
+                    format!(
+                        "the state file `{}` is in a directory the gateway watches for edits, so every write wakes the watcher; give it a directory of its own (`path: routeplane-state/state.db`)",
+                        db.display()
+                    ),
+                );
             }
         }
 
@@ -1069,15 +1073,25 @@ impl Config {
     }
 }
 
-/// `examples/../policies/saas` -> `policies/saas`, without touching the disk
-/// (the path may not exist yet; errors should name it as the user thinks of it).
+/// `examples/../policies/saas` -> `policies/saas`, so errors name a path as
+/// the user thinks of it (it may not exist yet). A `..` after a symlink is
+/// kept: the directory it leads out of is the link's target's parent, not
+/// the link's (a config in `deploy/`, a link to `releases/v2/config`, with
+/// `policy: ../policy`), and the OS resolves it that way.
 fn normalize(p: &Path) -> PathBuf {
     use std::path::Component;
     let mut out: Vec<Component<'_>> = Vec::new();
     for c in p.components() {
         match c {
             Component::CurDir => {}
-            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+            Component::ParentDir
+                if matches!(out.last(), Some(Component::Normal(_)))
+                    && !out
+                        .iter()
+                        .collect::<PathBuf>()
+                        .symlink_metadata()
+                        .is_ok_and(|m| m.file_type().is_symlink()) =>
+            {
                 out.pop();
             }
             other => out.push(other),
@@ -1544,37 +1558,59 @@ impl<'a> KeyLines<'a> {
             by_key: HashMap::new(),
             by_key_value: HashMap::new(),
         };
-        for (i, l) in text.lines().enumerate() {
-            let l = l.trim_start().trim_start_matches("- ");
-            // A list entry written in flow style, `- { name: a, kind: mock }`,
+        for (i, line) in text.lines().enumerate() {
+            let code = line.split(" #").next().unwrap_or("");
+            let block = code.trim_start().trim_start_matches("- ");
+            if !block.starts_with('{') {
+                index.add(i + 1, block, false);
+            }
+            // A list entry written in flow style, `- { name: a, kind: mock }`
+            // or several on one line (`tenants: [{ id: a, .. }, { id: b, .. }]`),
             // is found by its first key as a block entry is.
-            let (l, flow) = match l.strip_prefix('{') {
-                Some(inner) => (inner.trim_start(), true),
-                None => (l, false),
-            };
-            let Some(colon) = l.find(':') else { continue };
-            let (Some(key), Some(rest)) = (l.get(..=colon), l.get(colon + 1..)) else {
-                continue;
-            };
-            let value = rest.split('#').next().unwrap_or("");
-            let value = if flow {
-                value.split([',', '}']).next().unwrap_or("")
-            } else {
-                value
-            };
-            let value = value.trim().trim_matches(|c| c == '"' || c == '\'');
-            index.by_key.entry(key).or_default().push(i + 1);
-            index
-                .by_key_value
-                .entry((key, value))
-                .or_default()
-                .push(i + 1);
+            for (at, _) in code.match_indices('{') {
+                if let Some(inner) = code.get(at + 1..) {
+                    index.add(i + 1, inner.trim_start(), true);
+                }
+            }
         }
         index
+    }
+
+    fn add(&mut self, line: usize, entry: &'a str, flow: bool) {
+        let Some(colon) = entry.find(':') else {
+            return;
+        };
+        let (Some(key), Some(rest)) = (entry.get(..=colon), entry.get(colon + 1..)) else {
+            return;
+        };
+        let value = rest.split('#').next().unwrap_or("");
+        let value = if flow {
+            value.split([',', '}']).next().unwrap_or("")
+        } else {
+            value
+        };
+        let value = value.trim().trim_matches(|c| c == '"' || c == '\'');
+        self.by_key.entry(key).or_default().push(line);
+        self.by_key_value
+            .entry((key, value))
+            .or_default()
+            .push(line);
     }
 }
 
 impl Checker<'_> {
+    /// A warning, located as errors are (`file:line: ...`, or `file: ...`
+    /// when the line is not known).
+    fn warn(&mut self, line: Option<usize>, message: String) {
+        let w = ConfigError {
+            file: self.file.to_string(),
+            line,
+            column: None,
+            message,
+        };
+        self.warnings.push(w.to_string());
+    }
+
     fn error(&mut self, line: Option<usize>, message: String) {
         self.errors.push(ConfigError {
             file: self.file.to_string(),
@@ -1679,6 +1715,18 @@ max_body: 1MiB
         assert_eq!(c.max_body_bytes, 1024 * 1024);
         assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
         assert!(c.warnings[0].contains("gw.yaml:12: tenant `demo` has a plain `key`"));
+        // Located in a flow list on one line too, never at line 0.
+        let c = parse("policy: p\ntenants: [{ id: a, key: ka }, { id: b, key: kb }]\n").unwrap();
+        assert!(
+            c.warnings[0].starts_with("gw.yaml:2: tenant `a` has a plain `key`"),
+            "{:?}",
+            c.warnings
+        );
+        assert!(
+            c.warnings[1].starts_with("gw.yaml:2: tenant `b` has a plain `key`"),
+            "{:?}",
+            c.warnings
+        );
         assert!(
             !format!("{c:?}").contains("sk-upstream"),
             "secrets never print"
@@ -1704,6 +1752,27 @@ max_body: 1MiB
         ));
         assert!(!warned("state: { backend: sqlite, path: var/state.db }\n"));
         assert!(!warned("state: { backend: memory }\n"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_parent_dir_after_a_symlink_is_where_the_link_leads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let release = tmp.path().join("releases/v2");
+        std::fs::create_dir_all(release.join("config")).unwrap();
+        std::fs::create_dir_all(release.join("policy")).unwrap();
+        std::os::unix::fs::symlink(release.join("config"), tmp.path().join("deploy")).unwrap();
+        let p = normalize(&tmp.path().join("deploy/../policy"));
+        assert_eq!(
+            p.canonicalize().unwrap(),
+            release.join("policy").canonicalize().unwrap()
+        );
+        // Without links, `..` is still taken away as text.
+        assert_eq!(
+            normalize(&tmp.path().join("releases/v2/config/../policy")),
+            tmp.path().join("releases/v2/policy")
+        );
+        assert_eq!(normalize(Path::new("a/b/../c")), Path::new("a/c"));
     }
 
     #[test]
@@ -1734,6 +1803,8 @@ max_body: 1MiB
             // Entries in flow style are located by their first key too.
             ("policy: p\nproviders:\n  - { name: m, kind: mock }\n  - {name: \"m\", kind: mock}\n", "gw.yaml:4:", "duplicate provider `m`"),
             ("policy: p\ntenants:\n  - { id: a, key: k }\n  - { id: b, key: k }\n", "gw.yaml:4:", "tenant `b` has the same key as tenant `a`"),
+            // Several flow entries on one line: each is found on it.
+            ("policy: p\ntenants: [{ id: a, key: k }, { id: b, key: k }]\n", "gw.yaml:2:", "tenant `b` has the same key as tenant `a`"),
         ];
         for (text, loc, msg) in cases {
             let errs = parse(text).unwrap_err();

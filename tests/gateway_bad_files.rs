@@ -374,7 +374,8 @@ fn cases() -> Vec<Case> {
             "    mock: { latency: 1ms }",
             "    mock: { error_rate: 2 }",
             "error_rate",
-            Some(7),
+            // The line of `error_rate` itself, in flow style too.
+            Some(9),
         ),
         (
             "mock chunks negative",
