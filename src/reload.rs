@@ -208,7 +208,7 @@ pub struct PolicyStore<T> {
     /// moves its watches to where the paths lead now.
     watching: Mutex<Weak<Watching>>,
     /// Run after each swap, before the reload reports success.
-    after_swap: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    after_swap: Mutex<Vec<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 impl<T: Send + Sync + 'static> PolicyStore<T> {
@@ -246,7 +246,7 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
             reloading: tokio::sync::Mutex::new(()),
             metrics,
             watching: Mutex::new(Weak::new()),
-            after_swap: Mutex::new(None),
+            after_swap: Mutex::new(Vec::new()),
         }))
     }
 
@@ -261,12 +261,13 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
         self.current.load()
     }
 
-    /// Run `hook` after every successful swap, on the blocking pool, before
-    /// the reload reports success (the gateway builds its runtime there, so
-    /// no request has to). Replaces an earlier hook.
+    /// Run `hook` after every successful swap (and its record), on the
+    /// blocking pool, before the reload reports success (the gateway builds
+    /// its runtime there, so no request has to). Each gateway on this store
+    /// adds its own.
     pub fn on_swap(&self, hook: Box<dyn Fn() + Send + Sync>) {
-        if let Ok(mut h) = self.after_swap.lock() {
-            *h = Some(Arc::from(hook));
+        if let Ok(mut hooks) = self.after_swap.lock() {
+            hooks.push(Arc::from(hook));
         }
     }
 
@@ -302,12 +303,6 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
                 let version = loaded.version.clone();
                 let warnings = loaded.warnings.len();
                 self.current.store(Arc::new(loaded));
-                let hook = self.after_swap.lock().ok().and_then(|h| h.clone());
-                if let Some(hook) = hook {
-                    if let Err(e) = tokio::task::spawn_blocking(move || hook()).await {
-                        tracing::error!("building the runtime of the new policy crashed: {e}");
-                    }
-                }
                 tracing::info!(version = %version, ?trigger, duration_ms, warnings, "policy reloaded");
                 // Said at every reload, not only at start: an edit that
                 // brought a warning must be visible in the log too.
@@ -322,6 +317,19 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
                     duration_ms,
                     error: None,
                 });
+                // After the record, with no await between it and the swap:
+                // a reload dropped while the runtime builds is still recorded.
+                let hooks = self
+                    .after_swap
+                    .lock()
+                    .map(|h| h.clone())
+                    .unwrap_or_default();
+                if !hooks.is_empty() {
+                    let ran = tokio::task::spawn_blocking(move || hooks.iter().for_each(|h| h()));
+                    if let Err(e) = ran.await {
+                        tracing::error!("building the runtime of the new policy crashed: {e}");
+                    }
+                }
                 Ok(version)
             }
             Err(failure) => {
@@ -917,14 +925,13 @@ pub fn served_builder(
         // Before the swap, so no budgeted request waits for an encoding to load.
         crate::estimate::warm_up_for(compiled.value.policy());
         // The config's own warnings (a plain `key`) with the policy's, so a
-        // reload shows and logs them as it does the policy's; they carry
-        // the `warning: ` `serve` prints them with.
+        // reload shows and logs them as it does the policy's, in the same
+        // form (`file:line: warning: ...`).
         let mut warnings: Vec<String> = config
             .warnings
             .iter()
             .cloned()
             .chain(unused_providers(compiled.value.policy(), &config))
-            .map(|w| format!("warning: {w}"))
             .collect();
         warnings.extend(compiled.warnings);
         Ok(Built {
@@ -1009,7 +1016,7 @@ fn unused_providers(policy: &crate::ir::Policy, config: &Config) -> Vec<String> 
                         c.name
                     ),
                 )
-                .to_string()
+                .as_warning()
         })
         .collect()
 }

@@ -60,8 +60,11 @@ pub trait PolicySource: Send + Sync {
     }
     /// Call `hook` after every swap to a new policy, before the reload that
     /// made it reports success: the gateway builds its runtime there, off
-    /// the request path. Sources that change without a reload need not.
-    fn on_swap(&self, _hook: SwapHook) {}
+    /// the request path. `false`: this source does not (it changes without
+    /// a reload), and requests build the runtime when they find it old.
+    fn on_swap(&self, _hook: SwapHook) -> bool {
+        false
+    }
     /// The body of `GET /admin/policy`, when the source can say more than the version.
     fn admin_json(&self) -> Option<serde_json::Value> {
         None
@@ -120,8 +123,9 @@ impl PolicySource for crate::reload::PolicyStore<crate::reload::Served> {
         let loaded = self.peek();
         Arc::ptr_eq(&loaded.value.policy, policy) && Arc::ptr_eq(&loaded.value.config, config)
     }
-    fn on_swap(&self, hook: SwapHook) {
+    fn on_swap(&self, hook: SwapHook) -> bool {
         crate::reload::PolicyStore::on_swap(self, hook);
+        true
     }
     fn admin_json(&self) -> Option<serde_json::Value> {
         Some(self.admin_policy_json())
@@ -233,6 +237,9 @@ pub struct Gateway {
     runtime: ArcSwap<Runtime>,
     /// Serializes runtime rebuilds; remembers the last version that failed.
     rebuild: Mutex<Option<String>>,
+    /// The source builds each new runtime as it swaps ([`PolicySource::on_swap`]):
+    /// a request that finds the runtime old leaves the build to it.
+    built_on_swap: std::sync::atomic::AtomicBool,
     breakers: Mutex<HashMap<String, Arc<Breaker>>>,
     live: Mutex<HashMap<String, Arc<ModelLive>>>,
     pub limiters: limits::Limiters,
@@ -277,6 +284,7 @@ impl Gateway {
             policies,
             runtime: ArcSwap::from_pointee(empty),
             rebuild: Mutex::new(None),
+            built_on_swap: std::sync::atomic::AtomicBool::new(false),
             breakers: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
             limiters: limits::Limiters::default(),
@@ -291,11 +299,12 @@ impl Gateway {
         let gw = Arc::new(gw);
         // Weak: the source lives in the gateway, the hook must not keep it alive.
         let weak = Arc::downgrade(&gw);
-        gw.policies.on_swap(Box::new(move || {
+        let built_on_swap = gw.policies.on_swap(Box::new(move || {
             if let Some(gw) = weak.upgrade() {
                 gw.rebuild_now();
             }
         }));
+        gw.built_on_swap.store(built_on_swap, Ordering::Relaxed);
         Ok(gw)
     }
 
@@ -303,12 +312,15 @@ impl Gateway {
     /// uses the result throughout, so no decision mixes two versions.
     ///
     /// The reload store builds the runtime of a new policy as it swaps it
-    /// in ([`PolicySource::on_swap`]); a request never waits for a build
-    /// another thread is running (with 100,000 tenants it takes tens of
-    /// milliseconds): until it is done, requests keep the last runtime.
+    /// in ([`PolicySource::on_swap`]); a request neither builds one then nor
+    /// waits for a build another thread is running (with 100,000 tenants
+    /// it takes tens of milliseconds): until it is done, requests keep the
+    /// last runtime.
     pub fn runtime(&self) -> Arc<Runtime> {
         let rt = self.runtime.load_full();
-        if self.policies.serves(&rt.policy, &rt.config) {
+        if self.built_on_swap.load(Ordering::Relaxed)
+            || self.policies.serves(&rt.policy, &rt.config)
+        {
             return rt;
         }
         match self.rebuild.try_lock() {
@@ -581,6 +593,227 @@ mod tests {
         assert_eq!(find("ka").as_deref(), Some("a"));
         assert_eq!(find("kb").as_deref(), Some("b"));
         assert_eq!(find("kc"), None);
+    }
+
+    /// A store and a gateway on `gw.yaml` with `tenants`, in `dir`.
+    fn served(
+        dir: &std::path::Path,
+        tenants: &str,
+    ) -> (Arc<PolicyStore<crate::reload::Served>>, Arc<Gateway>) {
+        std::fs::create_dir_all(dir.join("p")).unwrap();
+        std::fs::write(dir.join("p/main.route"), policy_text("0.5")).unwrap();
+        std::fs::write(
+            dir.join("gw.yaml"),
+            format!("policy: p\nproviders: [{{ name: mock, kind: mock }}]\ntenants: {tenants}\n"),
+        )
+        .unwrap();
+        let config = Arc::new(Config::load(&dir.join("gw.yaml")).unwrap());
+        let paths = Paths {
+            policy: config.policy.clone(),
+            config: Some(config.path.clone()),
+        };
+        let store = PolicyStore::load(paths, served_builder(Arc::clone(&config)), None).unwrap();
+        let gw = Gateway::new((*config).clone(), store.clone(), Options::default()).unwrap();
+        (store, gw)
+    }
+
+    fn finds(rt: &Runtime, key: &str) -> Option<String> {
+        rt.tenant_by_key
+            .get(&crate::config::sha256(key))
+            .and_then(|&i| rt.tenants.get(i))
+            .map(|t| t.id.clone())
+    }
+
+    /// Holds `gw.rebuild` on another thread (as a request building a
+    /// runtime does) until the returned sender is dropped.
+    fn hold_rebuild(
+        gw: &Arc<Gateway>,
+    ) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = Arc::clone(gw);
+        let t = std::thread::spawn(move || {
+            let _g = holder.rebuild.lock().unwrap();
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        });
+        locked_rx.recv().unwrap();
+        (release_tx, t)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_config_only_reload_serves_the_new_tenants() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (store, gw) = served(dir, "[{ id: a, key: ka }]");
+        let before = gw.runtime();
+        assert_eq!(finds(&before, "kb"), None);
+        // Same policy, one more tenant and tenant a's key changed.
+        std::fs::write(
+            dir.join("gw.yaml"),
+            "policy: p\nproviders: [{ name: mock, kind: mock }]\ntenants: [{ id: a, key: ka2 }, { id: b, key: kb }]\n",
+        )
+        .unwrap();
+        let version = store.reload(Trigger::Manual).await.unwrap();
+        assert_eq!(
+            version,
+            before.policy.version(),
+            "the policy did not change"
+        );
+        let rt = gw.runtime.load_full();
+        assert_eq!(finds(&rt, "kb").as_deref(), Some("b"));
+        assert_eq!(finds(&rt, "ka2").as_deref(), Some("a"));
+        assert_eq!(
+            finds(&rt, "ka"),
+            None,
+            "the old key is revoked once the reload returns"
+        );
+        assert_eq!(rt.tenants.len(), rt.config.tenants.len());
+        for (i, t) in rt.config.tenants.iter().enumerate() {
+            assert_eq!(rt.tenants[i].id, t.id);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_waits_for_a_build_in_progress_and_then_serves_the_new_policy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (store, gw) = served(dir, "[{ id: a, key: ka }]");
+        let old = gw.runtime().policy.version().to_string();
+        let (release, holder) = hold_rebuild(&gw);
+        std::fs::write(dir.join("p/main.route"), policy_text("0.6")).unwrap();
+        let reload = {
+            let store = store.clone();
+            tokio::spawn(async move { store.reload(Trigger::Manual).await })
+        };
+        // Swapped in the store, the hook waits for the lock; requests keep
+        // the last runtime meanwhile and never block.
+        while store.current().version == old {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(gw.runtime().policy.version(), old);
+        assert!(!reload.is_finished(), "the reload waits for its runtime");
+        drop(release);
+        holder.join().unwrap();
+        let version = reload.await.unwrap().unwrap();
+        assert_ne!(version, old);
+        assert_eq!(gw.runtime.load().policy.version(), version);
+        assert_eq!(gw.runtime().policy.version(), version);
+    }
+
+    /// Found by review: a reload future dropped while its runtime builds (a
+    /// watcher task aborted, a `timeout` around `reload`) had swapped the
+    /// policy without `status`, the metrics and the log ever saying so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_dropped_while_its_runtime_builds_is_still_recorded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (store, gw) = served(dir, "[{ id: a, key: ka }]");
+        let old = store.current().version.clone();
+        let succeeded = store.status().succeeded;
+        let (release, holder) = hold_rebuild(&gw);
+        std::fs::write(dir.join("p/main.route"), policy_text("0.6")).unwrap();
+        let reload = {
+            let store = store.clone();
+            tokio::spawn(async move { store.reload(Trigger::Manual).await })
+        };
+        while store.current().version == old {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        reload.abort();
+        let _ = reload.await;
+        drop(release);
+        holder.join().unwrap();
+        let new = store.current().version.clone();
+        assert_ne!(new, old, "swapped");
+        let status = store.status();
+        assert_eq!(
+            (status.succeeded, status.last.map(|r| r.version)),
+            (succeeded + 1, Some(new)),
+            "a swapped policy must be recorded as reloaded"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_runtime_a_request_sees_pairs_tenants_with_its_own_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let (store, gw) = served(&dir, "[{ id: a, key: ka }, { id: b, key: kb }]");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let gw = Arc::clone(&gw);
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut seen = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let rt = gw.runtime();
+                        assert_eq!(rt.tenants.len(), rt.config.tenants.len());
+                        for (i, t) in rt.config.tenants.iter().enumerate() {
+                            assert_eq!(rt.tenants[i].id, t.id);
+                            assert_eq!(rt.tenants[i].policy_version(), rt.policy.version());
+                            assert_eq!(rt.tenant_by_key.get(&t.key_sha256), Some(&i));
+                        }
+                        seen += 1;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        for i in 0..30 {
+            let (tenants, quality) = if i % 2 == 0 {
+                (
+                    "[{ id: c, key: kc }, { id: b, key: ka }, { id: a, key: kb }]",
+                    "0.6",
+                )
+            } else {
+                ("[{ id: a, key: ka }, { id: b, key: kb }]", "0.5")
+            };
+            // Sometimes the policy, sometimes only the config.
+            if i % 3 != 0 {
+                std::fs::write(dir.join("p/main.route"), policy_text(quality)).unwrap();
+            }
+            std::fs::write(
+                dir.join("gw.yaml"),
+                format!(
+                    "policy: p\nproviders: [{{ name: mock, kind: mock }}]\ntenants: {tenants}\n"
+                ),
+            )
+            .unwrap();
+            let v = store.reload(Trigger::Manual).await.unwrap();
+            let rt = gw.runtime();
+            assert_eq!(rt.policy.version(), v);
+            assert!(Arc::ptr_eq(&rt.config, &store.current().value.config));
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            assert!(r.join().unwrap() > 0);
+        }
+    }
+
+    #[test]
+    fn the_store_does_not_keep_a_dropped_gateway_alive() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, gw) = served(tmp.path(), "[{ id: a, key: ka }]");
+        let weak = Arc::downgrade(&gw);
+        drop(gw);
+        assert!(weak.upgrade().is_none());
+        drop(store);
+    }
+
+    #[tokio::test]
+    async fn every_gateway_on_a_store_gets_the_new_runtime() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (store, first) = served(dir, "[{ id: a, key: ka }]");
+        let config = Config::load(&dir.join("gw.yaml")).unwrap();
+        let second = Gateway::new(config, store.clone(), Options::default()).unwrap();
+        std::fs::write(dir.join("p/main.route"), policy_text("0.6")).unwrap();
+        let version = store.reload(Trigger::Manual).await.unwrap();
+        assert_eq!(first.runtime().policy.version(), version);
+        assert_eq!(second.runtime().policy.version(), version);
     }
 
     #[test]
