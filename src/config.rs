@@ -37,6 +37,19 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl ConfigError {
+    /// The same problem as a warning: `file:line: warning: message`, as
+    /// policy warnings read (`file:line:col: warning[code]: message`).
+    pub fn as_warning(&self) -> String {
+        let at = match (self.line, self.column) {
+            (Some(l), Some(c)) => format!("{}:{l}:{c}", self.file),
+            (Some(l), None) => format!("{}:{l}", self.file),
+            _ => self.file.clone(),
+        };
+        format!("{at}: warning: {}", self.message)
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.line, self.column) {
@@ -826,8 +839,7 @@ impl Config {
                 Vec::new()
             }
             Section::Absent => {
-                cx.warnings
-                    .push(format!("{file}: no `tenants:`: {NO_TENANT}"));
+                cx.warn(None, format!("no `tenants:`: {NO_TENANT}"));
                 Vec::new()
             }
         };
@@ -1599,8 +1611,8 @@ impl<'a> KeyLines<'a> {
 }
 
 impl Checker<'_> {
-    /// A warning, located as errors are (`file:line: ...`, or `file: ...`
-    /// when the line is not known).
+    /// A warning, located as errors are (`file:line: warning: ...`, or
+    /// `file: warning: ...` when the line is not known).
     fn warn(&mut self, line: Option<usize>, message: String) {
         let w = ConfigError {
             file: self.file.to_string(),
@@ -1608,7 +1620,7 @@ impl Checker<'_> {
             column: None,
             message,
         };
-        self.warnings.push(w.to_string());
+        self.warnings.push(w.as_warning());
     }
 
     fn error(&mut self, line: Option<usize>, message: String) {
@@ -1714,16 +1726,16 @@ max_body: 1MiB
         assert_eq!(c.admin_token_sha256, Some(sha256("admin-secret")));
         assert_eq!(c.max_body_bytes, 1024 * 1024);
         assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
-        assert!(c.warnings[0].contains("gw.yaml:12: tenant `demo` has a plain `key`"));
+        assert!(c.warnings[0].contains("gw.yaml:12: warning: tenant `demo` has a plain `key`"));
         // Located in a flow list on one line too, never at line 0.
         let c = parse("policy: p\ntenants: [{ id: a, key: ka }, { id: b, key: kb }]\n").unwrap();
         assert!(
-            c.warnings[0].starts_with("gw.yaml:2: tenant `a` has a plain `key`"),
+            c.warnings[0].starts_with("gw.yaml:2: warning: tenant `a` has a plain `key`"),
             "{:?}",
             c.warnings
         );
         assert!(
-            c.warnings[1].starts_with("gw.yaml:2: tenant `b` has a plain `key`"),
+            c.warnings[1].starts_with("gw.yaml:2: warning: tenant `b` has a plain `key`"),
             "{:?}",
             c.warnings
         );
@@ -1953,7 +1965,7 @@ max_body: 1MiB
         assert!(c.admin_token_sha256.is_none());
         assert_eq!(
             c.warnings,
-            ["gw.yaml: no `tenants:`: a gateway without tenants refuses every request (401)"]
+            ["gw.yaml: warning: no `tenants:`: a gateway without tenants refuses every request (401)"]
         );
     }
 

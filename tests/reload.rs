@@ -307,7 +307,7 @@ fn a_provider_no_model_uses_is_a_warning_at_start_and_at_reload() {
     let addr = server.addr.clone();
     let line = line_of(&with_typo, "  - { name: mockk");
     let expected = format!(
-        "gateway.yaml:{line}: provider `mockk` is not used by any model of the policy: did you mean `mock`?"
+        "gateway.yaml:{line}: warning: provider `mockk` is not used by any model of the policy: did you mean `mock`?"
     );
     assert!(server.log().contains(&expected), "{}", server.log());
     let warnings = admin(&addr)["warnings"].to_string();
@@ -322,7 +322,7 @@ fn a_provider_no_model_uses_is_a_warning_at_start_and_at_reload() {
     let warnings = admin(&addr)["warnings"].to_string();
     assert!(
         warnings.contains(&format!(
-            "gateway.yaml:{line}: provider `retired` is not used by any model of the policy: delete it if it is left over"
+            "gateway.yaml:{line}: warning: provider `retired` is not used by any model of the policy: delete it if it is left over"
         )),
         "{warnings}"
     );
@@ -347,7 +347,7 @@ fn config_warnings_found_at_reload_are_logged_and_shown() {
     let addr = server.addr.clone();
     let warning = |text: &str, id: &str| {
         format!(
-            "gateway.yaml:{}: tenant `{id}` has a plain `key`",
+            "gateway.yaml:{}: warning: tenant `{id}` has a plain `key`",
             line_of(text, &format!("  - id: {id}"))
         )
     };

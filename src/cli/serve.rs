@@ -78,7 +78,7 @@ async fn serve(config: Config, args: Args) -> u8 {
     // (`served_builder`); said here only when it cannot.
     let config_warnings = || {
         for w in &config.warnings {
-            eprintln!("warning: {w}");
+            eprintln!("{w}");
         }
     };
     if !config.policy.exists() {
