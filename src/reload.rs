@@ -302,12 +302,23 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
             Ok(loaded) => {
                 let version = loaded.version.clone();
                 let warnings = loaded.warnings.len();
-                self.current.store(Arc::new(loaded));
+                let before = self.current.swap(Arc::new(loaded));
                 tracing::info!(version = %version, ?trigger, duration_ms, warnings, "policy reloaded");
-                // Said at every reload, not only at start: an edit that
-                // brought a warning must be visible in the log too.
-                for warning in &self.current().warnings {
+                // Said at every reload, not only at start, that an edit that
+                // brought a warning is visible in the log too; the ones the
+                // last version had already are counted, not repeated (a
+                // reload a minute would log the same lines all day).
+                let now = self.current();
+                let new = fresh_warnings(&before.warnings, &now.warnings);
+                for warning in &new {
                     tracing::warn!(version = %version, "{warning}");
+                }
+                if new.len() < now.warnings.len() {
+                    tracing::info!(
+                        version = %version,
+                        "{} warning(s) of the last version still hold (GET /admin/policy lists them)",
+                        now.warnings.len() - new.len()
+                    );
                 }
                 self.record(ReloadRecord {
                     ok: true,
@@ -788,6 +799,12 @@ pub fn compiled_builder(inputs: &Inputs) -> Result<Built<Arc<CompiledPolicy>>, F
     })
 }
 
+/// The warnings of `now` that `before` did not have, in order.
+fn fresh_warnings<'a>(before: &[String], now: &'a [String]) -> Vec<&'a String> {
+    let seen: std::collections::HashSet<&str> = before.iter().map(String::as_str).collect();
+    now.iter().filter(|w| !seen.contains(w.as_str())).collect()
+}
+
 /// What `routeplane serve` serves: one policy and one config, loaded and
 /// checked together, so a reload never pairs a policy with tenants it rejects.
 #[derive(Debug)]
@@ -1131,6 +1148,15 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_reload_logs_only_the_warnings_its_last_version_did_not_have() {
+        let w = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let before = w(&["a", "b"]);
+        let now = w(&["b", "c", "a", "d"]);
+        assert_eq!(super::fresh_warnings(&before, &now), [&now[1], &now[3]]);
+        assert!(super::fresh_warnings(&now, &before).is_empty());
+    }
+
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 

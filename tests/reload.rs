@@ -375,5 +375,19 @@ fn config_warnings_found_at_reload_are_logged_and_shown() {
     wait_for(&server, "the warning in the log", || {
         server.log().contains(&at_reload)
     });
+    // The one the last version had already is counted, not logged again.
+    assert_eq!(
+        server.log().matches(&at_start).count(),
+        1,
+        "{}",
+        server.log()
+    );
+    assert!(
+        server
+            .log()
+            .contains("warning(s) of the last version still hold"),
+        "{}",
+        server.log()
+    );
     assert_eq!(chat_as(&addr, "sk-second").0, 200);
 }
