@@ -531,20 +531,7 @@ mod tests {
     async fn a_reload_builds_the_runtime_before_it_reports_success() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        std::fs::create_dir_all(dir.join("p")).unwrap();
-        std::fs::write(dir.join("p/main.route"), policy_text("0.5")).unwrap();
-        std::fs::write(
-            dir.join("gw.yaml"),
-            "policy: p\nproviders: [{ name: mock, kind: mock }]\ntenants: [{ id: a, key: ka }]\n",
-        )
-        .unwrap();
-        let config = Arc::new(Config::load(&dir.join("gw.yaml")).unwrap());
-        let paths = Paths {
-            policy: config.policy.clone(),
-            config: Some(config.path.clone()),
-        };
-        let store = PolicyStore::load(paths, served_builder(Arc::clone(&config)), None).unwrap();
-        let gw = Gateway::new((*config).clone(), store.clone(), Options::default()).unwrap();
+        let (store, gw) = served(dir, "[{ id: a, key: ka }]");
         // The tenants the store resolved to check the reload are the ones
         // served, not resolved a second time.
         assert!(Arc::ptr_eq(
@@ -674,23 +661,36 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_reload_waits_for_a_build_in_progress_and_then_serves_the_new_policy() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        let (store, gw) = served(dir, "[{ id: a, key: ka }]");
-        let old = gw.runtime().policy.version().to_string();
-        let (release, holder) = hold_rebuild(&gw);
+    /// A reload of an edited policy while another thread holds the rebuild
+    /// lock, once the store swapped: the version before and the reload.
+    async fn reload_while_building(
+        dir: &std::path::Path,
+        store: &Arc<PolicyStore<crate::reload::Served>>,
+    ) -> (
+        String,
+        tokio::task::JoinHandle<Result<String, crate::reload::Failure>>,
+    ) {
+        let old = store.current().version.clone();
         std::fs::write(dir.join("p/main.route"), policy_text("0.6")).unwrap();
         let reload = {
             let store = store.clone();
             tokio::spawn(async move { store.reload(Trigger::Manual).await })
         };
-        // Swapped in the store, the hook waits for the lock; requests keep
-        // the last runtime meanwhile and never block.
         while store.current().version == old {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+        (old, reload)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_waits_for_a_build_in_progress_and_then_serves_the_new_policy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (store, gw) = served(dir, "[{ id: a, key: ka }]");
+        let (release, holder) = hold_rebuild(&gw);
+        // Swapped in the store, the hook waits for the lock; requests keep
+        // the last runtime meanwhile and never block.
+        let (old, reload) = reload_while_building(dir, &store).await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert_eq!(gw.runtime().policy.version(), old);
         assert!(!reload.is_finished(), "the reload waits for its runtime");
@@ -710,17 +710,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let (store, gw) = served(dir, "[{ id: a, key: ka }]");
-        let old = store.current().version.clone();
         let succeeded = store.status().succeeded;
         let (release, holder) = hold_rebuild(&gw);
-        std::fs::write(dir.join("p/main.route"), policy_text("0.6")).unwrap();
-        let reload = {
-            let store = store.clone();
-            tokio::spawn(async move { store.reload(Trigger::Manual).await })
-        };
-        while store.current().version == old {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        let (old, reload) = reload_while_building(dir, &store).await;
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         reload.abort();
         let _ = reload.await;
