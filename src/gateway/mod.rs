@@ -305,6 +305,9 @@ impl Gateway {
             }
         }));
         gw.built_on_swap.store(built_on_swap, Ordering::Relaxed);
+        // A swap between the first build and the hook's registration had no
+        // hook to build it: catch up now (nothing to do when none came).
+        gw.rebuild_now();
         Ok(gw)
     }
 
