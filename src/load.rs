@@ -7,6 +7,7 @@
 //! found with `.route` files is one policy: `routeplane check policies/`
 //! checks every example policy separately.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use crate::source::Sources;
@@ -51,7 +52,7 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PolicyDir>, LoadError> {
         if meta.is_file() {
             out.push(read_files(path, std::slice::from_ref(path))?);
         } else {
-            discover_dir(path, &mut out)?;
+            discover_dir(path, &mut out, &mut HashSet::new())?;
         }
         if out.len() == before {
             return Err(LoadError::Empty {
@@ -89,7 +90,19 @@ fn route_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     Ok(files)
 }
 
-fn discover_dir(dir: &Path, out: &mut Vec<PolicyDir>) -> Result<(), LoadError> {
+/// `seen` holds the directories already searched, resolved: a symlink back to
+/// an ancestor (`ln -s .. loop`) would otherwise find the same policies again
+/// under ever longer paths, and two such links made the search exponential.
+fn discover_dir(
+    dir: &Path,
+    out: &mut Vec<PolicyDir>,
+    seen: &mut HashSet<PathBuf>,
+) -> Result<(), LoadError> {
+    if let Ok(real) = std::fs::canonicalize(dir) {
+        if !seen.insert(real) {
+            return Ok(());
+        }
+    }
     let files = route_files(dir)?;
     if !files.is_empty() {
         out.push(read_files(dir, &files)?);
@@ -108,7 +121,7 @@ fn discover_dir(dir: &Path, out: &mut Vec<PolicyDir>) -> Result<(), LoadError> {
     }
     subdirs.sort();
     for d in subdirs {
-        discover_dir(&d, out)?;
+        discover_dir(&d, out, seen)?;
     }
     Ok(())
 }
@@ -147,6 +160,24 @@ mod tests {
         assert_eq!(found.len(), 2);
         assert_eq!(found[0].sources.len(), 2);
         assert_eq!(found[1].sources.len(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlink_loops_are_searched_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = tmp.path().join("a");
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::write(a.join("x.route"), "").unwrap();
+        // A link back to the root found `a` again as self/a, self/self/a, ...
+        // 41 times (until ELOOP); two such links took 2^40 searches.
+        std::os::unix::fs::symlink(".", tmp.path().join("self")).unwrap();
+        let found = discover(&[tmp.path().to_path_buf()]).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].root, a);
+        // The same policy named twice on the command line is still checked twice.
+        let twice = discover(&[tmp.path().to_path_buf(), tmp.path().to_path_buf()]).unwrap();
+        assert_eq!(twice.len(), 2);
     }
 
     #[test]

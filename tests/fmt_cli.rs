@@ -146,3 +146,18 @@ fn a_layout_change_that_would_unsilence_a_lint_is_refused() {
         text
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn a_symlink_loop_lists_each_file_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("p");
+    std::fs::create_dir(&p).unwrap();
+    std::fs::write(p.join("a.route"), MESSY).unwrap();
+    // `self` -> `.`: the file was listed as p/a.route, self/p/a.route,
+    // self/self/p/a.route, ... 41 times, and two such links never ended.
+    std::os::unix::fs::symlink(".", tmp.path().join("self")).unwrap();
+    let (code, out, err) = fmt(tmp.path(), &["--check", "."]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(out, "./p/a.route\n");
+}

@@ -9,6 +9,7 @@
 //! diagnostics would differ after formatting (an `// allow(..)` comment that
 //! no longer sits on or above its line) is left untouched and reported.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use routeplane::analysis::analyze;
@@ -32,7 +33,7 @@ pub fn run(args: Args) -> u8 {
     let mut files = Vec::new();
     let mut failed = false;
     for path in &args.paths {
-        if let Err(e) = collect(path, &mut files) {
+        if let Err(e) = collect(path, &mut files, &mut HashSet::new()) {
             eprintln!("error: cannot read `{}`: {e}", path.display());
             failed = true;
         }
@@ -179,11 +180,21 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// Every `.route` file under `path`, in name order. Hidden directories and
-/// `target` are skipped.
-fn collect(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// `target` are skipped, and so is a directory already searched (`seen` holds
+/// them resolved): a symlink loop would list its files again and again.
+fn collect(
+    path: &Path,
+    out: &mut Vec<PathBuf>,
+    seen: &mut HashSet<PathBuf>,
+) -> std::io::Result<()> {
     if std::fs::metadata(path)?.is_file() {
         out.push(path.to_path_buf());
         return Ok(());
+    }
+    if let Ok(real) = std::fs::canonicalize(path) {
+        if !seen.insert(real) {
+            return Ok(());
+        }
     }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
         .map(|e| e.map(|e| e.path()))
@@ -193,7 +204,7 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if p.is_dir() {
             if !name.starts_with('.') && name != "target" {
-                collect(&p, out)?;
+                collect(&p, out, seen)?;
             }
         } else if p.extension().is_some_and(|e| e == "route") {
             out.push(p);
