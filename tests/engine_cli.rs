@@ -279,3 +279,27 @@ protect {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("3 passed; 0 failed"), "{out}");
 }
+
+#[test]
+fn a_missing_config_is_an_io_error() {
+    // `--request` or `--policy` missing exited 2, a missing `--config` 1.
+    for args in [
+        &[
+            "explain",
+            "--config",
+            "does-not-exist.yaml",
+            "--tenant",
+            "t",
+            "--request",
+            "examples/request.json",
+        ][..],
+        &["usage", "--config", "does-not-exist.yaml"],
+    ] {
+        let (code, _, err) = routeplane(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("cannot read `does-not-exist.yaml`"),
+            "{args:?}: {err}"
+        );
+    }
+}

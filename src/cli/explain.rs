@@ -86,10 +86,17 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> u8 {
 
 pub fn run(args: Args) -> u8 {
     let config = match &args.config {
-        Some(path) => match Config::load(path) {
-            Ok(c) => Some(c),
-            Err(e) => return fail(1, e),
-        },
+        Some(path) => {
+            // A config that cannot be read is an I/O error (2), as a missing
+            // `--policy` or `--request` is; one that reads but is invalid is 1.
+            if let Err(e) = std::fs::metadata(path) {
+                return fail(2, format!("cannot read `{}`: {e}", path.display()));
+            }
+            match Config::load(path) {
+                Ok(c) => Some(c),
+                Err(e) => return fail(1, e),
+            }
+        }
         None => None,
     };
     let Some(policy_path) = args

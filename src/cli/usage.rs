@@ -179,6 +179,11 @@ pub fn render(rows: &[Row], by: By, format: Format) -> String {
 }
 
 pub fn run(args: Args) -> u8 {
+    // A config that cannot be read is an I/O error (2); one that is invalid is 1.
+    if let Err(e) = std::fs::metadata(&args.config) {
+        eprintln!("routeplane: cannot read `{}`: {e}", args.config.display());
+        return 2;
+    }
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
