@@ -179,6 +179,41 @@ const KEYWORDS: &[&str] = &[
     "where",
 ];
 
+/// The grammar's other words: never suggested, and never "corrected" either.
+const OTHER_WORDS: &[&str] = &[
+    "after",
+    "and",
+    "at",
+    "backoff",
+    "bool",
+    "concurrency",
+    "confirm",
+    "contains",
+    "enum",
+    "every",
+    "failures",
+    "false",
+    "first_token",
+    "has",
+    "in",
+    "list",
+    "matches",
+    "not",
+    "number",
+    "on",
+    "open",
+    "or",
+    "out",
+    "per",
+    "probe",
+    "rate",
+    "string",
+    "tokens",
+    "total",
+    "true",
+    "within",
+];
+
 /// The longest word a syntax error quotes.
 const MAX_SHOWN: usize = 40;
 
@@ -235,7 +270,10 @@ fn syntax_error(file: FileId, offset: usize, e: &pest::error::Error<Rule>) -> Di
     let mut d = Diagnostic::error("syntax", format!("expected {expected_text}, found {found}"))
         .with_label(span, format!("unexpected {found}"));
     // Edit distance is quadratic: no suggestion for words no keyword is near.
-    let suggestion = if found_word && !word.is_empty() && !cut {
+    // A word the grammar knows is spelt right, whatever went wrong after it:
+    // `provider x region us }` (no `{`) suggested `providers` for `provider`.
+    let spelt_right = KEYWORDS.contains(&word.as_str()) || OTHER_WORDS.contains(&word.as_str());
+    let suggestion = if found_word && !word.is_empty() && !cut && !spelt_right {
         did_you_mean(&word, KEYWORDS.iter().copied())
     } else {
         None

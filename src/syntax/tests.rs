@@ -161,3 +161,23 @@ fn a_huge_broken_word_is_quoted_short_and_fast() {
     assert!(d.span().is_some_and(|s| s.end() - s.start() == 40));
     assert!(d.suggestion.is_none());
 }
+
+#[test]
+fn a_word_spelt_right_is_not_corrected() {
+    // `provider` was "corrected" to `providers` (and `in` to `kind`), with a
+    // machine-applicable suggestion, when the error was elsewhere in the item.
+    for src in [
+        "provider openai region us }\n",
+        "provider m@@ { region eu }\n",
+        "model x { provider openai kind chat price in $1 }\n",
+    ] {
+        let p = parse(src);
+        assert_eq!(p.diagnostics.len(), 1, "{src}: {:#?}", p.diagnostics);
+        let d = &p.diagnostics[0];
+        assert!(d.suggestion.is_none(), "{src}: {d:#?}");
+        assert!(
+            !d.help.as_deref().unwrap_or("").contains("did you mean"),
+            "{src}: {d:#?}"
+        );
+    }
+}
