@@ -358,6 +358,14 @@ pub fn run_case(p: &CompiledPolicy, file: &TestFile, case: &Case) -> Vec<String>
         Ok(s) => s,
         Err(e) => return vec![e],
     };
+    // A body the gateway refuses with a 400 is never routed: a decision
+    // asserted for it would pass here and never happen (explain refuses it too).
+    if let Some(body) = &case.request.body {
+        let endpoint = case.request.endpoint.unwrap_or(Endpoint::Chat);
+        if let Err(e) = crate::gateway::validate::body(endpoint, body) {
+            return vec![format!("the gateway would refuse this request (400): {e}")];
+        }
+    }
     let r = case.request.features();
     let declared = |k: &str| p.policy().request_attrs.iter().any(|a| a.name == k);
     let undeclared: Vec<String> = case

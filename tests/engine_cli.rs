@@ -303,3 +303,46 @@ fn a_missing_config_is_an_io_error() {
         );
     }
 }
+
+#[test]
+fn a_body_the_gateway_refuses_fails_the_case() {
+    // `explain` refused these bodies (the gateway answers 400), but a decision
+    // test routed them and passed.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    std::fs::create_dir(&p).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/policies/startup/policy.route"),
+        p.join("policy.route"),
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("t.test.yaml"),
+        r#"cases:
+  - name: numeric_metadata
+    tenant: { attrs: {} }
+    request: { body: { messages: [{ role: user, content: "hi" }], metadata: { feature: email-draft, n: 3 } } }
+    expect: { intent: drafting }
+  - name: not_an_object
+    tenant: { attrs: {} }
+    request: { body: "hello" }
+    expect: { intent: chat }
+  - name: valid
+    tenant: { attrs: {} }
+    request: { body: { messages: [{ role: user, content: "hi" }], metadata: { feature: email-draft } } }
+    expect: { intent: drafting }
+"#,
+    )
+    .unwrap();
+    let (code, out, _) = routeplane(&["test", p.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("test p::valid ... ok"), "{out}");
+    assert!(
+        out.contains("the gateway would refuse this request (400): `metadata.n` must be a string"),
+        "{out}"
+    );
+    assert!(
+        out.contains("the gateway would refuse this request (400): the body must be a JSON object"),
+        "{out}"
+    );
+}
