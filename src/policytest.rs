@@ -389,6 +389,19 @@ pub fn run_case(p: &CompiledPolicy, file: &TestFile, case: &Case) -> Vec<String>
 
 fn check(p: &CompiledPolicy, d: &Decision, e: &Expect) -> Vec<String> {
     let mut f = Vec::new();
+    // `expect: {}` (or a misplaced key) checked nothing, and the case passed.
+    if e.intent.is_none()
+        && e.first.is_none()
+        && e.order.is_none()
+        && e.never.is_empty()
+        && e.denied.is_none()
+        && e.rule.is_none()
+    {
+        f.push(
+            "`expect` checks nothing: give at least one of `intent`, `first`, `order`, `never`, `denied`, `rule`"
+                .to_string(),
+        );
+    }
     let names: Vec<&str> = d.attempts.iter().map(|m| p.model_name(*m)).collect();
     let outcome = match &d.outcome {
         Ok(()) => "none".to_string(),

@@ -346,3 +346,23 @@ fn a_body_the_gateway_refuses_fails_the_case() {
         "{out}"
     );
 }
+
+#[test]
+fn a_case_that_expects_nothing_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    std::fs::create_dir(&p).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/policies/startup/policy.route"),
+        p.join("policy.route"),
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("t.test.yaml"),
+        "cases:\n  - name: empty\n    tenant: { attrs: {} }\n    expect: {}\n",
+    )
+    .unwrap();
+    let (code, out, _) = routeplane(&["test", p.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("`expect` checks nothing"), "{out}");
+}
