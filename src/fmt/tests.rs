@@ -161,3 +161,9 @@ fn trees_built_in_code_get_the_parentheses_they_need() {
     );
     assert_eq!(expr(&e, ""), "not (request.a and (request.b or request.c))");
 }
+
+#[test]
+fn a_byte_order_mark_is_dropped() {
+    let out = format_source(FileId(0), "\u{feff}provider p { region us } // x\n").unwrap();
+    assert_eq!(out, "provider p { // x\n  region us\n}\n");
+}

@@ -181,3 +181,12 @@ fn a_word_spelt_right_is_not_corrected() {
         );
     }
 }
+
+#[test]
+fn a_byte_order_mark_is_skipped() {
+    // Notepad's UTF-8 starts with U+FEFF: the first item was a syntax error
+    // on an invisible character, and every use of it an unknown name.
+    let p = parse("\u{feff}provider p { region us }\nmodel m { provider p kind chat }\n");
+    assert!(p.diagnostics.is_empty(), "{:#?}", p.diagnostics);
+    assert_eq!(p.ast.items.len(), 2);
+}
