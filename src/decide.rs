@@ -282,8 +282,10 @@ pub enum BreakerState {
     Open,
 }
 
+/// Read from `explain --stats` and decision tests: a misspelt key (`latency`,
+/// `succes_rate`) is refused rather than silently read as "no statistic".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ModelStats {
     pub latency_ms: Option<f64>,
     pub first_token_ms: Option<f64>,

@@ -194,6 +194,23 @@ impl<'a> CaseStats<'a> {
             let m = p
                 .model_by_name(name)
                 .ok_or_else(|| format!("stats for unknown model `{name}`"))?;
+            // Scores take these as they are: a success rate of 7 outweighed
+            // every other signal, a negative latency beat every real one.
+            if s.success_rate.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
+                return Err(format!(
+                    "stats for `{name}`: `success_rate` must be between 0 and 1"
+                ));
+            }
+            for (key, v) in [
+                ("latency_ms", s.latency_ms),
+                ("first_token_ms", s.first_token_ms),
+            ] {
+                if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                    return Err(format!(
+                        "stats for `{name}`: `{key}` must be a number of milliseconds, 0 or more"
+                    ));
+                }
+            }
             if let Some(slot) = by_model.get_mut(m.index()) {
                 *slot = *s;
             }

@@ -366,3 +366,43 @@ fn a_case_that_expects_nothing_fails() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("`expect` checks nothing"), "{out}");
 }
+
+#[test]
+fn stats_out_of_range_or_misspelt_are_refused() {
+    // They were taken as given (a success rate of 7, a negative latency) or
+    // ignored (a misspelt key), and the explanation scored with them.
+    let dir = tempfile::tempdir().unwrap();
+    let explain = |stats: &str| {
+        let path = dir.path().join("stats.json");
+        std::fs::write(&path, stats).unwrap();
+        routeplane(&[
+            "explain",
+            "--policy",
+            "policies/saas",
+            "--tenant",
+            "t",
+            "--request",
+            "examples/request.json",
+            "--stats",
+            path.to_str().unwrap(),
+        ])
+    };
+    let (code, _, err) = explain(r#"{"models": {"gpt-4o-mini": {"success_rate": 7}}}"#);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("`success_rate` must be between 0 and 1"),
+        "{err}"
+    );
+    let (code, _, err) = explain(r#"{"models": {"gpt-4o-mini": {"latency_ms": -5}}}"#);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("`latency_ms` must be a number of milliseconds"),
+        "{err}"
+    );
+    let (code, _, err) = explain(r#"{"models": {"gpt-4o-mini": {"latency": 5}}}"#);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown field `latency`"), "{err}");
+    let (code, _, err) =
+        explain(r#"{"models": {"gpt-4o-mini": {"success_rate": 0.5, "latency_ms": 0}}}"#);
+    assert_eq!(code, 0, "{err}");
+}
