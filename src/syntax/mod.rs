@@ -33,6 +33,7 @@ pub fn parse_file(file: FileId, text: &str) -> Parsed {
     let comments = scan_comments(file, text);
     let mut b = Builder {
         file,
+        depth: 0,
         diagnostics: Vec::new(),
         text,
         comment_starts: comments
@@ -71,6 +72,8 @@ pub fn parse_file(file: FileId, text: &str) -> Parsed {
 
 struct Builder<'t> {
     file: FileId,
+    /// How many `not` and parentheses the condition being built is inside.
+    depth: usize,
     diagnostics: Vec<Diagnostic>,
     text: &'t str,
     /// Comment end offset -> start offset, to trim comments off the end of spans.
@@ -213,6 +216,12 @@ const OTHER_WORDS: &[&str] = &[
     "true",
     "within",
 ];
+
+/// The deepest nesting of `not` and parentheses a condition may have. Every
+/// stage after the parser (building the tree, lowering, analysis, formatting)
+/// recurses once per level: a few hundred levels overflowed the stack and
+/// aborted `check`, the language server and the gateway's reload.
+pub const MAX_NESTING: usize = 64;
 
 /// The longest word a syntax error quotes.
 const MAX_SHOWN: usize = 40;
@@ -609,16 +618,7 @@ impl Builder<'_> {
                     Expr::And(parts, span)
                 })
             }
-            Rule::unary => {
-                let span = self.span(&p);
-                let mut it = p.into_inner();
-                let first = it.next()?;
-                match first.as_rule() {
-                    Rule::not_op => Some(Expr::Not(Box::new(self.cond(it.next()?)?), span)),
-                    Rule::cond => Some(Expr::Paren(Box::new(self.cond(first)?), span)),
-                    _ => self.cond(first),
-                }
-            }
+            Rule::unary => self.unary(p),
             Rule::test => {
                 let span = self.span(&p);
                 let mut it = p.into_inner();
@@ -634,6 +634,38 @@ impl Builder<'_> {
                 None
             }
         }
+    }
+
+    fn unary(&mut self, p: P) -> Option<Expr> {
+        let span = self.span(&p);
+        let mut it = p.into_inner();
+        let first = it.next()?;
+        if !matches!(first.as_rule(), Rule::not_op | Rule::cond) {
+            return self.cond(first);
+        }
+        if self.depth >= MAX_NESTING {
+            self.diagnostics.push(
+                Diagnostic::error(
+                    "syntax",
+                    format!(
+                        "this condition nests more than {MAX_NESTING} levels of `not` and parentheses"
+                    ),
+                )
+                .with_label(Span::new(self.file, span.start(), span.start().saturating_add(1)), "too deep from here")
+                .with_help("split it into simpler conditions"),
+            );
+            return None;
+        }
+        self.depth = self.depth.saturating_add(1);
+        let e = match first.as_rule() {
+            Rule::not_op => it
+                .next()
+                .and_then(|c| self.cond(c))
+                .map(|c| Expr::Not(Box::new(c), span)),
+            _ => self.cond(first).map(|c| Expr::Paren(Box::new(c), span)),
+        };
+        self.depth = self.depth.saturating_sub(1);
+        e
     }
 
     fn path(&mut self, p: P) -> Option<Path> {

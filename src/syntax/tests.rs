@@ -190,3 +190,28 @@ fn a_byte_order_mark_is_skipped() {
     assert!(p.diagnostics.is_empty(), "{:#?}", p.diagnostics);
     assert_eq!(p.ast.items.len(), 2);
 }
+
+#[test]
+fn deeply_nested_conditions_are_an_error_not_a_stack_overflow() {
+    // 500 parentheses (3000 in a release build) overflowed the main thread's
+    // stack while building the tree: `check`, `lsp` and a reload aborted.
+    for (open, close) in [("(", ")"), ("not ", "")] {
+        let deep = |n: usize| {
+            format!(
+                "classify {{ chat when {}request.stream{} }}\n",
+                open.repeat(n),
+                close.repeat(n)
+            )
+        };
+        let ok = parse(&deep(MAX_NESTING));
+        assert!(ok.diagnostics.is_empty(), "{:#?}", ok.diagnostics);
+        let p = std::thread::Builder::new()
+            .stack_size(8 << 20)
+            .spawn(move || parse(&deep(600)).diagnostics)
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(p[0].message.contains("nests more than 64 levels"), "{p:#?}");
+    }
+}
