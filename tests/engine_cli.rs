@@ -406,3 +406,33 @@ fn stats_out_of_range_or_misspelt_are_refused() {
         explain(r#"{"models": {"gpt-4o-mini": {"success_rate": 0.5, "latency_ms": 0}}}"#);
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    // `routeplane explain ... | head -1` panicked ("failed printing to
+    // stdout: Broken pipe") with a backtrace and exit code 101.
+    for args in [
+        &[
+            "explain",
+            "--config",
+            "examples/gateway.yaml",
+            "--tenant",
+            "hobby",
+            "--request",
+            "examples/request.json",
+        ][..],
+        &["test", "policies"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_routeplane"))
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    }
+}

@@ -187,12 +187,15 @@ pub fn run(args: Args) -> u8 {
         Err(e) => return fail(1, e),
     };
     let trace = explain(&p, &tenant, &r, &stats);
-    match args.format {
-        Format::Human => print!("{trace}"),
+    let out = match args.format {
+        Format::Human => trace.to_string(),
         Format::Json => match serde_json::to_string_pretty(&trace) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => s + "\n",
             Err(e) => return fail(2, e),
         },
+    };
+    if !super::print_out(&out) {
+        return 2;
     }
     0
 }

@@ -55,12 +55,20 @@ pub fn run(args: Args) -> u8 {
         eprint!("{msgs}");
         failed = true;
     }
-    for change in &changes {
-        if args.check {
-            println!("{}", change.path.display());
-        } else if let Err(e) = write_atomically(&change.path, &change.text) {
-            eprintln!("error: cannot write `{}`: {e}", change.path.display());
-            failed = true;
+    if args.check {
+        let list: String = changes
+            .iter()
+            .map(|c| format!("{}\n", c.path.display()))
+            .collect();
+        if !super::print_out(&list) {
+            return 2;
+        }
+    } else {
+        for change in &changes {
+            if let Err(e) = write_atomically(&change.path, &change.text) {
+                eprintln!("error: cannot write `{}`: {e}", change.path.display());
+                failed = true;
+            }
         }
     }
     if failed {

@@ -38,7 +38,9 @@ pub fn run(args: Args) -> u8 {
         Format::Json => policytest::render_json(&results),
         Format::Junit => policytest::render_junit(&results),
     };
-    print!("{out}");
+    if !super::print_out(&out) {
+        return 2;
+    }
     if results.is_empty() {
         eprintln!("routeplane: no `*.test.yaml` files found next to the policies");
         return 1;

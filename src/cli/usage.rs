@@ -237,10 +237,9 @@ pub fn run(args: Args) -> u8 {
             return 2;
         }
     };
-    print!(
-        "{}",
-        render(&group(&entries, args.by), args.by, args.format)
-    );
+    if !super::print_out(&render(&group(&entries, args.by), args.by, args.format)) {
+        return 2;
+    }
     0
 }
 
