@@ -558,7 +558,16 @@ pub fn render_json(results: &[CaseResult]) -> String {
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
+    s.chars()
+        // XML 1.0 has no way to write these, not even escaped: a case named
+        // with a control character made the whole report unreadable.
+        .map(|c| match c {
+            '\t' | '\n' | '\r' => c,
+            '\u{0}'..='\u{1f}' | '\u{fffe}' | '\u{ffff}' => '\u{fffd}',
+            _ => c,
+        })
+        .collect::<String>()
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
@@ -607,4 +616,28 @@ pub fn render_junit(results: &[CaseResult]) -> String {
     }
     out.push_str("</testsuites>\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn junit_is_well_formed_whatever_the_names() {
+        let r = CaseResult {
+            name: "p::a <b> & \"c\" \u{1}".into(),
+            file: "t.test.yaml".into(),
+            failures: vec!["intent: expected `x\u{7}`, got `chat`".into()],
+        };
+        let out = render_junit(&[r]);
+        assert!(
+            !out.chars()
+                .any(|c| c.is_control() && !matches!(c, '\n' | '\t' | '\r')),
+            "{out}"
+        );
+        assert!(
+            out.contains("name=\"p::a &lt;b&gt; &amp; &quot;c&quot; \u{fffd}\""),
+            "{out}"
+        );
+    }
 }
