@@ -436,3 +436,21 @@ fn a_closed_stdout_is_not_a_panic() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn a_test_file_without_cases_is_not_reported_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    std::fs::create_dir(&p).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/policies/startup/policy.route"),
+        p.join("policy.route"),
+    )
+    .unwrap();
+    std::fs::write(p.join("t.test.yaml"), "cases: []\n").unwrap();
+    let (code, _, err) = routeplane(&["test", p.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    // It said "no `*.test.yaml` files found", with one right there.
+    assert!(!err.contains("files found"), "{err}");
+    assert!(err.contains("no test cases found"), "{err}");
+}

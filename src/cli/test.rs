@@ -42,7 +42,11 @@ pub fn run(args: Args) -> u8 {
         return 2;
     }
     if results.is_empty() {
-        eprintln!("routeplane: no `*.test.yaml` files found next to the policies");
+        // Also reached with test files whose `cases:` are empty: saying no
+        // file was found sent people looking for a file that is there.
+        eprintln!(
+            "routeplane: no test cases found: put `*.test.yaml` files with `cases:` next to the policies"
+        );
         return 1;
     }
     u8::from(results.iter().any(|r| !r.passed()))
