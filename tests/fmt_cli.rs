@@ -161,3 +161,22 @@ fn a_symlink_loop_lists_each_file_once() {
     assert_eq!(code, 1, "{err}");
     assert_eq!(out, "./p/a.route\n");
 }
+
+#[cfg(unix)]
+#[test]
+fn a_symlinked_file_is_formatted_where_it_leads() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("shared")).unwrap();
+    std::fs::create_dir(tmp.path().join("p")).unwrap();
+    std::fs::write(tmp.path().join("shared/real.route"), MESSY).unwrap();
+    std::os::unix::fs::symlink("../shared/real.route", tmp.path().join("p/a.route")).unwrap();
+    let (code, _, err) = fmt(tmp.path(), &["p"]);
+    assert_eq!(code, 0, "{err}");
+    // The link was replaced by a formatted copy, and the shared file left as it was.
+    let link = std::fs::symlink_metadata(tmp.path().join("p/a.route")).unwrap();
+    assert!(link.file_type().is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("shared/real.route")).unwrap(),
+        CLEAN
+    );
+}

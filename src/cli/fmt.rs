@@ -169,6 +169,11 @@ fn same_diagnostics(changes: &mut Vec<Change>) -> Result<(), String> {
 /// Write to a temporary file next to `path`, then rename it over `path`, so a
 /// crash never leaves a half-written policy.
 fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    // A policy file that is a symlink (to a shared policy) is written where it
+    // leads: renaming over the link replaced it with a copy, and the shared
+    // file stayed as it was.
+    let real = std::fs::canonicalize(path);
+    let path = real.as_deref().unwrap_or(path);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
