@@ -85,7 +85,9 @@ fn by_name(by: By) -> &'static str {
 }
 
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
+    // RFC 4180 quotes a CR too: a feature tag from a request body's metadata
+    // can hold one, and unquoted it split the row for CSV readers.
+    if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_string()
@@ -304,5 +306,11 @@ day,requests,input_tokens,output_tokens,estimated,actual
         let models = group(&entries(), By::Model);
         assert_eq!(models.len(), 2);
         assert_eq!(csv_field("a,b"), "\"a,b\"");
+    }
+
+    #[test]
+    fn csv_quotes_a_carriage_return() {
+        assert_eq!(csv_field("a\rb"), "\"a\rb\"");
+        assert_eq!(csv_field("ab"), "ab");
     }
 }
