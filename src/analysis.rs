@@ -50,6 +50,20 @@ pub fn analyze(sources: &Sources) -> Analysis {
         files.push(parsed.ast);
     }
     let syntax_ok = diagnostics.is_empty();
+    // The parser sees U+FFFD where the bytes were not UTF-8: in a string or a
+    // comment it parses, and `"caf\xe9"` (Latin-1) silently never matched.
+    for (id, file) in sources.iter() {
+        if let Some(at) = file.invalid_utf8 {
+            diagnostics.push(
+                Diagnostic::error("syntax", format!("`{}` is not valid UTF-8", file.name))
+                    .with_label(
+                        Span::new(id, at, at.saturating_add('\u{fffd}'.len_utf8())),
+                        "these bytes are not UTF-8",
+                    )
+                    .with_help("save the file as UTF-8"),
+            );
+        }
+    }
     let lowered = lower::lower(&files);
     let lowered_ok = !lowered.diagnostics.iter().any(Diagnostic::is_error);
     diagnostics.extend(lowered.diagnostics);

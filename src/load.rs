@@ -130,10 +130,9 @@ fn read_files(root: &Path, files: &[PathBuf]) -> Result<PolicyDir, LoadError> {
     let mut sources = Sources::new();
     for f in files {
         let bytes = std::fs::read(f).map_err(|e| io(f, e))?;
-        // Invalid UTF-8 is replaced rather than refused, so the parser reports
-        // the bad bytes with a location instead of the loader failing blind.
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        sources.add(f.display().to_string(), text);
+        // Invalid UTF-8 is replaced rather than refused, so that analysis
+        // reports the bad bytes with a location instead of the loader failing blind.
+        sources.add_bytes(f.display().to_string(), &bytes);
     }
     Ok(PolicyDir {
         root: root.to_path_buf(),

@@ -80,6 +80,9 @@ impl fmt::Debug for Span {
 pub struct SourceFile {
     pub name: String,
     pub text: String,
+    /// Where the first bytes that were not UTF-8 were replaced by U+FFFD
+    /// (a byte offset in `text`), for a file read with [`Sources::add_bytes`].
+    pub invalid_utf8: Option<usize>,
     /// Byte offset of the start of each line.
     line_starts: Vec<usize>,
 }
@@ -92,6 +95,7 @@ impl SourceFile {
         SourceFile {
             name: name.into(),
             text,
+            invalid_utf8: None,
             line_starts,
         }
     }
@@ -146,6 +150,16 @@ impl Sources {
     pub fn add(&mut self, name: impl Into<String>, text: impl Into<String>) -> FileId {
         let id = FileId(clamp_u32(self.files.len()));
         self.files.push(SourceFile::new(name, text));
+        id
+    }
+    /// Add a file read from disk. Bytes that are not UTF-8 are replaced by
+    /// U+FFFD, and where the first was is kept for a diagnostic.
+    pub fn add_bytes(&mut self, name: impl Into<String>, bytes: &[u8]) -> FileId {
+        let invalid = std::str::from_utf8(bytes).err().map(|e| e.valid_up_to());
+        let id = self.add(name, String::from_utf8_lossy(bytes).into_owned());
+        if let Some(f) = self.files.last_mut() {
+            f.invalid_utf8 = invalid;
+        }
         id
     }
     pub fn get(&self, id: FileId) -> Option<&SourceFile> {

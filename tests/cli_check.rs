@@ -399,3 +399,22 @@ fn sarif_of_a_clean_run_has_no_results() {
     assert_valid_sarif(&v);
     assert_eq!(v["runs"][0]["results"], Value::Array(vec![]));
 }
+
+#[test]
+fn invalid_utf8_in_a_string_or_comment_is_an_error() {
+    // Latin-1 `é` in a string parsed as U+FFFD: `check` said ok, and the
+    // condition could never match.
+    let dir = tempfile::tempdir().unwrap();
+    let text = b"request { feature: string }\nprovider p { region us }\nmodel m { provider p kind chat }\nmodel k { provider p kind chat }\nclassify {\n  fr when request.feature == \"caf\xe9\" // latin-1\n  chat otherwise\n}\nroute fr { candidates [k, m] }\nroute chat { candidates [m, k] }\n";
+    std::fs::write(dir.path().join("a.route"), text).unwrap();
+    let run = check_in(dir.path(), &["--format", "json", "a.route"]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    let v: Value = serde_json::from_str(&run.stdout).unwrap();
+    let d = &v["diagnostics"][0];
+    assert_eq!(d["message"], "`a.route` is not valid UTF-8", "{v:#}");
+    assert_eq!(
+        (d["line"].as_u64(), d["column"].as_u64()),
+        (Some(6), Some(34)),
+        "{v:#}"
+    );
+}
