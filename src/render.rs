@@ -467,7 +467,13 @@ impl miette::SourceCode for Named {
         let inner = self.text.read_span(span, before, after)?;
         let at = inner.span().offset();
         let column = self.text.get(..at).map_or(inner.column(), |head| {
-            head.rsplit('\n').next().unwrap_or("").chars().count()
+            // On the first line, without the byte-order mark editors do not show.
+            let line = head.rsplit('\n').next().unwrap_or("");
+            let line = match head.contains('\n') {
+                true => line,
+                false => line.trim_start_matches(crate::source::BOM),
+            };
+            line.chars().count()
         });
         Ok(Box::new(
             miette::MietteSpanContents::new_named(

@@ -75,6 +75,9 @@ impl fmt::Debug for Span {
     }
 }
 
+/// A UTF-8 byte-order mark, which some Windows editors write first.
+pub const BOM: char = '\u{feff}';
+
 /// One source file: a display name (usually a path) and its text.
 #[derive(Clone, Debug)]
 pub struct SourceFile {
@@ -107,7 +110,11 @@ impl SourceFile {
             Ok(i) => i,
             Err(i) => i.saturating_sub(1),
         };
-        let start = self.line_starts.get(line).copied().unwrap_or(0);
+        let mut start = self.line_starts.get(line).copied().unwrap_or(0);
+        if line == 0 && self.text.starts_with(BOM) && offset >= BOM.len_utf8() {
+            // The byte-order mark the parser skips; editors do not show it.
+            start = BOM.len_utf8();
+        }
         let col = self
             .text
             .get(start..offset)

@@ -418,3 +418,22 @@ fn invalid_utf8_in_a_string_or_comment_is_an_error() {
         "{v:#}"
     );
 }
+
+#[test]
+fn columns_on_the_first_line_do_not_count_a_byte_order_mark() {
+    // Editors do not show the BOM Notepad writes first; a column that
+    // counted it pointed one character to the right of the mistake.
+    let dir = tempfile::tempdir().unwrap();
+    let text = "\u{feff}provder p { region us }\n";
+    std::fs::write(dir.path().join("a.route"), text).unwrap();
+    let run = check_in(dir.path(), &["--format", "json", "a.route"]);
+    let v: Value = serde_json::from_str(&run.stdout).unwrap();
+    let d = &v["diagnostics"][0];
+    assert_eq!(
+        (d["line"].as_u64(), d["column"].as_u64()),
+        (Some(1), Some(1)),
+        "{v:#}"
+    );
+    let human = check_in(dir.path(), &["a.route"]);
+    assert!(human.stdout.contains("a.route:1:1"), "{}", human.stdout);
+}
