@@ -513,7 +513,8 @@ fn check(p: &CompiledPolicy, d: &Decision, e: &Expect) -> Vec<String> {
 /// `cargo test`-style report.
 pub fn render_human(results: &[CaseResult]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "\nrunning {} tests", results.len());
+    let n = results.len();
+    let _ = writeln!(out, "\nrunning {n} test{}", if n == 1 { "" } else { "s" });
     for r in results {
         let _ = writeln!(
             out,
@@ -621,6 +622,17 @@ pub fn render_junit(results: &[CaseResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_count_of_cases_is_singular_for_one() {
+        let case = |name: &str| CaseResult {
+            name: name.into(),
+            file: "t.test.yaml".into(),
+            failures: Vec::new(),
+        };
+        assert!(render_human(&[case("a")]).starts_with("\nrunning 1 test\n"));
+        assert!(render_human(&[case("a"), case("b")]).starts_with("\nrunning 2 tests\n"));
+    }
 
     #[test]
     fn junit_is_well_formed_whatever_the_names() {
