@@ -167,7 +167,7 @@ fn manifest(rel: &str) -> PathBuf {
 fn human_output_is_rustc_like() {
     let run = check(&["--color", "never", SYNTAX]);
     let expected = "\
-error[route::syntax]: expected a model property (`provider`, `kind`, `context`, `max_output`, `price`, `caps`, `region`, `tier`, `quality`, `tokenizer`, `enabled`, `disabled`, `labels`), found `provder`
+error[route::syntax]: expected a model property (`provider`, `kind`, `context`, `max_output`, `price`, `caps`, `region`, `tier`, `quality`, `tokenizer`, `enabled`, `disabled`, `labels`) or `}`, found `provder`
    ╭─[tests/ui/syntax_misspelt_property.route:6:12]
  5 │ model gpt-4o { provider openai  kind chat  quality 0.9 }
  6 │ model o1 { provder openai  kind chat }
@@ -284,7 +284,7 @@ fn github_prints_workflow_commands() {
         lines[0],
         "::error file=tests/ui/syntax_misspelt_property.route,line=6,col=12,endLine=6,endColumn=19,\
          title=route%3A%3Asyntax::expected a model property (`provider`, `kind`, `context`, `max_output`, \
-         `price`, `caps`, `region`, `tier`, `quality`, `tokenizer`, `enabled`, `disabled`, `labels`), \
+         `price`, `caps`, `region`, `tier`, `quality`, `tokenizer`, `enabled`, `disabled`, `labels`) or `}`, \
          found `provder`%0Ahelp: did you mean `provider`?"
     );
     let warn = check(&["--format", "github", WARNING]);

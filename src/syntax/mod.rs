@@ -226,6 +226,22 @@ pub const MAX_NESTING: usize = 64;
 /// The longest word a syntax error quotes.
 const MAX_SHOWN: usize = 40;
 
+/// What an item's braces hold (`provider x { provider_prop* }`): where one of
+/// these is expected, so is the `}` that closes the item.
+const BODY_RULES: &[Rule] = &[
+    Rule::attr_decl,
+    Rule::provider_prop,
+    Rule::model_prop,
+    Rule::constraint,
+    Rule::rule_label,
+    Rule::classify_rule,
+    Rule::route_prop,
+    Rule::protect_rule,
+    Rule::threshold,
+    Rule::threshold_action,
+    Rule::confirm_premium,
+];
+
 fn syntax_error(file: FileId, offset: usize, e: &pest::error::Error<Rule>) -> Diagnostic {
     let (start, end) = match e.location {
         pest::error::InputLocation::Pos(p) => (p, p),
@@ -240,6 +256,12 @@ fn syntax_error(file: FileId, offset: usize, e: &pest::error::Error<Rule>) -> Di
                 if !uniq.contains(&n) {
                     uniq.push(n);
                 }
+            }
+            // Inside an item's braces the closing `}` is as expected as
+            // another property; pest lists rules only, so it is added here
+            // (an unclosed block said "expected a route property" alone).
+            if !positives.is_empty() && positives.iter().all(|r| BODY_RULES.contains(r)) {
+                uniq.push("`}`");
             }
             (uniq, true)
         }
