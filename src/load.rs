@@ -82,8 +82,18 @@ fn route_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
         let p = entry.map_err(|e| io(dir, e))?.path();
-        if p.is_file() && p.extension().is_some_and(|e| e == "route") {
-            files.push(p);
+        if p.extension().is_none_or(|e| e != "route") {
+            continue;
+        }
+        // A `.route` entry that cannot be read (a dangling symlink after a
+        // broken deploy, a FIFO) is an error, not skipped: a policy without
+        // its `constraints.route` would still compile, and allow what the
+        // missing rules denied.
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => files.push(p),
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(io(&p, std::io::Error::other("not a regular file"))),
+            Err(e) => return Err(io(&p, e)),
         }
     }
     files.sort();
@@ -177,6 +187,21 @@ mod tests {
         // The same policy named twice on the command line is still checked twice.
         let twice = discover(&[tmp.path().to_path_buf(), tmp.path().to_path_buf()]).unwrap();
         assert_eq!(twice.len(), 2);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_dangling_route_symlink_is_an_error_not_a_missing_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("models.route"), "").unwrap();
+        std::os::unix::fs::symlink(
+            tmp.path().join("gone/constraints.route"),
+            tmp.path().join("constraints.route"),
+        )
+        .unwrap();
+        let err = read_policy(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("constraints.route"), "{err}");
+        assert!(discover(&[tmp.path().to_path_buf()]).is_err());
     }
 
     #[test]
