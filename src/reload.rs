@@ -1493,19 +1493,24 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn an_unchanged_config_is_not_parsed_again() {
-        let tmp = tempfile::tempdir().unwrap();
-        saas(tmp.path(), "pro", "127.0.0.1:9999");
-        let config = Arc::new(Config::load(&tmp.path().join("gateway.yaml")).unwrap());
+    /// The store `serve` makes for [`saas`] with the `pro` plan.
+    fn saas_store(dir: &Path) -> (Arc<Config>, Arc<PolicyStore<Served>>) {
+        saas(dir, "pro", "127.0.0.1:9999");
+        let config = Arc::new(Config::load(&dir.join("gateway.yaml")).unwrap());
         let paths = Paths {
             policy: config.policy.clone(),
             config: Some(config.path.clone()),
         };
-        let store = match PolicyStore::load(paths, served_builder(Arc::clone(&config)), None) {
-            Ok(s) => s,
+        match PolicyStore::load(paths, served_builder(Arc::clone(&config)), None) {
+            Ok(s) => (config, s),
             Err(e) => panic!("{e}\n{}", e.rendered),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_config_is_not_parsed_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (config, store) = saas_store(tmp.path());
         // At start: the config `serve` parsed already.
         assert!(Arc::ptr_eq(&store.current().value.config, &config));
         // A policy edit: the same config.
@@ -1529,16 +1534,7 @@ mod tests {
     #[tokio::test]
     async fn the_served_builder_checks_policy_config_and_tenants_together() {
         let tmp = tempfile::tempdir().unwrap();
-        saas(tmp.path(), "pro", "127.0.0.1:9999");
-        let config = Arc::new(Config::load(&tmp.path().join("gateway.yaml")).unwrap());
-        let paths = Paths {
-            policy: config.policy.clone(),
-            config: Some(config.path.clone()),
-        };
-        let store = match PolicyStore::load(paths, served_builder(Arc::clone(&config)), None) {
-            Ok(s) => s,
-            Err(e) => panic!("{e}\n{}", e.rendered),
-        };
+        let (_, store) = saas_store(tmp.path());
         let first = store.current();
         assert_eq!(first.value.tenants.len(), 1);
         assert_eq!(first.version, first.value.policy.version());

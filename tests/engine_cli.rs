@@ -308,32 +308,22 @@ fn a_missing_config_is_an_io_error() {
 fn a_body_the_gateway_refuses_fails_the_case() {
     // `explain` refused these bodies (the gateway answers 400), but a decision
     // test routed them and passed.
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("p");
-    std::fs::create_dir(&p).unwrap();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/policies/startup/policy.route"),
-        p.join("policy.route"),
-    )
-    .unwrap();
-    std::fs::write(
-        p.join("t.test.yaml"),
+    let (_dir, p) = startup_policy_with_tests(
         r#"cases:
-  - name: numeric_metadata
-    tenant: { attrs: {} }
-    request: { body: { messages: [{ role: user, content: "hi" }], metadata: { feature: email-draft, n: 3 } } }
-    expect: { intent: drafting }
-  - name: not_an_object
-    tenant: { attrs: {} }
-    request: { body: "hello" }
-    expect: { intent: chat }
-  - name: valid
-    tenant: { attrs: {} }
-    request: { body: { messages: [{ role: user, content: "hi" }], metadata: { feature: email-draft } } }
-    expect: { intent: drafting }
-"#,
-    )
-    .unwrap();
+      - name: numeric_metadata
+        tenant: { attrs: {} }
+        request: { body: { messages: [{ role: user, content: "hi" }], metadata: { feature: email-draft, n: 3 } } }
+        expect: { intent: drafting }
+      - name: not_an_object
+        tenant: { attrs: {} }
+        request: { body: "hello" }
+        expect: { intent: chat }
+      - name: valid
+        tenant: { attrs: {} }
+        request: { body: { messages: [{ role: user, content: "hi" }], metadata: { feature: email-draft } } }
+        expect: { intent: drafting }
+    "#,
+    );
     let (code, out, _) = routeplane(&["test", p.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("test p::valid ... ok"), "{out}");
@@ -349,19 +339,9 @@ fn a_body_the_gateway_refuses_fails_the_case() {
 
 #[test]
 fn a_case_that_expects_nothing_fails() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("p");
-    std::fs::create_dir(&p).unwrap();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/policies/startup/policy.route"),
-        p.join("policy.route"),
-    )
-    .unwrap();
-    std::fs::write(
-        p.join("t.test.yaml"),
+    let (_dir, p) = startup_policy_with_tests(
         "cases:\n  - name: empty\n    tenant: { attrs: {} }\n    expect: {}\n",
-    )
-    .unwrap();
+    );
     let (code, out, _) = routeplane(&["test", p.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("`expect` checks nothing"), "{out}");
@@ -439,6 +419,17 @@ fn a_closed_stdout_is_not_a_panic() {
 
 #[test]
 fn a_test_file_without_cases_is_not_reported_missing() {
+    let (_dir, p) = startup_policy_with_tests("cases: []\n");
+    let (code, _, err) = routeplane(&["test", p.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    // It said "no `*.test.yaml` files found", with one right there.
+    assert!(!err.contains("files found"), "{err}");
+    assert!(err.contains("no test cases found"), "{err}");
+}
+
+/// The startup example policy in a directory of its own, with `tests` as its
+/// `t.test.yaml`.
+fn startup_policy_with_tests(tests: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("p");
     std::fs::create_dir(&p).unwrap();
@@ -447,10 +438,6 @@ fn a_test_file_without_cases_is_not_reported_missing() {
         p.join("policy.route"),
     )
     .unwrap();
-    std::fs::write(p.join("t.test.yaml"), "cases: []\n").unwrap();
-    let (code, _, err) = routeplane(&["test", p.to_str().unwrap()]);
-    assert_eq!(code, 1, "{err}");
-    // It said "no `*.test.yaml` files found", with one right there.
-    assert!(!err.contains("files found"), "{err}");
-    assert!(err.contains("no test cases found"), "{err}");
+    std::fs::write(p.join("t.test.yaml"), tests).unwrap();
+    (dir, p)
 }
