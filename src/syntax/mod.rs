@@ -58,7 +58,7 @@ pub fn parse_file(file: FileId, text: &str) -> Parsed {
             }
         }
         // `file` accepts any input through `error_item`; this is a safety net.
-        Err(e) => b.diagnostics.push(syntax_error(file, 0, &e)),
+        Err(e) => b.diagnostics.push(syntax_error(file, 0, &e, None)),
     }
     Parsed {
         ast: FileAst {
@@ -242,7 +242,14 @@ const BODY_RULES: &[Rule] = &[
     Rule::confirm_premium,
 ];
 
-fn syntax_error(file: FileId, offset: usize, e: &pest::error::Error<Rule>) -> Diagnostic {
+/// `next`: the keyword of the item after this one, when the text parsed
+/// ends there rather than at the end of the file.
+fn syntax_error(
+    file: FileId,
+    offset: usize,
+    e: &pest::error::Error<Rule>,
+    next: Option<&str>,
+) -> Diagnostic {
     let (start, end) = match e.location {
         pest::error::InputLocation::Pos(p) => (p, p),
         pest::error::InputLocation::Span((s, e)) => (s, e),
@@ -285,13 +292,20 @@ fn syntax_error(file: FileId, offset: usize, e: &pest::error::Error<Rule>) -> Di
         word.chars().take(MAX_SHOWN).collect()
     };
     let cut = word.chars().nth(MAX_SHOWN).is_some();
+    let at_next_item = token.is_empty() && next.is_some();
+    let next_word = next.filter(|_| at_next_item).unwrap_or_default();
     let abs_start = offset + start;
-    let abs_end = offset + end.max(start + token.len());
+    let abs_end = offset + end.max(start + token.len().max(next_word.len()));
     let span = Span::new(file, abs_start, abs_end);
     let found = match (token.is_empty(), cut) {
+        (true, _) if at_next_item => format!("the next item, `{next_word}`"),
         (true, _) => "end of file".to_string(),
         (false, false) => format!("`{token}`"),
         (false, true) => format!("`{token}...`"),
+    };
+    let label = match at_next_item {
+        true => "the next item starts here".to_string(),
+        false => format!("unexpected {found}"),
     };
     let expected_text = match expected.as_slice() {
         [] => "valid syntax".to_string(),
@@ -299,7 +313,7 @@ fn syntax_error(file: FileId, offset: usize, e: &pest::error::Error<Rule>) -> Di
         many => many.join(" or "),
     };
     let mut d = Diagnostic::error("syntax", format!("expected {expected_text}, found {found}"))
-        .with_label(span, format!("unexpected {found}"));
+        .with_label(span, label);
     // Edit distance is quadratic: no suggestion for words no keyword is near.
     // A word the grammar knows is spelt right, whatever went wrong after it:
     // `provider x region us }` (no `{`) suggested `providers` for `provider`.
@@ -313,6 +327,9 @@ fn syntax_error(file: FileId, offset: usize, e: &pest::error::Error<Rule>) -> Di
         Some(s) => d
             .with_help(format!("did you mean `{s}`?"))
             .with_suggestion(span, s),
+        None if at_next_item && expected.contains(&"`}`") => d.with_help(
+            "is this item's closing `}` missing? It was skipped; the rest of the file is still checked",
+        ),
         None => d.with_help("this item was skipped; the rest of the file is still checked"),
     };
     d
@@ -413,8 +430,21 @@ impl Builder<'_> {
     fn reparse_error_item(&mut self, p: &P) {
         let offset = p.as_span().start();
         let text = p.as_str();
+        // The item is parsed alone: its text ends where the next item's
+        // keyword starts, which its error would call "end of file".
+        let next: Option<String> = self
+            .text
+            .get(offset.saturating_add(text.len())..)
+            .map(|rest| {
+                rest.chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect::<String>()
+            })
+            .filter(|w| !w.is_empty());
         match RouteParser::parse(Rule::item_only, text) {
-            Err(e) => self.diagnostics.push(syntax_error(self.file, offset, &e)),
+            Err(e) => self
+                .diagnostics
+                .push(syntax_error(self.file, offset, &e, next.as_deref())),
             // Whitespace- and comment-only chunks parse: nothing to report.
             Ok(_) if text.trim().is_empty() => {}
             Ok(_) => {
