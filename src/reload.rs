@@ -255,12 +255,6 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
         self.current.load_full()
     }
 
-    /// The current policy without taking a reference count: for a check
-    /// on every request, not to keep.
-    pub fn peek(&self) -> arc_swap::Guard<Arc<Loaded<T>>> {
-        self.current.load()
-    }
-
     /// Run `hook` after every successful swap (and its record), on the
     /// blocking pool, before the reload reports success (the gateway builds
     /// its runtime there, so no request has to). Each gateway on this store

@@ -119,10 +119,8 @@ impl PolicySource for crate::reload::PolicyStore<crate::reload::Served> {
             tenants: Some(loaded.value.tenants.clone()),
         }
     }
-    fn serves(&self, policy: &Arc<CompiledPolicy>, config: &Arc<Config>) -> bool {
-        let loaded = self.peek();
-        Arc::ptr_eq(&loaded.value.policy, policy) && Arc::ptr_eq(&loaded.value.config, config)
-    }
+    // No `serves`: this store builds each runtime as it swaps (`on_swap`),
+    // so requests never ask it whether theirs is current.
     fn on_swap(&self, hook: SwapHook) -> bool {
         crate::reload::PolicyStore::on_swap(self, hook);
         true
