@@ -405,9 +405,10 @@ impl<T: Send + Sync + 'static> PolicyStore<T> {
                 }
             })?;
         let dirs = targets.dirs();
-        for dir in &dirs {
-            watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
-        }
+        let essential = targets.essential_dirs();
+        watch_each(&dirs, &essential, |dir| {
+            watcher.watch(dir, notify::RecursiveMode::NonRecursive)
+        })?;
         let watching = Arc::new(Watching {
             watcher: Mutex::new(watcher),
             targets: current_targets,
@@ -606,6 +607,25 @@ impl Targets {
         dirs
     }
 
+    /// The directories without whose events an edit would go unseen: the
+    /// policy directory (or a policy file's), the config file's. The others
+    /// in [`Targets::dirs`] (the policy directory's parent, the directories
+    /// of symlinks on the way) only catch rarer changes: a deleted and
+    /// re-created directory, a swapped link.
+    fn essential_dirs(&self) -> Vec<PathBuf> {
+        let policy_dir = if self.policy_is_file {
+            self.policy.parent().map(Path::to_path_buf)
+        } else {
+            Some(self.policy.clone())
+        };
+        let config_dir = self
+            .config
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf);
+        policy_dir.into_iter().chain(config_dir).collect()
+    }
+
     fn is_relevant(&self, event: &notify::Event) -> bool {
         use notify::event::{AccessKind, AccessMode, EventKind};
         // The kernel's queue overflowed (inotify's `IN_Q_OVERFLOW`): events
@@ -642,6 +662,30 @@ impl Targets {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with(".."))
     }
+}
+
+/// Watch every directory in `dirs`. Only a failure on an `essential` one
+/// fails the whole watch (the caller then says so and relies on SIGHUP);
+/// any other is logged and skipped, so a directory on a symlink's way that
+/// cannot be watched (no read permission, the inotify watch limit) does not
+/// turn the watching of the policy and config off.
+fn watch_each<E: std::fmt::Display>(
+    dirs: &[PathBuf],
+    essential: &[PathBuf],
+    mut watch: impl FnMut(&Path) -> Result<(), E>,
+) -> Result<(), E> {
+    for dir in dirs {
+        if let Err(e) = watch(dir) {
+            if essential.contains(dir) {
+                return Err(e);
+            }
+            tracing::warn!(
+                "cannot watch `{}` ({e}): edits of the policy and config files are still seen, but a symlink swapped or a directory re-created there is not, until a reload (SIGHUP)",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Linux's limit on symlinks followed in one lookup (`MAXSYMLINKS`).
@@ -1357,6 +1401,55 @@ mod tests {
         std::fs::rename(&tmp, &config).unwrap();
         wait_for(|| store.status().succeeded == 3).await;
         assert!(store.current().value.ends_with("tenants: [x]\n"));
+    }
+
+    #[test]
+    fn only_an_unwatchable_policy_or_config_directory_turns_the_watch_off() {
+        let targets = Targets {
+            policy: PathBuf::from("/srv/releases/v2/policy"),
+            policy_is_file: false,
+            config: Some(PathBuf::from("/etc/gw/gw.yaml")),
+            links: vec![PathBuf::from("/srv/current")],
+        };
+        let dirs = targets.dirs();
+        let essential = targets.essential_dirs();
+        assert_eq!(
+            essential,
+            [
+                PathBuf::from("/srv/releases/v2/policy"),
+                PathBuf::from("/etc/gw")
+            ]
+        );
+        let failing = |bad: &'static [&'static str]| {
+            move |d: &Path| -> Result<(), String> {
+                if bad.iter().any(|b| d == Path::new(b)) {
+                    Err(format!("cannot watch {}", d.display()))
+                } else {
+                    Ok(())
+                }
+            }
+        };
+        // The link's directory and the policy's parent fail: the rest is still watched.
+        let mut watched = Vec::new();
+        let mut fail_others = failing(&["/srv", "/srv/releases/v2"]);
+        watch_each(&dirs, &essential, |d| {
+            watched.push(d.to_path_buf());
+            fail_others(d)
+        })
+        .unwrap();
+        assert_eq!(watched, dirs, "every directory is tried");
+        let err = watch_each(&dirs, &essential, failing(&["/etc/gw"])).unwrap_err();
+        assert_eq!(err, "cannot watch /etc/gw");
+        let err = watch_each(&dirs, &essential, failing(&["/srv/releases/v2/policy"])).unwrap_err();
+        assert_eq!(err, "cannot watch /srv/releases/v2/policy");
+        // A policy file: its directory is the essential one.
+        let file = Targets {
+            policy: PathBuf::from("/srv/policy.route"),
+            policy_is_file: true,
+            config: None,
+            links: Vec::new(),
+        };
+        assert_eq!(file.essential_dirs(), [PathBuf::from("/srv")]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
