@@ -1431,7 +1431,7 @@ mod tests {
         };
         // The link's directory and the policy's parent fail: the rest is still watched.
         let mut watched = Vec::new();
-        let mut fail_others = failing(&["/srv", "/srv/releases/v2"]);
+        let fail_others = failing(&["/srv", "/srv/releases/v2"]);
         watch_each(&dirs, &essential, |d| {
             watched.push(d.to_path_buf());
             fail_others(d)
