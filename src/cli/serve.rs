@@ -29,6 +29,26 @@ pub struct Args {
     /// Worker threads serving requests [default: one per core]
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
+    /// On SIGTERM or Ctrl-C, how long requests in flight may take to finish
+    /// before their connections are closed (a second signal stops at once)
+    #[arg(long, default_value = "30s", value_parser = drain_timeout, value_name = "DURATION")]
+    pub drain_timeout: std::time::Duration,
+}
+
+/// The longest drain `--drain-timeout` takes: longer is surely a slip.
+const MAX_DRAIN: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// `--drain-timeout`: a duration with its unit (a bare `30` is refused, not
+/// read as 30 ms), at most [`MAX_DRAIN`].
+fn drain_timeout(s: &str) -> Result<std::time::Duration, String> {
+    if s.trim().chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(format!("`{s}` has no unit: write e.g. `{}s`", s.trim()));
+    }
+    let d = routeplane::config::parse_duration(s)?;
+    if d > MAX_DRAIN {
+        return Err(format!("`{s}` is longer than the 24h this accepts"));
+    }
+    Ok(d)
 }
 
 pub fn run(args: Args) -> u8 {
@@ -173,7 +193,7 @@ async fn serve(config: Config, args: Args) -> u8 {
         gw.config.policy.display()
     );
     drop(loaded);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = tokio::sync::watch::channel(gateway::server::Stop::No);
     let threads = match gateway::server::serve_workers(listeners, gw.clone(), stopped) {
         Ok(t) => t,
         Err(e) => {
@@ -182,14 +202,24 @@ async fn serve(config: Config, args: Args) -> u8 {
         }
     };
     stop_signal().await;
-    eprintln!("routeplane: shutting down");
-    let _ = stop.send(true);
-    let _ = tokio::task::spawn_blocking(move || {
+    eprintln!(
+        "routeplane: shutting down: no new connections; the requests in flight may take {:?} to finish (a second Ctrl-C or SIGTERM stops now)",
+        args.drain_timeout
+    );
+    let _ = stop.send(gateway::server::Stop::Drain(args.drain_timeout));
+    let mut workers = tokio::task::spawn_blocking(move || {
         for t in threads {
             let _ = t.join();
         }
-    })
-    .await;
+    });
+    tokio::select! {
+        _ = &mut workers => {}
+        () = stop_signal() => {
+            eprintln!("routeplane: stopping now");
+            let _ = stop.send(gateway::server::Stop::Now);
+            let _ = workers.await;
+        }
+    }
     // Flush the decision log: drop every sender, then wait for the writer.
     // Connections still draining hold clones; wait a little, not forever.
     drop(gw);

@@ -65,8 +65,22 @@ pub fn bind_workers(
     Ok(out)
 }
 
+/// What the process tells its serving workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Keep serving.
+    No,
+    /// Stop accepting, let the requests in flight finish (streams included)
+    /// and close each connection after its last answer; connections still
+    /// busy after this long are closed.
+    Drain(std::time::Duration),
+    /// Close every connection now (a second signal during a drain).
+    Now,
+}
+
 /// Serve on one thread per listener, each with its own single-threaded
-/// runtime, until `shutdown` turns true (or its sender is dropped).
+/// runtime, until `stop` leaves [`Stop::No`] (or its sender is dropped,
+/// which stops at once): then drain as it says ([`serve`]) and return.
 ///
 /// Why threads of their own, like nginx's workers, and not one work-stealing
 /// runtime: a request, the upstream connection it uses (the HTTP client is
@@ -75,12 +89,12 @@ pub fn bind_workers(
 pub fn serve_workers(
     listeners: Vec<std::net::TcpListener>,
     gw: Arc<Gateway>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<Stop>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut threads = Vec::with_capacity(listeners.len());
     for (i, listener) in listeners.into_iter().enumerate() {
         let gw = gw.clone();
-        let mut shutdown = shutdown.clone();
+        let stop = stop.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -96,19 +110,38 @@ pub fn serve_workers(
                             return;
                         }
                     };
-                    let stop = async move {
-                        while !*shutdown.borrow_and_update() {
-                            if shutdown.changed().await.is_err() {
-                                return;
-                            }
-                        }
+                    let mut asked = stop.clone();
+                    let draining = async move {
+                        let _ = asked.wait_for(|s| *s != Stop::No).await;
                     };
-                    serve(listener, gw, stop).await;
+                    tokio::select! {
+                        () = serve(listener, gw, draining) => {}
+                        () = give_up(stop) => {
+                            tracing::warn!(
+                                "worker {i}: closed the connections still busy at the end of the drain"
+                            );
+                        }
+                    }
                 });
+                // Dropping the runtime here ends every task still running:
+                // the connections `give_up` left behind.
             })?;
         threads.push(t);
     }
     Ok(threads)
+}
+
+/// Resolves when the draining must end: [`Stop::Now`], the sender gone, or
+/// a [`Stop::Drain`]'s time over.
+async fn give_up(mut stop: tokio::sync::watch::Receiver<Stop>) {
+    let limit = match stop.wait_for(|s| *s != Stop::No).await.map(|s| *s) {
+        Ok(Stop::Drain(limit)) => limit,
+        _ => return,
+    };
+    tokio::select! {
+        () = tokio::time::sleep(limit) => {}
+        _ = stop.wait_for(|s| *s == Stop::Now) => {}
+    }
 }
 
 /// Every request arms timers that lie far ahead (hyper's header timeout, the
@@ -123,13 +156,18 @@ async fn keep_a_timer_near() {
     }
 }
 
-/// Accept connections until `shutdown` resolves.
+/// Accept connections until `shutdown` resolves; then stop accepting, let
+/// each connection finish the request it is serving (an idle keep-alive
+/// connection closes at once, a busy one after its answer, a stream after
+/// its last event), and return when all are closed. A caller that cannot
+/// wait that long drops this future and the runtime the connections run on.
 pub async fn serve(
     listener: TcpListener,
     gw: Arc<Gateway>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -141,26 +179,29 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => return,
+            () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let gw = gw.clone();
+        let svc = service_fn(move |req| {
+            let gw = gw.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(gw, req).await) }
+        });
+        // A client that never finishes its headers does not hold a task forever.
+        let conn = http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(BODY_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = connections.watch(conn);
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let gw = gw.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(gw, req).await) }
-            });
-            // A client that never finishes its headers does not hold a task forever.
-            if let Err(e) = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(BODY_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
+            if let Err(e) = conn.await {
                 tracing::debug!("connection ended: {e}");
             }
         });
     }
+    // New connections are refused from here: a load balancer moves on.
+    drop(listener);
+    connections.shutdown().await;
 }
 
 /// One request, start to finish.
