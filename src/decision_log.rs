@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::ir::Micros;
 use crate::metrics::Metrics;
@@ -158,12 +158,7 @@ impl DecisionLog {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir)?;
                 }
-                Box::new(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)?,
-                )
+                Box::new(LogFile::open(path, REOPEN_CHECK)?)
             }
         };
         Self::start_with(out, capacity, metrics)
@@ -222,6 +217,120 @@ impl DecisionLog {
     /// Lines that could not be written (disk full, closed stdout).
     pub fn write_errors(&self) -> u64 {
         self.counters.write_errors.load(Ordering::Relaxed)
+    }
+}
+
+/// How often the log file's path is looked at again (see [`LogFile`]).
+const REOPEN_CHECK: Duration = Duration::from_secs(1);
+
+/// The decision log's file, following its path: when the path no longer
+/// leads to the file being written (logrotate moved it away and, with
+/// `create`, put a new one there; someone deleted it), the next write opens
+/// the path again, creating it. Without this, a rotated log went on growing
+/// under its old name, or in a deleted file that filled the disk unseen.
+/// The path is looked at once per `check` at most, before a write.
+/// `copytruncate` rotation needs nothing: the file is opened to append.
+struct LogFile {
+    path: PathBuf,
+    file: std::fs::File,
+    /// The open file's identity, to compare with what the path leads to.
+    id: Option<FileId>,
+    check: Duration,
+    checked: Instant,
+    /// A failed reopen is logged once, until one succeeds.
+    reopen_failing: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    #[cfg(unix)]
+    fn of(m: &std::fs::Metadata) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        Some(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn of(_: &std::fs::Metadata) -> Option<FileId> {
+        None
+    }
+}
+
+impl LogFile {
+    fn open(path: PathBuf, check: Duration) -> std::io::Result<LogFile> {
+        let file = Self::open_path(&path)?;
+        let id = file.metadata().ok().as_ref().and_then(FileId::of);
+        Ok(LogFile {
+            path,
+            file,
+            id,
+            check,
+            checked: Instant::now(),
+            reopen_failing: false,
+        })
+    }
+
+    fn open_path(path: &Path) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    }
+
+    /// Whether the path still leads to the open file.
+    fn path_is_ours(&self) -> bool {
+        match std::fs::metadata(&self.path) {
+            Ok(m) => self.id.is_none() || FileId::of(&m) == self.id,
+            Err(_) => false,
+        }
+    }
+
+    fn follow_the_path(&mut self) {
+        if self.checked.elapsed() < self.check {
+            return;
+        }
+        self.checked = Instant::now();
+        if self.path_is_ours() {
+            return;
+        }
+        match LogFile::open(self.path.clone(), self.check) {
+            Ok(fresh) => {
+                if self.reopen_failing {
+                    tracing::info!(
+                        "the decision log `{}` is written again",
+                        self.path.display()
+                    );
+                }
+                *self = fresh;
+            }
+            Err(e) => {
+                if !self.reopen_failing {
+                    tracing::error!(
+                        "the decision log `{}` was moved or deleted and cannot be created again ({e}); writing on to the old file",
+                        self.path.display()
+                    );
+                    self.reopen_failing = true;
+                }
+            }
+        }
+    }
+}
+
+impl Write for LogFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.follow_the_path();
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
     }
 }
 
@@ -536,6 +645,54 @@ mod tests {
             w.join();
         }
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+    }
+
+    /// Wait until `path` holds `lines` lines.
+    fn wait_for_lines(path: &Path, lines: usize) {
+        let started = Instant::now();
+        while std::fs::read_to_string(path).map_or(0, |t| t.lines().count()) < lines {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "`{}` never had {lines} lines",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_rotated_or_deleted_log_file_is_created_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("decisions.jsonl");
+        let check = Duration::from_millis(50);
+        let file = LogFile::open(path.clone(), check).unwrap();
+        let (log, w) = DecisionLog::start_with(Box::new(file), 16, None).unwrap();
+        log.log(record(0));
+        wait_for_lines(&path, 1);
+        // logrotate: move the file away; the next lines go to a new file.
+        let rotated = tmp.path().join("decisions.jsonl.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        std::thread::sleep(check * 2);
+        log.log(record(1));
+        wait_for_lines(&path, 1);
+        // Deleted: created again.
+        std::fs::remove_file(&path).unwrap();
+        std::thread::sleep(check * 2);
+        log.log(record(2));
+        wait_for_lines(&path, 1);
+        // Truncated in place (`copytruncate`): appended to, from the start.
+        std::fs::write(&path, "").unwrap();
+        log.log(record(3));
+        wait_for_lines(&path, 1);
+        drop(log);
+        w.join();
+        assert_eq!(
+            std::fs::read_to_string(&rotated).unwrap().lines().count(),
+            1
+        );
+        let now = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(now.lines().count(), 1, "{now}");
+        assert!(now.starts_with('{'), "{now:?}");
     }
 
     #[test]
