@@ -688,6 +688,106 @@ fn start_writer(spool: Arc<Spool>, store: Arc<dyn BudgetStore>) -> Option<Writer
     }
 }
 
+/// How often the ledger is trimmed to `state.ledger_retention` (and once at start).
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Entries deleted per store call while trimming: each call is short, so
+/// reservations on the same store wait for no long transaction.
+const TRIM_BATCH: usize = 1000;
+/// The pause between two batches, for the same reason.
+const TRIM_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The thread that trims the ledger; dropping it stops the thread (after
+/// the batch under way) and waits for it.
+pub struct LedgerTrimmer {
+    stop: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LedgerTrimmer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Budgets {
+    /// Delete ledger entries older than `keep`, now and then every
+    /// [`TRIM_EVERY`], on a thread of its own; `None` when the thread
+    /// cannot start (logged). Counters are not touched.
+    pub fn trim_ledger_every(&self, keep: std::time::Duration) -> Option<LedgerTrimmer> {
+        let store = Arc::clone(&self.store);
+        let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+        let (stop, stopped) = std::sync::mpsc::sync_channel::<()>(0);
+        let thread = std::thread::Builder::new()
+            .name("ledger-retention".into())
+            .spawn(move || {
+                let mut failing = false;
+                // `Timeout` means go on; a dropped sender means stop.
+                let go_on = |pause| {
+                    matches!(
+                        stopped.recv_timeout(pause),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    )
+                };
+                loop {
+                    let before = crate::state::now_ms().saturating_sub(keep_ms);
+                    let mut gone = 0;
+                    let outcome = loop {
+                        match store.trim_ledger(before, TRIM_BATCH) {
+                            Ok(n) => {
+                                gone += n;
+                                if n < TRIM_BATCH || !go_on(TRIM_PAUSE) {
+                                    break Ok(());
+                                }
+                            }
+                            Err(e) => break Err(e),
+                        }
+                    };
+                    match outcome {
+                        Ok(()) => {
+                            if gone > 0 {
+                                tracing::info!(
+                                    "removed {gone} ledger {} from before {} (state.ledger_retention)",
+                                    if gone == 1 { "entry" } else { "entries" },
+                                    crate::reload::rfc3339(
+                                        std::time::UNIX_EPOCH
+                                            + std::time::Duration::from_millis(
+                                                u64::try_from(before).unwrap_or(0)
+                                            )
+                                    )
+                                );
+                            }
+                            failing = false;
+                        }
+                        Err(e) => {
+                            if !failing {
+                                tracing::error!(
+                                    "cannot trim the ledger (retrying every hour): {e}"
+                                );
+                            }
+                            failing = true;
+                        }
+                    }
+                    if !go_on(TRIM_EVERY) {
+                        return;
+                    }
+                }
+            });
+        match thread {
+            Ok(thread) => Some(LedgerTrimmer {
+                stop: Some(stop),
+                thread: Some(thread),
+            }),
+            Err(e) => {
+                tracing::error!("cannot start the ledger retention thread: {e}");
+                None
+            }
+        }
+    }
+}
+
 impl Drop for Budgets {
     fn drop(&mut self) {
         // The writer commits what is left and stops; what it cannot commit
@@ -1205,6 +1305,9 @@ mod off_loop_tests {
         fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<LedgerEntry>, StateError> {
             self.inner.ledger(since_ms)
         }
+        fn trim_ledger(&self, before_ms: i64, batch: usize) -> Result<usize, StateError> {
+            self.inner.trim_ledger(before_ms, batch)
+        }
         fn open_reservations(&self, now_ms: i64) -> Result<usize, StateError> {
             self.inner.open_reservations(now_ms)
         }
@@ -1246,6 +1349,75 @@ mod off_loop_tests {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    #[test]
+    fn the_ledger_is_trimmed_to_its_retention_and_spend_stays_counted() {
+        let store: Arc<dyn BudgetStore> = Arc::new(crate::state::memory::MemoryStore::default());
+        let now = crate::state::now_ms();
+        let hour = 3_600_000;
+        let entry = |id: &str, ts_ms: i64| LedgerEntry {
+            id: id.into(),
+            ts_ms,
+            tenant: "t".into(),
+            feature: None,
+            model: "m".into(),
+            input_tokens: 1,
+            output_tokens: 1,
+            estimated: 1,
+            actual: 1,
+        };
+        // More old entries than one batch, and two recent ones.
+        let old: Vec<LedgerEntry> = (0..TRIM_BATCH + 5)
+            .map(|i| entry(&format!("old{i}"), now - 48 * hour))
+            .collect();
+        store.record(&old).unwrap();
+        store
+            .record(&[entry("recent", now - 1_000), entry("edge", now - 23 * hour)])
+            .unwrap();
+        let counter = crate::state::Counter {
+            key: "k".into(),
+            period_start: 0,
+        };
+        let r = store
+            .reserve(
+                "spent",
+                &[crate::state::Charge {
+                    counter: counter.clone(),
+                    limit: 100,
+                }],
+                5,
+                now,
+                60_000,
+            )
+            .unwrap();
+        let spent = LedgerEntry {
+            actual: 5,
+            ..entry("spent", now - 72 * hour)
+        };
+        store.settle(&r, &spent).unwrap();
+        let budgets = Budgets::new(store.clone());
+        let trimmer = budgets
+            .trim_ledger_every(std::time::Duration::from_secs(24 * 3600))
+            .unwrap();
+        let started = std::time::Instant::now();
+        while store.ledger(None).unwrap().len() > 2 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "not trimmed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let left: Vec<String> = store
+            .ledger(None)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(left, ["edge", "recent"]);
+        assert_eq!(store.balance(&counter, now).unwrap().spent, 5);
+        // Dropping it stops the thread, asleep until the next hour.
+        drop(trimmer);
     }
 
     #[test]

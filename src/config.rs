@@ -114,6 +114,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Where budget counters and the spend ledger live (`state:`).
     pub state: crate::state::Backend,
+    /// How long ledger entries are kept (`state.ledger_retention`); `None`:
+    /// for ever. Budget counters are not affected.
+    pub ledger_retention: Option<Duration>,
     /// Problems that do not stop the gateway (plain keys in the file), shown at start.
     pub warnings: Vec<String>,
     /// The text of the file, to locate errors found later (tenant attributes).
@@ -378,6 +381,8 @@ struct RawState {
     path: Option<String>,
     #[serde(default, deserialize_with = "given")]
     url: Option<String>,
+    #[serde(default, deserialize_with = "given")]
+    ledger_retention: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -493,7 +498,7 @@ impl<'de> Deserialize<'de> for DurationStr {
     }
 }
 
-/// Parse `250ms`, `2s`, `1.5s`, `1min`, `1h`.
+/// Parse `250ms`, `2s`, `1.5s`, `1min`, `1h`, `90d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t
@@ -501,16 +506,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let value: f64 = num.parse().map_err(|_| {
-        format!("invalid duration `{s}`: expected a number and a unit (ms, s, min, h)")
+        format!("invalid duration `{s}`: expected a number and a unit (ms, s, min, h, d)")
     })?;
     let ms = match unit.trim() {
         "ms" | "" => value,
         "s" => value * 1000.0,
         "min" => value * 60_000.0,
         "h" => value * 3_600_000.0,
+        "d" => value * 86_400_000.0,
         other => {
             return Err(format!(
-                "invalid duration unit `{other}` in `{s}`: expected ms, s, min or h"
+                "invalid duration unit `{other}` in `{s}`: expected ms, s, min, h or d"
             ))
         }
     };
@@ -518,6 +524,27 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("invalid duration `{s}`"));
     }
     Ok(Duration::from_micros((ms * 1000.0) as u64))
+}
+
+/// The shortest `ledger_retention`: shorter is surely a slip (`90` meant as
+/// days, read as milliseconds, would empty the ledger).
+const MIN_LEDGER_RETENTION: Duration = Duration::from_secs(3600);
+
+/// `state.ledger_retention`: a duration with its unit, at least an hour.
+fn ledger_retention(text: &str) -> Result<Duration, String> {
+    if text.trim().chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(format!(
+            "ledger_retention `{text}` has no unit: write e.g. `{}d` for days",
+            text.trim()
+        ));
+    }
+    let d = parse_duration(text).map_err(|e| format!("ledger_retention: {e}"))?;
+    if d < MIN_LEDGER_RETENTION {
+        return Err(format!(
+            "ledger_retention `{text}` is shorter than an hour: the ledger would keep almost nothing (e.g. `90d`)"
+        ));
+    }
+    Ok(d)
 }
 
 /// `10MiB`, `512KiB`, `1MB` or a number of bytes.
@@ -973,11 +1000,26 @@ impl Config {
             );
         }
 
-        let state = match cx.section(
+        let raw_state = cx.section(
             raw.state,
             "state",
             &format!("SQLite in `{DEFAULT_STATE_FILE}`"),
-        ) {
+        );
+        let ledger_retention = raw_state
+            .as_ref()
+            .and_then(|st| st.ledger_retention.as_deref())
+            .and_then(|text| match ledger_retention(text) {
+                Ok(d) => Some(d),
+                Err(message) => {
+                    // On its own line, or in a flow map on `state:`'s.
+                    let line = cx
+                        .line_of("ledger_retention:", None)
+                        .or_else(|| cx.line_of("state:", None));
+                    cx.error(line, message);
+                    None
+                }
+            });
+        let state = match raw_state {
             None => crate::state::Backend::Sqlite(normalize(&base.join(DEFAULT_STATE_FILE))),
             Some(st) => match (st.backend, st.path, st.url) {
                 (StateBackendKind::Sqlite, path, None) => crate::state::Backend::Sqlite(normalize(
@@ -1040,6 +1082,7 @@ impl Config {
             decision_log: decision_log.map(|p| normalize(&base.join(p))),
             max_body_bytes,
             state,
+            ledger_retention,
             warnings: cx.warnings,
             text: text.to_string(),
         })
@@ -1817,6 +1860,10 @@ max_body: 1MiB
             ("policy: p\ntenants:\n  - { id: a, key: k }\n  - { id: b, key: k }\n", "gw.yaml:4:", "tenant `b` has the same key as tenant `a`"),
             // Several flow entries on one line: each is found on it.
             ("policy: p\ntenants: [{ id: a, key: k }, { id: b, key: k }]\n", "gw.yaml:2:", "tenant `b` has the same key as tenant `a`"),
+            // A retention without a unit would be milliseconds: the whole ledger.
+            ("policy: p\nstate:\n  backend: memory\n  ledger_retention: 90\n", "gw.yaml:4:", "ledger_retention `90` has no unit: write e.g. `90d` for days"),
+            ("policy: p\nstate: { backend: memory, ledger_retention: 30min }\n", "gw.yaml:2:", "shorter than an hour"),
+            ("policy: p\nstate: { backend: memory, ledger_retention: 3 weeks }\n", "gw.yaml:2:", "invalid duration unit `weeks`"),
         ];
         for (text, loc, msg) in cases {
             let errs = parse(text).unwrap_err();
@@ -2076,6 +2123,16 @@ max_body: 1MiB
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("2min").unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_duration("90d").unwrap(),
+            Duration::from_secs(90 * 86_400)
+        );
+        let kept = |text: &str| parse(text).unwrap().ledger_retention;
+        assert_eq!(kept("policy: p\n"), None);
+        assert_eq!(
+            kept("policy: p\nstate: { backend: memory, ledger_retention: 90d }\n"),
+            Some(Duration::from_secs(90 * 86_400))
+        );
         assert!(parse_duration("fast").is_err());
         assert_eq!(parse_size("10MiB").unwrap(), 10 * 1024 * 1024);
         assert!(parse_size("1TB").is_err());

@@ -1007,7 +1007,10 @@ fn parse_config(file: &ConfigFile, started: &Config) -> Result<Config, Failure> 
     if !same_place(&parsed.policy, &started.policy) {
         needs_restart("policy");
     }
-    if !same_state(&parsed.state, &started.state) {
+    // The retention is read once, by the thread that trims the ledger.
+    if !same_state(&parsed.state, &started.state)
+        || parsed.ledger_retention != started.ledger_retention
+    {
         needs_restart("state");
     }
     if !same_sink(

@@ -294,6 +294,9 @@ where
     fn release(&self, r: &state::Reservation) -> Result<(), state::StateError> {
         self.0.release(r)
     }
+    fn trim_ledger(&self, before_ms: i64, batch: usize) -> Result<usize, state::StateError> {
+        self.0.trim_ledger(before_ms, batch)
+    }
     fn balance(
         &self,
         c: &state::Counter,

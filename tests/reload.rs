@@ -128,6 +128,14 @@ fn changing_what_is_opened_once_at_start_is_refused_until_a_restart() {
             "decision_log",
             good.replace("decisions.jsonl", "elsewhere.jsonl"),
         ),
+        // The retention thread read it once at start.
+        (
+            "state",
+            good.replace(
+                "state: { backend: memory }",
+                "state: { backend: memory, ledger_retention: 30d }",
+            ),
+        ),
     ] {
         std::fs::write(&yaml, &edited).unwrap();
         let (status, answer) = admin_reload(&addr);

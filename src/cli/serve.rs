@@ -148,6 +148,9 @@ async fn serve(config: Config, args: Args) -> u8 {
             return 2;
         }
     };
+    let _ledger_trimmer = config
+        .ledger_retention
+        .and_then(|keep| budgets.trim_ledger_every(keep));
     let opts = Options {
         metrics: Some(metrics),
         decision_log,

@@ -103,6 +103,22 @@ impl BudgetStore for MemoryStore {
             .count())
     }
 
+    fn trim_ledger(&self, before_ms: i64, batch: usize) -> Result<usize, StateError> {
+        let mut s = self.lock()?;
+        let mut old: Vec<(i64, String)> = s
+            .ledger
+            .values()
+            .filter(|e| e.ts_ms < before_ms)
+            .map(|e| (e.ts_ms, e.id.clone()))
+            .collect();
+        old.sort_unstable();
+        old.truncate(batch);
+        for (_, id) in &old {
+            s.ledger.remove(id);
+        }
+        Ok(old.len())
+    }
+
     fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<LedgerEntry>, StateError> {
         let s = self.lock()?;
         let mut v: Vec<LedgerEntry> = s

@@ -156,6 +156,12 @@ pub trait BudgetStore: Send + Sync {
     /// Ledger entries at or after `since_ms`, oldest first.
     fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<LedgerEntry>, StateError>;
 
+    /// Delete up to `batch` ledger entries from before `before_ms`, oldest
+    /// first; how many went. Budget counters are not touched: what was spent
+    /// stays counted. Callers loop until fewer than `batch` go, so that no
+    /// call holds the store for long.
+    fn trim_ledger(&self, before_ms: i64, batch: usize) -> Result<usize, StateError>;
+
     /// How many reservations are live (not settled, released or expired) at
     /// `now_ms`, over every counter: a reservation charged to several
     /// budgets counts once. For tests and operators: after every request

@@ -11,7 +11,9 @@
 //!
 //! Expired reservations are swept by the script that next touches the
 //! counter. The ledger is the hash `{p}ledger` (id -> JSON entry); `HSETNX`
-//! on it is what makes a replayed settle a no-op. Rate windows are fixed
+//! on it is what makes a replayed settle a no-op. The sorted set
+//! `{p}ledger:t` (id by the entry's `ts_ms`) is its index by time, for
+//! trimming old entries (`state.ledger_retention`). Rate windows are fixed
 //! windows `{p}rate:<key>@<window index>` that expire by themselves.
 
 use std::sync::Mutex;
@@ -72,19 +74,34 @@ local function drop(o, id)
 end
 ";
 
-/// KEYS: ledger, then 4 per counter. ARGV: id, actual, entry JSON.
+/// KEYS: ledger, its time index, then 4 per counter. ARGV: id, actual,
+/// entry JSON, the entry's ts_ms.
 const SETTLE: &str = r"
 local id, actual = ARGV[1], tonumber(ARGV[2])
 local fresh = redis.call('HSETNX', KEYS[1], id, ARGV[3])
-local n = (#KEYS - 1) / 4
+if fresh == 1 then
+  redis.call('ZADD', KEYS[2], ARGV[4], id)
+end
+local n = (#KEYS - 2) / 4
 for i = 0, n - 1 do
-  local o = 1 + i * 4
+  local o = 2 + i * 4
   drop(o, id)
   if fresh == 1 then
     redis.call('INCRBY', KEYS[o + 1], actual)
   end
 end
 return fresh
+";
+
+/// KEYS: ledger, its time index. ARGV: before (ms), batch size.
+/// Returns how many entries went.
+const TRIM: &str = r"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+  redis.call('HDEL', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
+end
+return #ids
 ";
 
 /// KEYS: 4 per counter. ARGV: id.
@@ -123,6 +140,7 @@ pub struct RedisStore {
     pool: Mutex<Vec<Connection>>,
     reserve: Script,
     settle: Script,
+    trim: Script,
     release: Script,
     balance: Script,
     rate: Script,
@@ -164,6 +182,7 @@ impl RedisStore {
             pool: Mutex::new(Vec::new()),
             reserve: Script::new(&format!("{SWEEP}{RESERVE}")),
             settle: Script::new(&format!("{DROP}{SETTLE}")),
+            trim: Script::new(TRIM),
             release: Script::new(&format!("{DROP}{RELEASE}")),
             balance: Script::new(&format!("{SWEEP}{BALANCE}")),
             rate: Script::new(RATE),
@@ -255,12 +274,13 @@ impl BudgetStore for RedisStore {
             .map_err(|err| StateError::Backend(format!("ledger entry: {err}")))?;
         let mut inv = self.settle.prepare_invoke();
         inv.key(format!("{PREFIX}ledger"));
+        inv.key(format!("{PREFIX}ledger:t"));
         for c in &r.counters {
             for k in counter_keys(c) {
                 inv.key(k);
             }
         }
-        inv.arg(&e.id).arg(e.actual).arg(json);
+        inv.arg(&e.id).arg(e.actual).arg(json).arg(e.ts_ms);
         let fresh: i64 = self.with(|c| inv.invoke(c))?;
         Ok(fresh == 1)
     }
@@ -325,6 +345,16 @@ impl BudgetStore for RedisStore {
 
     fn spool_dir(&self) -> Option<std::path::PathBuf> {
         Some(self.spool.clone())
+    }
+
+    fn trim_ledger(&self, before_ms: i64, batch: usize) -> Result<usize, StateError> {
+        let mut inv = self.trim.prepare_invoke();
+        inv.key(format!("{PREFIX}ledger"))
+            .key(format!("{PREFIX}ledger:t"))
+            .arg(before_ms)
+            .arg(batch);
+        let gone: i64 = self.with(|c| inv.invoke(c))?;
+        Ok(usize::try_from(gone).unwrap_or(0))
     }
 
     fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<LedgerEntry>, StateError> {

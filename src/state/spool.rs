@@ -866,6 +866,9 @@ mod tests {
         fn ledger(&self, s: Option<i64>) -> Result<Vec<LedgerEntry>, StateError> {
             self.inner.ledger(s)
         }
+        fn trim_ledger(&self, before: i64, batch: usize) -> Result<usize, StateError> {
+            self.inner.trim_ledger(before, batch)
+        }
         fn open_reservations(&self, n: i64) -> Result<usize, StateError> {
             self.inner.open_reservations(n)
         }

@@ -330,6 +330,18 @@ impl BudgetStore for SqliteStore {
         Some(spool_dir_of(&self.path))
     }
 
+    fn trim_ledger(&self, before_ms: i64, batch: usize) -> Result<usize, StateError> {
+        let conn = self.lock()?;
+        // Oldest first through `ledger_by_time`; one short transaction a batch.
+        let gone = conn
+            .prepare_cached(
+                "DELETE FROM ledger WHERE id IN
+               (SELECT id FROM ledger WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2)",
+            )?
+            .execute(params![before_ms, i64::try_from(batch).unwrap_or(i64::MAX)])?;
+        Ok(gone)
+    }
+
     fn ledger(&self, since_ms: Option<i64>) -> Result<Vec<LedgerEntry>, StateError> {
         let conn = self.lock()?;
         let mut stmt = conn.prepare(

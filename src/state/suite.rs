@@ -130,6 +130,27 @@ pub fn semantics(s: &dyn BudgetStore) {
     assert!(all.iter().any(|e| e.id == "x2"));
     assert_eq!(bal(s, t, now + 5_000), (130, 0));
     assert_eq!(s.ledger(Some(5_001)).unwrap().len(), 0);
+
+    // Retention: entries from before a time go, oldest first, a batch at a
+    // time; what was spent stays counted.
+    let at = |id: &str, ts_ms: i64| LedgerEntry {
+        ts_ms,
+        ..entry(id, 1)
+    };
+    s.record(&[at("old3", 3_000), at("old1", 1_000), at("old2", 2_000)])
+        .unwrap();
+    assert_eq!(s.trim_ledger(2_500, 1).unwrap(), 1);
+    let ids = |s: &dyn BudgetStore| -> Vec<String> {
+        s.ledger(None).unwrap().into_iter().map(|e| e.id).collect()
+    };
+    assert_eq!(ids(s), ["old2", "old3", "r1", "r5", "x1", "x2"]);
+    assert_eq!(s.trim_ledger(2_500, 10).unwrap(), 1);
+    assert_eq!(s.trim_ledger(2_500, 10).unwrap(), 0);
+    assert_eq!(ids(s), ["old3", "r1", "r5", "x1", "x2"]);
+    assert_eq!(s.trim_ledger(5_001, 100).unwrap(), 5);
+    assert!(ids(s).is_empty());
+    assert_eq!(bal(s, t, now + 5_000), (130, 0));
+    assert_eq!(bal(s, f, now + 5_000), (130, 0));
 }
 
 /// Many threads reserve at a nearly spent budget; at no time do spent and
