@@ -335,6 +335,22 @@ fn syntax_error(
     d
 }
 
+/// The offset of the first character at or after `from` that is neither
+/// blank nor inside a comment.
+fn skip_trivia(text: &str, from: usize) -> usize {
+    let mut at = from;
+    while let Some(rest) = text.get(at..) {
+        let blank = rest.len() - rest.trim_start().len();
+        at += blank;
+        match text.get(at..) {
+            Some(r) if r.starts_with("//") => at += r.find('\n').unwrap_or(r.len()),
+            _ if blank == 0 => break,
+            _ => {}
+        }
+    }
+    at
+}
+
 /// Unescape a string literal's body (without quotes).
 fn unescape(body: &str) -> String {
     let mut out = String::with_capacity(body.len());
@@ -393,16 +409,8 @@ impl Builder<'_> {
     /// run on to the next line.
     fn span(&self, p: &P) -> Span {
         let s = p.as_span();
-        let (start, mut end) = (s.start(), s.end());
-        loop {
-            let trimmed = self.text.get(start..end).map_or(0, |t| t.trim_end().len());
-            end = start + trimmed;
-            match self.comment_starts.get(&end) {
-                Some(&c) if c >= start => end = c,
-                _ => break,
-            }
-        }
-        Span::new(self.file, start, end)
+        let end = self.trim_trivia(s.start(), s.end());
+        Span::new(self.file, s.start(), end)
     }
 
     fn ident(&self, p: &P) -> Ident {
@@ -442,9 +450,12 @@ impl Builder<'_> {
             })
             .filter(|w| !w.is_empty());
         match RouteParser::parse(Rule::item_only, text) {
-            Err(e) => self
-                .diagnostics
-                .push(syntax_error(self.file, offset, &e, next.as_deref())),
+            Err(e) => {
+                let d = self
+                    .missing_open_brace(offset, text, &e, next.as_deref())
+                    .unwrap_or_else(|| syntax_error(self.file, offset, &e, next.as_deref()));
+                self.diagnostics.push(d);
+            }
             // Whitespace- and comment-only chunks parse: nothing to report.
             Ok(_) if text.trim().is_empty() => {}
             Ok(_) => {
@@ -454,6 +465,100 @@ impl Builder<'_> {
                         .with_label(span, "here")
                         .with_help("check that each block's braces are balanced"),
                 );
+            }
+        }
+    }
+
+    /// The error for an item whose `{` is missing (`model gpt-4o` then its
+    /// properties, `route chat [`), located just after the item's name (or
+    /// its route condition), where the `{` belongs. pest locates it at the
+    /// item's keyword, or names the properties on the next line as the
+    /// problem. `None` when the item's head is not followed by something
+    /// other than `{`, or when pest's error lies further in (`route chat
+    /// when a.b and {` is missing a condition, not a `{`).
+    fn missing_open_brace(
+        &self,
+        offset: usize,
+        text: &str,
+        e: &pest::error::Error<Rule>,
+        next: Option<&str>,
+    ) -> Option<Diagnostic> {
+        let head = RouteParser::parse(Rule::item_head, text).ok()?.next()?;
+        let mut keyword = "";
+        let mut name = None;
+        let mut condition = false;
+        let mut head_end = 0;
+        for part in head.into_inner() {
+            head_end = head_end.max(part.as_span().end());
+            match part.as_rule() {
+                Rule::head_route | Rule::head_named | Rule::head_block => keyword = part.as_str(),
+                Rule::name => name = Some(part.as_str()),
+                Rule::when_clause => condition = true,
+                _ => {}
+            }
+        }
+        // pest counts the blanks and comments before an optional part that is
+        // absent (`name ~ when_clause?`): the `{` belongs before them.
+        let head_end = self.trim_trivia(offset, offset + head_end) - offset;
+        let found_at = skip_trivia(text, head_end);
+        let rest = text.get(found_at..).unwrap_or("");
+        if rest.starts_with('{') {
+            return None;
+        }
+        let error_at = match e.location {
+            pest::error::InputLocation::Pos(p) | pest::error::InputLocation::Span((p, _)) => p,
+        };
+        if error_at > found_at {
+            return None;
+        }
+        let shown = |s: &str| -> String {
+            match s.chars().nth(MAX_SHOWN) {
+                Some(_) => format!("{}...", s.chars().take(MAX_SHOWN).collect::<String>()),
+                None => s.to_string(),
+            }
+        };
+        let item = match name {
+            Some(n) => format!("{keyword} {}", shown(n)),
+            None => keyword.to_string(),
+        };
+        let word: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            .collect();
+        let found = match (word.is_empty(), rest.chars().next(), next) {
+            (false, _, _) => format!("`{}`", shown(&word)),
+            (true, Some(c), _) => format!("`{c}`"),
+            (true, None, Some(n)) => format!("the next item, `{n}`"),
+            (true, None, None) => "end of file".to_string(),
+        };
+        let after = match condition {
+            true => format!("the condition of `{item}`"),
+            false => format!("`{item}`"),
+        };
+        let example = match (keyword, condition) {
+            ("route", true) => format!("`{item} when .. {{ .. }}`"),
+            ("route", false) => format!("`{item} {{ .. }}` or `{item} when .. {{ .. }}`"),
+            _ => format!("`{item} {{ .. }}`"),
+        };
+        let at = offset + head_end;
+        Some(
+            Diagnostic::error("syntax", format!("expected `{{` after {after}, found {found}"))
+                .with_label(Span::new(self.file, at, at), "expected `{` here")
+                .with_help(format!(
+                    "open the item's block with `{{`: {example}; this item was skipped, the rest of the file is still checked"
+                )),
+        )
+    }
+
+    /// `end` moved back over the blanks and comments before it, down to `start`.
+    fn trim_trivia(&self, start: usize, end: usize) -> usize {
+        let mut end = end;
+        loop {
+            let trimmed = self.text.get(start..end).map_or(0, |t| t.trim_end().len());
+            end = start + trimmed;
+            match self.comment_starts.get(&end) {
+                Some(&c) if c >= start => end = c,
+                _ => return end,
             }
         }
     }

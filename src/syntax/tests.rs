@@ -215,3 +215,70 @@ fn deeply_nested_conditions_are_an_error_not_a_stack_overflow() {
         assert!(p[0].message.contains("nests more than 64 levels"), "{p:#?}");
     }
 }
+
+#[test]
+fn a_missing_open_brace_is_reported_just_after_the_name() {
+    // pest located these at the item's keyword (or at the property on the
+    // next line) and asked for anything but the `{`.
+    for (src, message, at) in [
+        (
+            "model gpt-4o\n  provider openai\n}\n",
+            "expected `{` after `model gpt-4o`, found `provider`",
+            12,
+        ),
+        (
+            "route chat [ candidates [a] ]\n",
+            "expected `{` after `route chat`, found `[`",
+            10,
+        ),
+        (
+            "route chat when request.stream // why\n[ candidates [a] ]\n",
+            "expected `{` after the condition of `route chat`, found `[`",
+            30,
+        ),
+        (
+            "constraints\n  deny model a\n}\n",
+            "expected `{` after `constraints`, found `deny`",
+            11,
+        ),
+        (
+            "model x",
+            "expected `{` after `model x`, found end of file",
+            7,
+        ),
+        (
+            "model x\nmodel y { provider p kind chat }\n",
+            "expected `{` after `model x`, found the next item, `model`",
+            7,
+        ),
+    ] {
+        let p = parse(src);
+        assert_eq!(p.diagnostics.len(), 1, "{src}: {:#?}", p.diagnostics);
+        let d = &p.diagnostics[0];
+        assert_eq!(d.message, message, "{src}");
+        assert_eq!(
+            d.span().map(|s| (s.start(), s.end())),
+            Some((at, at)),
+            "{src}"
+        );
+        assert!(
+            d.help.as_deref().is_some_and(|h| h.contains("{ .. }")),
+            "{d:#?}"
+        );
+    }
+    // The `{` is there, or the error lies further in: pest's own error.
+    for src in [
+        "route chat when request.stream and {\n",
+        "route chat when {\n",
+        "model x { kind }\n",
+        "model { kind chat }\n",
+    ] {
+        let p = parse(src);
+        assert_eq!(p.diagnostics.len(), 1, "{src}: {:#?}", p.diagnostics);
+        assert!(
+            !p.diagnostics[0].message.starts_with("expected `{` after"),
+            "{src}: {:#?}",
+            p.diagnostics
+        );
+    }
+}
