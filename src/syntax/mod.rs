@@ -2,8 +2,9 @@
 //!
 //! Parsing never fails: [`parse_file`] returns a tree of every item that
 //! parsed *and* a diagnostic for every item that did not. The grammar's
-//! `error_item` rule skips a broken item up to the next line that starts with
-//! a top-level keyword; each skipped chunk is parsed again on its own to get
+//! `error_item` rule skips a broken item up to the next line that starts an
+//! item (a top-level keyword in column 0, or an indented item that opens its
+//! block on that line); each skipped chunk is parsed again on its own to get
 //! pest's precise error for it.
 
 pub mod ast;
@@ -34,6 +35,7 @@ pub fn parse_file(file: FileId, text: &str) -> Parsed {
     let mut b = Builder {
         file,
         depth: 0,
+        unclosed: 0,
         diagnostics: Vec::new(),
         text,
         comment_starts: comments
@@ -58,7 +60,7 @@ pub fn parse_file(file: FileId, text: &str) -> Parsed {
             }
         }
         // `file` accepts any input through `error_item`; this is a safety net.
-        Err(e) => b.diagnostics.push(syntax_error(file, 0, &e, None)),
+        Err(e) => b.diagnostics.push(syntax_error(file, 0, &e, None).0),
     }
     Parsed {
         ast: FileAst {
@@ -74,6 +76,11 @@ struct Builder<'t> {
     file: FileId,
     /// How many `not` and parentheses the condition being built is inside.
     depth: usize,
+    /// How many broken items so far ended at the next item with their `}`
+    /// missing: a lone `}` further on most likely closes one of them (an item
+    /// nested in another's block, `provider p { model m { .. } }`), and is
+    /// not reported a second time.
+    unclosed: usize,
     diagnostics: Vec<Diagnostic>,
     text: &'t str,
     /// Comment end offset -> start offset, to trim comments off the end of spans.
@@ -242,14 +249,25 @@ const BODY_RULES: &[Rule] = &[
     Rule::confirm_premium,
 ];
 
-/// `next`: the keyword of the item after this one, when the text parsed
-/// ends there rather than at the end of the file.
+/// The item after a broken one, whose text is parsed alone and so ends
+/// where this item starts.
+#[derive(Clone, Copy, Debug)]
+struct NextItem<'t> {
+    /// Byte offset of its keyword in the file (after any indentation).
+    at: usize,
+    keyword: &'t str,
+}
+
+/// pest's error for a broken item, as a diagnostic, and whether the item
+/// looks unclosed (its text ended at the next item while its block still
+/// wanted a property or the `}`). `next`: the item after this one, when the
+/// text parsed ends there rather than at the end of the file.
 fn syntax_error(
     file: FileId,
     offset: usize,
     e: &pest::error::Error<Rule>,
-    next: Option<&str>,
-) -> Diagnostic {
+    next: Option<NextItem<'_>>,
+) -> (Diagnostic, bool) {
     let (start, end) = match e.location {
         pest::error::InputLocation::Pos(p) => (p, p),
         pest::error::InputLocation::Span((s, e)) => (s, e),
@@ -292,11 +310,15 @@ fn syntax_error(
         word.chars().take(MAX_SHOWN).collect()
     };
     let cut = word.chars().nth(MAX_SHOWN).is_some();
-    let at_next_item = token.is_empty() && next.is_some();
-    let next_word = next.filter(|_| at_next_item).unwrap_or_default();
-    let abs_start = offset + start;
-    let abs_end = offset + end.max(start + token.len().max(next_word.len()));
-    let span = Span::new(file, abs_start, abs_end);
+    let next = next.filter(|_| token.is_empty());
+    let at_next_item = next.is_some();
+    let next_word = next.map_or("", |n| n.keyword);
+    // The next item may be indented: its label goes on its keyword, not on
+    // the blanks before it.
+    let span = match next {
+        Some(n) => Span::new(file, n.at, n.at + n.keyword.len()),
+        None => Span::new(file, offset + start, offset + end.max(start + token.len())),
+    };
     let found = match (token.is_empty(), cut) {
         (true, _) if at_next_item => format!("the next item, `{next_word}`"),
         (true, _) => "end of file".to_string(),
@@ -323,16 +345,25 @@ fn syntax_error(
     } else {
         None
     };
+    let unclosed = at_next_item && expected.contains(&"`}`");
     d = match suggestion {
         Some(s) => d
             .with_help(format!("did you mean `{s}`?"))
             .with_suggestion(span, s),
-        None if at_next_item && expected.contains(&"`}`") => d.with_help(
+        None if unclosed => d.with_help(
             "is this item's closing `}` missing? It was skipped; the rest of the file is still checked",
         ),
         None => d.with_help("this item was skipped; the rest of the file is still checked"),
     };
-    d
+    (d, unclosed)
+}
+
+/// Whether a chunk the parser skipped is a `}` alone (with blanks and comments).
+fn is_lone_close(text: &str) -> bool {
+    let at = skip_trivia(text, 0);
+    text.get(at..)
+        .and_then(|rest| rest.strip_prefix('}'))
+        .is_some_and(|after| skip_trivia(after, 0) == after.len())
 }
 
 /// The offset of the first character at or after `from` that is neither
@@ -439,21 +470,32 @@ impl Builder<'_> {
         let offset = p.as_span().start();
         let text = p.as_str();
         // The item is parsed alone: its text ends where the next item's
-        // keyword starts, which its error would call "end of file".
-        let next: Option<String> = self
-            .text
-            .get(offset.saturating_add(text.len())..)
-            .map(|rest| {
-                rest.chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect::<String>()
-            })
-            .filter(|w| !w.is_empty());
+        // keyword starts (after its indentation), which its error would call
+        // "end of file".
+        let end = offset.saturating_add(text.len());
+        let next = self.text.get(end..).and_then(|rest| {
+            let indented = rest.trim_start_matches([' ', '\t']);
+            let keyword_len = indented
+                .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .unwrap_or(indented.len());
+            let at = end + (rest.len() - indented.len());
+            let keyword = self.text.get(at..at + keyword_len)?;
+            (!keyword.is_empty()).then_some(NextItem { at, keyword })
+        });
+        if self.unclosed > 0 && is_lone_close(text) {
+            self.unclosed -= 1;
+            return;
+        }
         match RouteParser::parse(Rule::item_only, text) {
             Err(e) => {
-                let d = self
-                    .missing_open_brace(offset, text, &e, next.as_deref())
-                    .unwrap_or_else(|| syntax_error(self.file, offset, &e, next.as_deref()));
+                let d = match self.missing_open_brace(offset, text, &e, next.map(|n| n.keyword)) {
+                    Some(d) => d,
+                    None => {
+                        let (d, unclosed) = syntax_error(self.file, offset, &e, next);
+                        self.unclosed += usize::from(unclosed);
+                        d
+                    }
+                };
                 self.diagnostics.push(d);
             }
             // Whitespace- and comment-only chunks parse: nothing to report.

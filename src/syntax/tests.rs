@@ -282,3 +282,47 @@ fn a_missing_open_brace_is_reported_just_after_the_name() {
         );
     }
 }
+
+#[test]
+fn an_indented_item_after_a_broken_one_is_still_read() {
+    // The recovery skipped to the next item in column 0 only: `  model b {`
+    // vanished with the broken item before it.
+    let src = "model a {\n  provider p\n  price in $1 out\n}\n  model b { provider p kind chat }\n\troute chat when request.stream { candidates [b] }\n  provider q { region us }\n";
+    let p = parse(src);
+    assert_eq!(p.diagnostics.len(), 1, "{:#?}", p.diagnostics);
+    let names: Vec<String> = p
+        .ast
+        .items
+        .iter()
+        .map(|i| match i {
+            Item::Model(m) => m.name.name.clone(),
+            Item::Provider(p) => p.name.name.clone(),
+            Item::Route(r) => r.intent.name.clone(),
+            _ => String::new(),
+        })
+        .collect();
+    assert_eq!(names, ["b", "chat", "q"]);
+    // A property that names a provider is not an item: the broken model's
+    // `  provider p` line stays in it, and its error is about the model.
+    let p = parse("model a {\n  provider p\n  kind\n}\nprovider p { region us }\n");
+    assert_eq!(p.diagnostics.len(), 1, "{:#?}", p.diagnostics);
+    assert_eq!(p.ast.items.len(), 1);
+}
+
+#[test]
+fn an_item_nested_in_a_block_is_one_error() {
+    let src = "provider p {\n  region us\n  model m { provider p kind chat }\n}\nmodel n { provider p kind chat }\n";
+    let p = parse(src);
+    assert_eq!(p.diagnostics.len(), 1, "{:#?}", p.diagnostics);
+    let d = &p.diagnostics[0];
+    assert_eq!(
+        d.message,
+        "expected a provider property (`region`, `labels`) or `}`, found the next item, `model`"
+    );
+    // On the nested item's keyword, not on its indentation.
+    let at = src.find("model m").unwrap();
+    assert_eq!(d.span().map(|s| (s.start(), s.end())), Some((at, at + 5)));
+    assert_eq!(p.ast.items.len(), 2);
+    // A `}` with no unclosed item before it is still an error.
+    assert_eq!(parse("provider p { region us }\n}\n").diagnostics.len(), 1);
+}
