@@ -374,7 +374,7 @@ fn skip_trivia(text: &str, from: usize) -> usize {
         let blank = rest.len() - rest.trim_start().len();
         at += blank;
         match text.get(at..) {
-            Some(r) if r.starts_with("//") => at += r.find('\n').unwrap_or(r.len()),
+            Some(r) if r.starts_with("//") => at += r.find(['\n', '\r']).unwrap_or(r.len()),
             _ if blank == 0 => break,
             _ => {}
         }
@@ -1175,15 +1175,16 @@ pub fn scan_comments(file: FileId, text: &str) -> Vec<Comment> {
                     i += 1;
                     if c == b'\\' {
                         i += 1;
-                    } else if c == b'"' || c == b'\n' {
+                    } else if matches!(c, b'"' | b'\n' | b'\r') {
                         break;
                     }
                 }
             }
             b'/' if bytes.get(i + 1) == Some(&b'/') => {
+                // Any line break ends it, a lone `\r` too, as in the grammar.
                 let end = text
                     .get(i..)
-                    .and_then(|r| r.find('\n'))
+                    .and_then(|r| r.find(['\n', '\r']))
                     .map_or(text.len(), |n| i + n);
                 let body = text.get(i..end).unwrap_or("").trim_end().to_string();
                 out.push(Comment {

@@ -326,3 +326,15 @@ fn an_item_nested_in_a_block_is_one_error() {
     // A `}` with no unclosed item before it is still an error.
     assert_eq!(parse("provider p { region us }\n}\n").diagnostics.len(), 1);
 }
+
+#[test]
+fn a_comment_ends_at_a_lone_carriage_return() {
+    // In an old Mac file (lines end in a lone `\r`), the first comment ran
+    // to the end of the file and hid every item.
+    let src = "// top\rprovider p { region us } // why\rmodel m { provider p kind chat }\r";
+    let p = parse(src);
+    assert!(p.diagnostics.is_empty(), "{:#?}", p.diagnostics);
+    assert_eq!(p.ast.items.len(), 2);
+    let texts: Vec<_> = p.ast.comments.iter().map(|c| c.text.as_str()).collect();
+    assert_eq!(texts, ["// top", "// why"]);
+}
