@@ -164,7 +164,9 @@ impl<'a> Printer<'a> {
     fn new(text: &'a str, comments: &'a [Comment]) -> Self {
         let mut comments: Vec<&Comment> = comments.iter().collect();
         comments.sort_by_key(|c| c.span.start);
-        let breaks = text.match_indices('\n').map(|(i, _)| i).collect();
+        let breaks = crate::source::line_breaks(text)
+            .map(|(start, _)| start)
+            .collect();
         Printer {
             text,
             comments,
@@ -210,21 +212,13 @@ impl<'a> Printer<'a> {
         let Some(gap) = self.text.get(from..to) else {
             return false;
         };
-        // A blank line is two line breaks with only whitespace between them.
-        let mut breaks = 0;
-        for c in gap.chars() {
-            match c {
-                '\n' => {
-                    breaks += 1;
-                    if breaks >= 2 {
-                        return true;
-                    }
-                }
-                c if c.is_whitespace() => {}
-                _ => breaks = 0,
-            }
-        }
-        false
+        // A blank line is two line breaks with only whitespace between them
+        // (`\r\n`, `\n` and a lone `\r` are one break each).
+        let breaks: Vec<(usize, usize)> = crate::source::line_breaks(gap).collect();
+        breaks.windows(2).any(|pair| match pair {
+            [(_, end), (start, _)] => gap.get(*end..*start).is_some_and(|s| s.trim().is_empty()),
+            _ => false,
+        })
     }
 
     fn indent(&mut self, level: usize) {
@@ -422,7 +416,7 @@ impl<'a> Printer<'a> {
             if c.is_whitespace() || c == ',' {
                 i += c.len_utf8();
             } else if rest.starts_with("//") {
-                i += rest.find('\n').unwrap_or(rest.len());
+                i += rest.find(['\n', '\r']).unwrap_or(rest.len());
             } else {
                 return None;
             }

@@ -436,25 +436,42 @@ fn header(severity: Severity, code: &str) -> String {
 }
 
 fn named(src: &SourceFile) -> Named {
-    let mut text = src.text.clone();
+    // miette draws a lone `\r` (an old Mac line break) inside the line
+    // rather than as a break; as a `\n`, which is one byte too, every
+    // offset stays where it was and the drawing has the lines that
+    // `line_col` counts.
+    let mut text: String = src
+        .text
+        .char_indices()
+        .map(|(i, c)| match c {
+            '\r' if src
+                .text
+                .get(i + 1..)
+                .is_none_or(|rest| !rest.starts_with('\n')) =>
+            {
+                '\n'
+            }
+            c => c,
+        })
+        .collect();
     if !text.ends_with('\n') {
         // miette draws no label at the very end of a text; a final line
         // break gives an "at end of file" label a place to stand.
         text.push('\n');
     }
     Named {
-        name: src.name.clone(),
-        text,
+        source: SourceFile::new(src.name.clone(), text),
     }
 }
 
-/// A named source whose columns count characters, as every other output
-/// does: miette's count bytes, so the `file:line:col` above a report would
-/// point past the spot on a line with `é` before it.
+/// A named source whose lines and columns are those of
+/// [`SourceFile::line_col`], as in every other output: miette's columns
+/// count bytes, so the `file:line:col` above a report would point past the
+/// spot on a line with `é` before it, and its lines counted a lone `\r`
+/// that JSON did not.
 #[derive(Debug)]
 struct Named {
-    name: String,
-    text: String,
+    source: SourceFile,
 }
 
 impl miette::SourceCode for Named {
@@ -464,24 +481,16 @@ impl miette::SourceCode for Named {
         before: usize,
         after: usize,
     ) -> Result<Box<dyn miette::SpanContents<'a> + 'a>, miette::MietteError> {
-        let inner = self.text.read_span(span, before, after)?;
-        let at = inner.span().offset();
-        let column = self.text.get(..at).map_or(inner.column(), |head| {
-            // On the first line, without the byte-order mark editors do not show.
-            let line = head.rsplit('\n').next().unwrap_or("");
-            let line = match head.contains('\n') {
-                true => line,
-                false => line.trim_start_matches(crate::source::BOM),
-            };
-            line.chars().count()
-        });
+        let inner = self.source.text.read_span(span, before, after)?;
+        // 1-based, without the byte-order mark editors do not show; miette's are 0-based.
+        let (line, column) = self.source.line_col(inner.span().offset());
         Ok(Box::new(
             miette::MietteSpanContents::new_named(
-                self.name.clone(),
+                self.source.name.clone(),
                 inner.data(),
                 *inner.span(),
-                inner.line(),
-                column,
+                line.saturating_sub(1),
+                column.saturating_sub(1),
                 inner.line_count(),
             )
             .with_language("route"),

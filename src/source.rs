@@ -78,6 +78,23 @@ impl fmt::Debug for Span {
 /// A UTF-8 byte-order mark, which some Windows editors write first.
 pub const BOM: char = '\u{feff}';
 
+/// The line breaks of a text, as `(start, end)` byte ranges: `\r\n`, `\n`
+/// and a lone `\r` (old Mac files) are each one break, as for the grammar
+/// (pest's `NEWLINE`) and the language server protocol. Every line number
+/// and column shown anywhere (human, JSON, GitHub and SARIF reports, the
+/// language server, `// allow` comments, the formatter) comes from here, so
+/// they all agree.
+pub fn line_breaks(text: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let bytes = text.as_bytes();
+    bytes.iter().enumerate().filter_map(move |(i, &b)| match b {
+        b'\n' if i > 0 && bytes.get(i - 1) == Some(&b'\r') => None,
+        b'\n' => Some((i, i + 1)),
+        b'\r' if bytes.get(i + 1) == Some(&b'\n') => Some((i, i + 2)),
+        b'\r' => Some((i, i + 1)),
+        _ => None,
+    })
+}
+
 /// One source file: a display name (usually a path) and its text.
 #[derive(Clone, Debug)]
 pub struct SourceFile {
@@ -94,7 +111,7 @@ impl SourceFile {
     pub fn new(name: impl Into<String>, text: impl Into<String>) -> Self {
         let text = text.into();
         let mut line_starts = vec![0];
-        line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        line_starts.extend(line_breaks(&text).map(|(_, end)| end));
         SourceFile {
             name: name.into(),
             text,
@@ -120,6 +137,15 @@ impl SourceFile {
             .get(start..offset)
             .map_or(0, |s| s.chars().count());
         (line + 1, col + 1)
+    }
+
+    /// The byte offset where a 1-based line starts; the end of the text for
+    /// a line past the last.
+    pub fn line_start(&self, line: usize) -> usize {
+        self.line_starts
+            .get(line.saturating_sub(1))
+            .copied()
+            .unwrap_or(self.text.len())
     }
 
     /// The text of a 1-based line, without its line break.
@@ -208,6 +234,25 @@ mod tests {
         assert_eq!(f.line_col(4), (2, 2));
         assert_eq!(f.line_text(2), "cd");
         assert_eq!(f.line_text(9), "");
+    }
+
+    #[test]
+    fn every_kind_of_line_break_counts_once() {
+        // `\r\n`, `\n` and a lone `\r` (old Mac) are one break each; a lone
+        // `\r` was no break here while miette counted it, so the human
+        // report and JSON gave different lines.
+        let f = SourceFile::new("a.route", "a\r\nb\nc\rd\r\re");
+        let lines: Vec<(usize, usize)> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|w| f.line_col(f.text.find(w).unwrap()))
+            .collect();
+        assert_eq!(lines, [(1, 1), (2, 1), (3, 1), (4, 1), (6, 1)]);
+        assert_eq!(f.line_text(3), "c");
+        assert_eq!(f.line_text(5), "");
+        assert_eq!(f.line_start(6), f.text.find('e').unwrap());
+        assert_eq!(f.line_start(7), f.text.len());
+        // The `\n` of a `\r\n` is not a line of its own, even at the start.
+        assert_eq!(line_breaks("\n\r\n").collect::<Vec<_>>(), [(0, 1), (1, 3)]);
     }
 
     #[test]

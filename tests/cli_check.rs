@@ -437,3 +437,52 @@ fn columns_on_the_first_line_do_not_count_a_byte_order_mark() {
     let human = check_in(dir.path(), &["a.route"]);
     assert!(human.stdout.contains("a.route:1:1"), "{}", human.stdout);
 }
+
+#[test]
+fn a_lone_carriage_return_is_one_line_break_in_every_format() {
+    // An old Mac file ends its lines with a lone `\r`: its first comment ran
+    // to the end of the file (no models, said `check`), and the human report
+    // counted lines that JSON did not (4:135 against 1:135).
+    let dir = tempfile::tempdir().unwrap();
+    let text = "// old Mac\rprovider openai { region us }\rmodel gpt-4o { provider openai kind chat }\rclassify { chat otherwise }\rroute chat { candidates [gpt-4o, nope] }\r";
+    std::fs::write(dir.path().join("a.route"), text).unwrap();
+    let run = check_in(dir.path(), &["--format", "json", "a.route"]);
+    let v: Value = serde_json::from_str(&run.stdout).unwrap();
+    let codes: Vec<&str> = v["diagnostics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["code"].as_str())
+        .collect();
+    assert_eq!(codes, ["route::unknown-model"], "{v:#}");
+    let d = &v["diagnostics"][0];
+    assert_eq!(
+        (d["line"].as_u64(), d["column"].as_u64()),
+        (Some(5), Some(34)),
+        "{v:#}"
+    );
+    let human = check_in(dir.path(), &["a.route"]);
+    assert!(human.stdout.contains("a.route:5:34]"), "{}", human.stdout);
+    // The source line is drawn alone, without the line before it glued on.
+    assert!(
+        human
+            .stdout
+            .contains(" 5 │ route chat { candidates [gpt-4o, nope] }\n"),
+        "{}",
+        human.stdout
+    );
+    let github = check_in(dir.path(), &["--format", "github", "a.route"]);
+    assert!(
+        github.stdout.contains(",line=5,col=34,"),
+        "{}",
+        github.stdout
+    );
+    let sarif = check_in(dir.path(), &["--format", "sarif", "a.route"]);
+    let v: Value = serde_json::from_str(&sarif.stdout).unwrap();
+    let region = &v["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["region"];
+    assert_eq!(
+        (region["startLine"].as_u64(), region["startColumn"].as_u64()),
+        (Some(5), Some(34)),
+        "{v:#}"
+    );
+}

@@ -45,7 +45,10 @@ pub struct Args {
 /// One group's totals; costs in micro-dollars.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Row {
-    pub group: String,
+    /// `None` is the requests sent with no feature tag (`--by feature`): kept
+    /// apart from every name, since a feature tag can be any string, even
+    /// `(none)`. JSON writes it `null`, CSV an empty field, the table `(none)`.
+    pub group: Option<String>,
     pub requests: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
@@ -54,13 +57,14 @@ pub struct Row {
 }
 
 pub fn group(entries: &[LedgerEntry], by: By) -> Vec<Row> {
-    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    // `None` sorts first: the untagged requests lead the feature table.
+    let mut rows: BTreeMap<Option<String>, Row> = BTreeMap::new();
     for e in entries {
         let key = match by {
-            By::Tenant => e.tenant.clone(),
-            By::Feature => e.feature.clone().unwrap_or_else(|| "(none)".into()),
-            By::Model => e.model.clone(),
-            By::Day => period::format_date(e.ts_ms),
+            By::Tenant => Some(e.tenant.clone()),
+            By::Feature => e.feature.clone(),
+            By::Model => Some(e.model.clone()),
+            By::Day => Some(period::format_date(e.ts_ms)),
         };
         let r = rows.entry(key.clone()).or_insert_with(|| Row {
             group: key,
@@ -84,6 +88,17 @@ fn by_name(by: By) -> &'static str {
     }
 }
 
+/// The group column of a CSV row: the untagged requests are an empty field,
+/// and a feature tag that is the empty string (`metadata.feature: ""`) is a
+/// quoted one, so the two stay apart.
+fn csv_group(group: Option<&str>) -> String {
+    match group {
+        None => String::new(),
+        Some("") => "\"\"".to_string(),
+        Some(name) => csv_field(name),
+    }
+}
+
 fn csv_field(s: &str) -> String {
     // RFC 4180 quotes a CR too: a feature tag from a request body's metadata
     // can hold one, and unquoted it split the row for CSV readers.
@@ -91,6 +106,29 @@ fn csv_field(s: &str) -> String {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_string()
+    }
+}
+
+/// What the table shows for the untagged requests and for the sum of all rows.
+const TABLE_NO_FEATURE: &str = "(none)";
+const TABLE_TOTAL: &str = "total";
+
+/// The group column of a table row. A name that reads like one of the table's
+/// own words (`(none)`, `total`), starts with a quote, or holds whitespace or
+/// control characters (which would shift or split the columns) is shown
+/// quoted and escaped, so every cell means one thing.
+fn table_group(group: Option<&str>) -> String {
+    let Some(name) = group else {
+        return TABLE_NO_FEATURE.to_string();
+    };
+    let ambiguous = name.is_empty()
+        || name == TABLE_NO_FEATURE
+        || name == TABLE_TOTAL
+        || name.starts_with('"')
+        || name.chars().any(|c| c.is_whitespace() || c.is_control());
+    match ambiguous {
+        true => format!("{name:?}"),
+        false => name.to_string(),
     }
 }
 
@@ -122,7 +160,7 @@ pub fn render(rows: &[Row], by: By, format: Format) -> String {
             for r in rows {
                 out += &format!(
                     "{},{},{},{},{},{}\n",
-                    csv_field(&r.group),
+                    csv_group(r.group.as_deref()),
                     r.requests,
                     r.input_tokens,
                     r.output_tokens,
@@ -142,13 +180,13 @@ pub fn render(rows: &[Row], by: By, format: Format) -> String {
                 t.actual_micros += r.actual_micros;
                 t
             });
-            let total = Row {
-                group: "total".into(),
-                ..total
-            };
-            for r in rows.iter().chain(std::iter::once(&total)) {
+            let groups = rows
+                .iter()
+                .map(|r| table_group(r.group.as_deref()))
+                .chain(std::iter::once(TABLE_TOTAL.to_string()));
+            for (group, r) in groups.zip(rows.iter().chain(std::iter::once(&total))) {
                 cells.push([
-                    r.group.clone(),
+                    group,
                     r.requests.to_string(),
                     r.input_tokens.to_string(),
                     r.output_tokens.to_string(),
@@ -299,13 +337,63 @@ day,requests,input_tokens,output_tokens,estimated,actual
         ))
         .unwrap();
         assert_eq!(json["by"], "feature");
-        assert_eq!(json["groups"][0]["group"], "(none)");
+        assert_eq!(json["groups"][0]["group"], serde_json::Value::Null);
         assert_eq!(json["groups"][1]["group"], "chat");
         assert_eq!(json["groups"][1]["requests"], 2);
         assert_eq!(json["groups"][1]["actual_micros"], 1_500_016);
         let models = group(&entries(), By::Model);
         assert_eq!(models.len(), 2);
         assert_eq!(csv_field("a,b"), "\"a,b\"");
+    }
+
+    #[test]
+    fn no_feature_and_a_feature_named_none_stay_apart() {
+        let entries = vec![
+            e("demo", None, "gpt-4o-mini", 0, 1),
+            e("demo", Some("(none)"), "gpt-4o-mini", 0, 2),
+            e("demo", Some("total"), "gpt-4o-mini", 0, 4),
+            e("demo", Some(""), "gpt-4o-mini", 0, 8),
+        ];
+        let rows = group(&entries, By::Feature);
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        assert_eq!(
+            render(&rows, By::Feature, Format::Table),
+            "\
+feature   requests  input_tokens  output_tokens  estimated     actual
+(none)           1            10             20    $0.0001  $0.000001
+\"\"               1            10             20    $0.0001  $0.000008
+\"(none)\"         1            10             20    $0.0001  $0.000002
+\"total\"          1            10             20    $0.0001  $0.000004
+total            4            40             80    $0.0004  $0.000015
+"
+        );
+        assert_eq!(
+            render(&rows, By::Feature, Format::Csv),
+            "\
+feature,requests,input_tokens,output_tokens,estimated,actual
+,1,10,20,0.0001,0.000001
+\"\",1,10,20,0.0001,0.000008
+(none),1,10,20,0.0001,0.000002
+total,1,10,20,0.0001,0.000004
+"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&rows, By::Feature, Format::Json)).unwrap();
+        let groups: Vec<&serde_json::Value> = json["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| &g["group"])
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                &serde_json::Value::Null,
+                &serde_json::json!(""),
+                &serde_json::json!("(none)"),
+                &serde_json::json!("total"),
+            ]
+        );
     }
 
     #[test]

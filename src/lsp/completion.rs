@@ -76,7 +76,8 @@ enum Block {
 
 fn enclosing_block(before: &str) -> Block {
     let mut depth = 0i32;
-    for line in before.lines().rev() {
+    // Any line break, a lone `\r` too, as the protocol and `line_col` count them.
+    for line in before.split(['\n', '\r']).rev() {
         let code = line.split("//").next().unwrap_or("");
         depth += code.matches('}').count() as i32 - code.matches('{').count() as i32;
         if let Some(kw) = TOP.iter().find(|k| line.starts_with(**k)) {
@@ -120,7 +121,7 @@ pub fn completion(
     };
 
     // The partial word being typed and the words before it.
-    let line = before.rsplit('\n').next().unwrap_or("");
+    let line = before.rsplit(['\n', '\r']).next().unwrap_or("");
     let partial_len = line
         .chars()
         .rev()

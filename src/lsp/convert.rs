@@ -16,7 +16,7 @@ pub enum Encoding {
 pub fn position(file: &SourceFile, offset: usize, enc: Encoding) -> lsp::Position {
     let (line, _) = file.line_col(offset);
     let line_text = file.line_text(line);
-    let line_start = line_start(file, line);
+    let line_start = file.line_start(line);
     let in_line = offset.saturating_sub(line_start).min(line_text.len());
     let prefix = line_text.get(..in_line).unwrap_or(line_text);
     let character = match enc {
@@ -39,7 +39,7 @@ pub fn range(file: &SourceFile, span: Span, enc: Encoding) -> lsp::Range {
 /// The byte offset of an LSP position; positions past the end clamp to it.
 pub fn offset(file: &SourceFile, pos: lsp::Position, enc: Encoding) -> usize {
     let line = pos.line as usize + 1;
-    let start = line_start(file, line);
+    let start = file.line_start(line);
     if start >= file.text.len() && line > 1 {
         return file.text.len();
     }
@@ -55,17 +55,6 @@ pub fn offset(file: &SourceFile, pos: lsp::Position, enc: Encoding) -> usize {
         };
     }
     start + text.len()
-}
-
-fn line_start(file: &SourceFile, line: usize) -> usize {
-    // Walk the text once; files are small and this keeps SourceFile's API minimal.
-    if line <= 1 {
-        return 0;
-    }
-    file.text
-        .match_indices('\n')
-        .nth(line - 2)
-        .map_or(file.text.len(), |(i, _)| i + 1)
 }
 
 fn to_u32(n: usize) -> u32 {
@@ -144,6 +133,20 @@ mod tests {
                 line: 1,
                 character: 10
             }
+        );
+        // A lone `\r` (old Mac) is a line break, as the protocol says.
+        let mac = SourceFile::new("a", "ab\rcd\r\nef");
+        let e = mac.text.find('e').unwrap();
+        assert_eq!(
+            position(&mac, e, Encoding::Utf16),
+            lsp::Position {
+                line: 2,
+                character: 0
+            }
+        );
+        assert_eq!(
+            offset(&mac, position(&mac, 4, Encoding::Utf8), Encoding::Utf8),
+            4
         );
         // Out-of-range positions clamp instead of panicking.
         assert_eq!(

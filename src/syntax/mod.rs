@@ -2,8 +2,9 @@
 //!
 //! Parsing never fails: [`parse_file`] returns a tree of every item that
 //! parsed *and* a diagnostic for every item that did not. The grammar's
-//! `error_item` rule skips a broken item up to the next line that starts with
-//! a top-level keyword; each skipped chunk is parsed again on its own to get
+//! `error_item` rule skips a broken item up to the next line that starts an
+//! item (a top-level keyword in column 0, or an indented item that opens its
+//! block on that line); each skipped chunk is parsed again on its own to get
 //! pest's precise error for it.
 
 pub mod ast;
@@ -34,6 +35,7 @@ pub fn parse_file(file: FileId, text: &str) -> Parsed {
     let mut b = Builder {
         file,
         depth: 0,
+        unclosed: 0,
         diagnostics: Vec::new(),
         text,
         comment_starts: comments
@@ -58,7 +60,7 @@ pub fn parse_file(file: FileId, text: &str) -> Parsed {
             }
         }
         // `file` accepts any input through `error_item`; this is a safety net.
-        Err(e) => b.diagnostics.push(syntax_error(file, 0, &e, None)),
+        Err(e) => b.diagnostics.push(syntax_error(file, 0, &e, None).0),
     }
     Parsed {
         ast: FileAst {
@@ -74,6 +76,11 @@ struct Builder<'t> {
     file: FileId,
     /// How many `not` and parentheses the condition being built is inside.
     depth: usize,
+    /// How many broken items so far ended at the next item with their `}`
+    /// missing: a lone `}` further on most likely closes one of them (an item
+    /// nested in another's block, `provider p { model m { .. } }`), and is
+    /// not reported a second time.
+    unclosed: usize,
     diagnostics: Vec<Diagnostic>,
     text: &'t str,
     /// Comment end offset -> start offset, to trim comments off the end of spans.
@@ -242,14 +249,25 @@ const BODY_RULES: &[Rule] = &[
     Rule::confirm_premium,
 ];
 
-/// `next`: the keyword of the item after this one, when the text parsed
-/// ends there rather than at the end of the file.
+/// The item after a broken one, whose text is parsed alone and so ends
+/// where this item starts.
+#[derive(Clone, Copy, Debug)]
+struct NextItem<'t> {
+    /// Byte offset of its keyword in the file (after any indentation).
+    at: usize,
+    keyword: &'t str,
+}
+
+/// pest's error for a broken item, as a diagnostic, and whether the item
+/// looks unclosed (its text ended at the next item while its block still
+/// wanted a property or the `}`). `next`: the item after this one, when the
+/// text parsed ends there rather than at the end of the file.
 fn syntax_error(
     file: FileId,
     offset: usize,
     e: &pest::error::Error<Rule>,
-    next: Option<&str>,
-) -> Diagnostic {
+    next: Option<NextItem<'_>>,
+) -> (Diagnostic, bool) {
     let (start, end) = match e.location {
         pest::error::InputLocation::Pos(p) => (p, p),
         pest::error::InputLocation::Span((s, e)) => (s, e),
@@ -292,11 +310,15 @@ fn syntax_error(
         word.chars().take(MAX_SHOWN).collect()
     };
     let cut = word.chars().nth(MAX_SHOWN).is_some();
-    let at_next_item = token.is_empty() && next.is_some();
-    let next_word = next.filter(|_| at_next_item).unwrap_or_default();
-    let abs_start = offset + start;
-    let abs_end = offset + end.max(start + token.len().max(next_word.len()));
-    let span = Span::new(file, abs_start, abs_end);
+    let next = next.filter(|_| token.is_empty());
+    let at_next_item = next.is_some();
+    let next_word = next.map_or("", |n| n.keyword);
+    // The next item may be indented: its label goes on its keyword, not on
+    // the blanks before it.
+    let span = match next {
+        Some(n) => Span::new(file, n.at, n.at + n.keyword.len()),
+        None => Span::new(file, offset + start, offset + end.max(start + token.len())),
+    };
     let found = match (token.is_empty(), cut) {
         (true, _) if at_next_item => format!("the next item, `{next_word}`"),
         (true, _) => "end of file".to_string(),
@@ -323,16 +345,41 @@ fn syntax_error(
     } else {
         None
     };
+    let unclosed = at_next_item && expected.contains(&"`}`");
     d = match suggestion {
         Some(s) => d
             .with_help(format!("did you mean `{s}`?"))
             .with_suggestion(span, s),
-        None if at_next_item && expected.contains(&"`}`") => d.with_help(
+        None if unclosed => d.with_help(
             "is this item's closing `}` missing? It was skipped; the rest of the file is still checked",
         ),
         None => d.with_help("this item was skipped; the rest of the file is still checked"),
     };
-    d
+    (d, unclosed)
+}
+
+/// Whether a chunk the parser skipped is a `}` alone (with blanks and comments).
+fn is_lone_close(text: &str) -> bool {
+    let at = skip_trivia(text, 0);
+    text.get(at..)
+        .and_then(|rest| rest.strip_prefix('}'))
+        .is_some_and(|after| skip_trivia(after, 0) == after.len())
+}
+
+/// The offset of the first character at or after `from` that is neither
+/// blank nor inside a comment.
+fn skip_trivia(text: &str, from: usize) -> usize {
+    let mut at = from;
+    while let Some(rest) = text.get(at..) {
+        let blank = rest.len() - rest.trim_start().len();
+        at += blank;
+        match text.get(at..) {
+            Some(r) if r.starts_with("//") => at += r.find(['\n', '\r']).unwrap_or(r.len()),
+            _ if blank == 0 => break,
+            _ => {}
+        }
+    }
+    at
 }
 
 /// Unescape a string literal's body (without quotes).
@@ -393,16 +440,8 @@ impl Builder<'_> {
     /// run on to the next line.
     fn span(&self, p: &P) -> Span {
         let s = p.as_span();
-        let (start, mut end) = (s.start(), s.end());
-        loop {
-            let trimmed = self.text.get(start..end).map_or(0, |t| t.trim_end().len());
-            end = start + trimmed;
-            match self.comment_starts.get(&end) {
-                Some(&c) if c >= start => end = c,
-                _ => break,
-            }
-        }
-        Span::new(self.file, start, end)
+        let end = self.trim_trivia(s.start(), s.end());
+        Span::new(self.file, s.start(), end)
     }
 
     fn ident(&self, p: &P) -> Ident {
@@ -431,20 +470,34 @@ impl Builder<'_> {
         let offset = p.as_span().start();
         let text = p.as_str();
         // The item is parsed alone: its text ends where the next item's
-        // keyword starts, which its error would call "end of file".
-        let next: Option<String> = self
-            .text
-            .get(offset.saturating_add(text.len())..)
-            .map(|rest| {
-                rest.chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect::<String>()
-            })
-            .filter(|w| !w.is_empty());
+        // keyword starts (after its indentation), which its error would call
+        // "end of file".
+        let end = offset.saturating_add(text.len());
+        let next = self.text.get(end..).and_then(|rest| {
+            let indented = rest.trim_start_matches([' ', '\t']);
+            let keyword_len = indented
+                .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .unwrap_or(indented.len());
+            let at = end + (rest.len() - indented.len());
+            let keyword = self.text.get(at..at + keyword_len)?;
+            (!keyword.is_empty()).then_some(NextItem { at, keyword })
+        });
+        if self.unclosed > 0 && is_lone_close(text) {
+            self.unclosed -= 1;
+            return;
+        }
         match RouteParser::parse(Rule::item_only, text) {
-            Err(e) => self
-                .diagnostics
-                .push(syntax_error(self.file, offset, &e, next.as_deref())),
+            Err(e) => {
+                let d = match self.missing_open_brace(offset, text, &e, next.map(|n| n.keyword)) {
+                    Some(d) => d,
+                    None => {
+                        let (d, unclosed) = syntax_error(self.file, offset, &e, next);
+                        self.unclosed += usize::from(unclosed);
+                        d
+                    }
+                };
+                self.diagnostics.push(d);
+            }
             // Whitespace- and comment-only chunks parse: nothing to report.
             Ok(_) if text.trim().is_empty() => {}
             Ok(_) => {
@@ -454,6 +507,100 @@ impl Builder<'_> {
                         .with_label(span, "here")
                         .with_help("check that each block's braces are balanced"),
                 );
+            }
+        }
+    }
+
+    /// The error for an item whose `{` is missing (`model gpt-4o` then its
+    /// properties, `route chat [`), located just after the item's name (or
+    /// its route condition), where the `{` belongs. pest locates it at the
+    /// item's keyword, or names the properties on the next line as the
+    /// problem. `None` when the item's head is not followed by something
+    /// other than `{`, or when pest's error lies further in (`route chat
+    /// when a.b and {` is missing a condition, not a `{`).
+    fn missing_open_brace(
+        &self,
+        offset: usize,
+        text: &str,
+        e: &pest::error::Error<Rule>,
+        next: Option<&str>,
+    ) -> Option<Diagnostic> {
+        let head = RouteParser::parse(Rule::item_head, text).ok()?.next()?;
+        let mut keyword = "";
+        let mut name = None;
+        let mut condition = false;
+        let mut head_end = 0;
+        for part in head.into_inner() {
+            head_end = head_end.max(part.as_span().end());
+            match part.as_rule() {
+                Rule::head_route | Rule::head_named | Rule::head_block => keyword = part.as_str(),
+                Rule::name => name = Some(part.as_str()),
+                Rule::when_clause => condition = true,
+                _ => {}
+            }
+        }
+        // pest counts the blanks and comments before an optional part that is
+        // absent (`name ~ when_clause?`): the `{` belongs before them.
+        let head_end = self.trim_trivia(offset, offset + head_end) - offset;
+        let found_at = skip_trivia(text, head_end);
+        let rest = text.get(found_at..).unwrap_or("");
+        if rest.starts_with('{') {
+            return None;
+        }
+        let error_at = match e.location {
+            pest::error::InputLocation::Pos(p) | pest::error::InputLocation::Span((p, _)) => p,
+        };
+        if error_at > found_at {
+            return None;
+        }
+        let shown = |s: &str| -> String {
+            match s.chars().nth(MAX_SHOWN) {
+                Some(_) => format!("{}...", s.chars().take(MAX_SHOWN).collect::<String>()),
+                None => s.to_string(),
+            }
+        };
+        let item = match name {
+            Some(n) => format!("{keyword} {}", shown(n)),
+            None => keyword.to_string(),
+        };
+        let word: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            .collect();
+        let found = match (word.is_empty(), rest.chars().next(), next) {
+            (false, _, _) => format!("`{}`", shown(&word)),
+            (true, Some(c), _) => format!("`{c}`"),
+            (true, None, Some(n)) => format!("the next item, `{n}`"),
+            (true, None, None) => "end of file".to_string(),
+        };
+        let after = match condition {
+            true => format!("the condition of `{item}`"),
+            false => format!("`{item}`"),
+        };
+        let example = match (keyword, condition) {
+            ("route", true) => format!("`{item} when .. {{ .. }}`"),
+            ("route", false) => format!("`{item} {{ .. }}` or `{item} when .. {{ .. }}`"),
+            _ => format!("`{item} {{ .. }}`"),
+        };
+        let at = offset + head_end;
+        Some(
+            Diagnostic::error("syntax", format!("expected `{{` after {after}, found {found}"))
+                .with_label(Span::new(self.file, at, at), "expected `{` here")
+                .with_help(format!(
+                    "open the item's block with `{{`: {example}; this item was skipped, the rest of the file is still checked"
+                )),
+        )
+    }
+
+    /// `end` moved back over the blanks and comments before it, down to `start`.
+    fn trim_trivia(&self, start: usize, end: usize) -> usize {
+        let mut end = end;
+        loop {
+            let trimmed = self.text.get(start..end).map_or(0, |t| t.trim_end().len());
+            end = start + trimmed;
+            match self.comment_starts.get(&end) {
+                Some(&c) if c >= start => end = c,
+                _ => return end,
             }
         }
     }
@@ -1028,15 +1175,16 @@ pub fn scan_comments(file: FileId, text: &str) -> Vec<Comment> {
                     i += 1;
                     if c == b'\\' {
                         i += 1;
-                    } else if c == b'"' || c == b'\n' {
+                    } else if matches!(c, b'"' | b'\n' | b'\r') {
                         break;
                     }
                 }
             }
             b'/' if bytes.get(i + 1) == Some(&b'/') => {
+                // Any line break ends it, a lone `\r` too, as in the grammar.
                 let end = text
                     .get(i..)
-                    .and_then(|r| r.find('\n'))
+                    .and_then(|r| r.find(['\n', '\r']))
                     .map_or(text.len(), |n| i + n);
                 let body = text.get(i..end).unwrap_or("").trim_end().to_string();
                 out.push(Comment {

@@ -215,3 +215,126 @@ fn deeply_nested_conditions_are_an_error_not_a_stack_overflow() {
         assert!(p[0].message.contains("nests more than 64 levels"), "{p:#?}");
     }
 }
+
+#[test]
+fn a_missing_open_brace_is_reported_just_after_the_name() {
+    // pest located these at the item's keyword (or at the property on the
+    // next line) and asked for anything but the `{`.
+    for (src, message, at) in [
+        (
+            "model gpt-4o\n  provider openai\n}\n",
+            "expected `{` after `model gpt-4o`, found `provider`",
+            12,
+        ),
+        (
+            "route chat [ candidates [a] ]\n",
+            "expected `{` after `route chat`, found `[`",
+            10,
+        ),
+        (
+            "route chat when request.stream // why\n[ candidates [a] ]\n",
+            "expected `{` after the condition of `route chat`, found `[`",
+            30,
+        ),
+        (
+            "constraints\n  deny model a\n}\n",
+            "expected `{` after `constraints`, found `deny`",
+            11,
+        ),
+        (
+            "model x",
+            "expected `{` after `model x`, found end of file",
+            7,
+        ),
+        (
+            "model x\nmodel y { provider p kind chat }\n",
+            "expected `{` after `model x`, found the next item, `model`",
+            7,
+        ),
+    ] {
+        let p = parse(src);
+        assert_eq!(p.diagnostics.len(), 1, "{src}: {:#?}", p.diagnostics);
+        let d = &p.diagnostics[0];
+        assert_eq!(d.message, message, "{src}");
+        assert_eq!(
+            d.span().map(|s| (s.start(), s.end())),
+            Some((at, at)),
+            "{src}"
+        );
+        assert!(
+            d.help.as_deref().is_some_and(|h| h.contains("{ .. }")),
+            "{d:#?}"
+        );
+    }
+    // The `{` is there, or the error lies further in: pest's own error.
+    for src in [
+        "route chat when request.stream and {\n",
+        "route chat when {\n",
+        "model x { kind }\n",
+        "model { kind chat }\n",
+    ] {
+        let p = parse(src);
+        assert_eq!(p.diagnostics.len(), 1, "{src}: {:#?}", p.diagnostics);
+        assert!(
+            !p.diagnostics[0].message.starts_with("expected `{` after"),
+            "{src}: {:#?}",
+            p.diagnostics
+        );
+    }
+}
+
+#[test]
+fn an_indented_item_after_a_broken_one_is_still_read() {
+    // The recovery skipped to the next item in column 0 only: `  model b {`
+    // vanished with the broken item before it.
+    let src = "model a {\n  provider p\n  price in $1 out\n}\n  model b { provider p kind chat }\n\troute chat when request.stream { candidates [b] }\n  provider q { region us }\n";
+    let p = parse(src);
+    assert_eq!(p.diagnostics.len(), 1, "{:#?}", p.diagnostics);
+    let names: Vec<String> = p
+        .ast
+        .items
+        .iter()
+        .map(|i| match i {
+            Item::Model(m) => m.name.name.clone(),
+            Item::Provider(p) => p.name.name.clone(),
+            Item::Route(r) => r.intent.name.clone(),
+            _ => String::new(),
+        })
+        .collect();
+    assert_eq!(names, ["b", "chat", "q"]);
+    // A property that names a provider is not an item: the broken model's
+    // `  provider p` line stays in it, and its error is about the model.
+    let p = parse("model a {\n  provider p\n  kind\n}\nprovider p { region us }\n");
+    assert_eq!(p.diagnostics.len(), 1, "{:#?}", p.diagnostics);
+    assert_eq!(p.ast.items.len(), 1);
+}
+
+#[test]
+fn an_item_nested_in_a_block_is_one_error() {
+    let src = "provider p {\n  region us\n  model m { provider p kind chat }\n}\nmodel n { provider p kind chat }\n";
+    let p = parse(src);
+    assert_eq!(p.diagnostics.len(), 1, "{:#?}", p.diagnostics);
+    let d = &p.diagnostics[0];
+    assert_eq!(
+        d.message,
+        "expected a provider property (`region`, `labels`) or `}`, found the next item, `model`"
+    );
+    // On the nested item's keyword, not on its indentation.
+    let at = src.find("model m").unwrap();
+    assert_eq!(d.span().map(|s| (s.start(), s.end())), Some((at, at + 5)));
+    assert_eq!(p.ast.items.len(), 2);
+    // A `}` with no unclosed item before it is still an error.
+    assert_eq!(parse("provider p { region us }\n}\n").diagnostics.len(), 1);
+}
+
+#[test]
+fn a_comment_ends_at_a_lone_carriage_return() {
+    // In an old Mac file (lines end in a lone `\r`), the first comment ran
+    // to the end of the file and hid every item.
+    let src = "// top\rprovider p { region us } // why\rmodel m { provider p kind chat }\r";
+    let p = parse(src);
+    assert!(p.diagnostics.is_empty(), "{:#?}", p.diagnostics);
+    assert_eq!(p.ast.items.len(), 2);
+    let texts: Vec<_> = p.ast.comments.iter().map(|c| c.text.as_str()).collect();
+    assert_eq!(texts, ["// top", "// why"]);
+}
