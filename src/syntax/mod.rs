@@ -46,6 +46,7 @@ pub fn parse_file(file: FileId, text: &str) -> Parsed {
     let mut items = Vec::new();
     match RouteParser::parse(Rule::file, text) {
         Ok(mut pairs) => {
+            b.glued_words(pairs.clone());
             let inner = pairs.next().map(|p| p.into_inner());
             for p in inner.into_iter().flatten() {
                 match p.as_rule() {
@@ -442,6 +443,60 @@ impl Builder<'_> {
         let s = p.as_span();
         let end = self.trim_trivia(s.start(), s.end());
         Span::new(self.file, s.start(), end)
+    }
+
+    /// A word the grammar split in two: pest matches a keyword as a prefix,
+    /// so `providerx {`, `modelgpt {` and `kindchat` parsed as `provider x`,
+    /// `model gpt` and `kind chat` without a word. A name, field, quantity
+    /// or path that starts right after a letter, digit or `_` is glued to
+    /// the word before it; each is an error.
+    fn glued_words(&mut self, pairs: pest::iterators::Pairs<'_, Rule>) {
+        let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+        for p in pairs.flatten() {
+            if !matches!(
+                p.as_rule(),
+                Rule::name | Rule::field | Rule::quantity | Rule::path
+            ) {
+                continue;
+            }
+            let start = p.as_span().start();
+            let bytes = self.text.as_bytes();
+            if !start
+                .checked_sub(1)
+                .and_then(|i| bytes.get(i))
+                .is_some_and(|&b| is_word(b))
+            {
+                continue;
+            }
+            let word_start = (0..start)
+                .rev()
+                .take_while(|&i| bytes.get(i).is_some_and(|&b| is_word(b)))
+                .last()
+                .unwrap_or(start);
+            let (Some(before), Some(after)) = (
+                self.text.get(word_start..start),
+                self.text.get(start..p.as_span().end()),
+            ) else {
+                continue;
+            };
+            // Only the first token of a path: `tenant.plan` is one.
+            let shown = after.split('.').next().unwrap_or(after);
+            self.diagnostics.push(
+                Diagnostic::error(
+                    "syntax",
+                    format!("`{before}{shown}` runs `{before}` and `{shown}` together"),
+                )
+                .with_label(
+                    Span::new(self.file, word_start, start + shown.len()),
+                    format!("read as `{before} {shown}`"),
+                )
+                .with_help(format!("put a space between them: `{before} {shown}`"))
+                .with_suggestion(
+                    Span::new(self.file, word_start, start + shown.len()),
+                    format!("{before} {shown}"),
+                ),
+            );
+        }
     }
 
     fn ident(&self, p: &P) -> Ident {
