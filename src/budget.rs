@@ -1044,6 +1044,22 @@ impl Drop for RequestBudget {
     }
 }
 
+/// A ledger entry of one token each way and one micro-dollar, for tests.
+#[cfg(test)]
+fn test_entry(id: &str, ts_ms: i64) -> LedgerEntry {
+    LedgerEntry {
+        id: id.into(),
+        ts_ms,
+        tenant: "t".into(),
+        feature: None,
+        model: "m".into(),
+        input_tokens: 1,
+        output_tokens: 1,
+        estimated: 1,
+        actual: 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1239,17 +1255,7 @@ protect {
             amount: 0,
             expires_ms: 0,
         };
-        let entry = LedgerEntry {
-            id: "full/0".into(),
-            ts_ms: 1,
-            tenant: "t".into(),
-            feature: None,
-            model: "m".into(),
-            input_tokens: 1,
-            output_tokens: 1,
-            estimated: 1,
-            actual: 1,
-        };
+        let entry = test_entry("full/0", 1);
         assert!(b.settle(&r, entry.clone()).unwrap());
         // In the store before any writer ran: the append failed, so the
         // settle recorded it itself.
@@ -1356,17 +1362,7 @@ mod off_loop_tests {
         let store: Arc<dyn BudgetStore> = Arc::new(crate::state::memory::MemoryStore::default());
         let now = crate::state::now_ms();
         let hour = 3_600_000;
-        let entry = |id: &str, ts_ms: i64| LedgerEntry {
-            id: id.into(),
-            ts_ms,
-            tenant: "t".into(),
-            feature: None,
-            model: "m".into(),
-            input_tokens: 1,
-            output_tokens: 1,
-            estimated: 1,
-            actual: 1,
-        };
+        let entry = test_entry;
         // More old entries than one batch, and two recent ones.
         let old: Vec<LedgerEntry> = (0..TRIM_BATCH + 5)
             .map(|i| entry(&format!("old{i}"), now - 48 * hour))

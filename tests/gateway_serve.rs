@@ -146,6 +146,14 @@ fn wait_for_exit(child: &mut std::process::Child, what: &str) -> std::process::E
     }
 }
 
+/// The test gateway with a mock provider that takes `latency` to answer,
+/// started with `--no-watch` and `extra`.
+fn start_slow(dir: &Path, latency: &str, extra: &[&str]) -> Server {
+    write_slow_gateway(dir, latency);
+    let args: Vec<&str> = ["--no-watch"].iter().chain(extra).copied().collect();
+    Server::start(dir, &dir.join("gateway.yaml"), &args, &[])
+}
+
 /// The test gateway with a mock provider that takes `latency` to answer.
 fn write_slow_gateway(dir: &Path, latency: &str) {
     write_gateway(dir);
@@ -206,13 +214,7 @@ fn refused_soon(addr: &str) -> bool {
 #[cfg(unix)]
 fn sigterm_lets_the_requests_in_flight_finish_and_refuses_new_connections() {
     let dir = tempfile::tempdir().unwrap();
-    write_slow_gateway(dir.path(), "1500ms");
-    let mut server = Server::start(
-        dir.path(),
-        &dir.path().join("gateway.yaml"),
-        &["--no-watch"],
-        &[],
-    );
+    let mut server = start_slow(dir.path(), "1500ms", &[]);
     // An idle keep-alive connection must not hold the drain up.
     let mut idle = TcpStream::connect(&server.addr).unwrap();
     let plain = request_in_background(&server.addr, false);
@@ -253,13 +255,7 @@ fn sigterm_lets_the_requests_in_flight_finish_and_refuses_new_connections() {
 #[cfg(unix)]
 fn a_drain_that_runs_out_closes_the_connections_still_busy() {
     let dir = tempfile::tempdir().unwrap();
-    write_slow_gateway(dir.path(), "20s");
-    let mut server = Server::start(
-        dir.path(),
-        &dir.path().join("gateway.yaml"),
-        &["--no-watch", "--drain-timeout", "300ms"],
-        &[],
-    );
+    let mut server = start_slow(dir.path(), "20s", &["--drain-timeout", "300ms"]);
     let slow = request_in_background(&server.addr, false);
     std::thread::sleep(Duration::from_millis(300));
     let signalled = Instant::now();
@@ -288,13 +284,7 @@ fn a_drain_that_runs_out_closes_the_connections_still_busy() {
 #[cfg(unix)]
 fn a_second_signal_stops_without_waiting_for_the_drain() {
     let dir = tempfile::tempdir().unwrap();
-    write_slow_gateway(dir.path(), "20s");
-    let mut server = Server::start(
-        dir.path(),
-        &dir.path().join("gateway.yaml"),
-        &["--no-watch"],
-        &[],
-    );
+    let mut server = start_slow(dir.path(), "20s", &[]);
     let slow = request_in_background(&server.addr, true);
     std::thread::sleep(Duration::from_millis(300));
     sigterm(&server.child);
@@ -322,7 +312,8 @@ fn a_second_signal_stops_without_waiting_for_the_drain() {
 fn a_drain_timeout_without_a_unit_is_refused() {
     for (arg, says) in [
         ("30", "has no unit: write e.g. `30s`"),
-        ("2d", "invalid duration unit"),
+        ("2weeks", "invalid duration unit"),
+        ("2d", "longer than the 24h"),
         ("25h", "longer than the 24h"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_routeplane"))
