@@ -173,7 +173,7 @@ fn push_text(v: &serde_json::Value, out: &mut String) {
 
 /// Input tokens of an OpenAI-style body for a tokenizer: chat messages
 /// (content, name, tool call arguments), tool definitions, embeddings
-/// `input`, image `prompt`, speech `input`.
+/// `input` (text, and token ids one token each), image `prompt`, speech `input`.
 pub fn input_tokens(tok: Tokenizer, body: &serde_json::Value) -> u64 {
     let mut text = String::new();
     let mut framing = 0u64;
@@ -203,13 +203,15 @@ pub fn input_tokens(tok: Tokenizer, body: &serde_json::Value) -> u64 {
             text.push_str(&t.to_string());
         }
     }
+    let mut token_ids = 0u64;
     if let Some(i) = body.get("input") {
         push_text(i, &mut text);
+        token_ids = crate::decide::token_ids_in(i);
     }
     if let Some(serde_json::Value::String(p)) = body.get("prompt") {
         text.push_str(p);
     }
-    tok.estimate(&text) + framing
+    (tok.estimate(&text) + framing).saturating_add(token_ids)
 }
 
 /// Appends the `delta.content` (or `message.content`) text of a chat chunk or completion.
@@ -359,6 +361,17 @@ mod tests {
             approx_tokens("a b\nc d\n")
         );
         assert_eq!(input_tokens(Tokenizer::Approx, &serde_json::json!({})), 0);
+    }
+
+    #[test]
+    fn embedding_token_ids_count_one_token_each() {
+        // One token array, several, and text: the ids are tokens already.
+        let one = serde_json::json!({"input": [101, 2023, 2003, 102]});
+        let many = serde_json::json!({"input": [[101, 2023], [2003, 102, 7]]});
+        for tok in [Tokenizer::Approx, Tokenizer::O200k] {
+            assert_eq!(input_tokens(tok, &one), 4);
+            assert_eq!(input_tokens(tok, &many), 5);
+        }
     }
 
     fn model(input: Micros, output: Micros, max_output: Option<u64>) -> Model {

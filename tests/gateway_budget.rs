@@ -421,3 +421,78 @@ async fn requests_without_a_budget_are_still_in_the_ledger() {
     assert_eq!(ledger[0].tenant, "rich");
     assert_eq!(ledger[0].output_tokens, 8);
 }
+
+/// `POLICY` plus an embeddings model and an image model on the mock, both
+/// routed by endpoint.
+fn policy_with_embeddings_and_images() -> String {
+    POLICY.replace(
+        "classify {\n  chat otherwise\n}",
+        r#"model embed {
+  provider mock
+  kind embeddings
+  context 8k
+  price in $1 out $0 per 1M
+  tokenizer o200k
+}
+model draw {
+  provider mock
+  kind image
+  context 1k
+  price $0.04 per image
+}
+classify {
+  embed when request.endpoint == embeddings
+  draw when request.endpoint == images
+  chat otherwise
+}
+route embed {
+  candidates [embed]
+}
+route draw {
+  candidates [draw]
+}"#,
+    )
+}
+
+async fn post(gw: &Gw, key: &str, path: &str, b: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}{path}", gw.url))
+        .bearer_auth(key)
+        .json(b)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Token ids are tokens: 8,000 of them at $1 per 1M are $0.008, eight
+/// times the capped tenant's $0.001. They were estimated at no tokens at
+/// all, so the request reserved nothing and went through.
+#[tokio::test]
+async fn embeddings_given_as_token_ids_are_reserved_like_text() {
+    let gw = start(
+        &config("{ backend: memory }", 1),
+        &policy_with_embeddings_and_images(),
+    )
+    .await;
+    let ids: Vec<u64> = (1000..9000).collect();
+    for input in [json!(ids), json!([ids])] {
+        let r = post(
+            &gw,
+            "sk-capped",
+            "/v1/embeddings",
+            &json!({ "model": "auto", "input": input }),
+        )
+        .await;
+        let status = r.status().as_u16();
+        assert_eq!(status, 402, "{}", r.text().await.unwrap());
+    }
+    let text = "word ".repeat(10);
+    let r = post(
+        &gw,
+        "sk-capped",
+        "/v1/embeddings",
+        &json!({ "model": "auto", "input": [[1, 2, 3], text] }),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "a small request still fits");
+}
