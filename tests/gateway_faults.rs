@@ -120,6 +120,31 @@ async fn an_html_page_with_a_200_is_not_passed_off_as_an_answer() {
     assert_eq!(b.hits(), 1);
 }
 
+/// Some OpenAI-compatible servers and proxies report an overload or a
+/// content error as an `error` object with a 200. It is not an answer: the
+/// client got it with a 200 (and the breakers heard of a success) before.
+#[tokio::test]
+async fn an_error_object_with_a_200_is_not_passed_off_as_an_answer() {
+    let url = socket_upstream(|mut s| async move {
+        let body = r#"{"error": {"message": "The server is overloaded", "type": "server_error", "code": null}}"#;
+        let _ = s
+            .write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes())
+            .await;
+    })
+    .await;
+    let (gw, b) = a_then_healthy_b(&url, "").await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "x-routeplane-model"),
+        "model-b",
+        "an error with a 200 must fall back"
+    );
+    assert_eq!(b.hits(), 1);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "hello from b");
+}
+
 /// The same page behind an event-stream header, to a streaming request:
 /// nothing reached the client yet, so the next model answers.
 #[tokio::test]
