@@ -260,6 +260,21 @@ pub fn token_cost(p: &Pricing, input_tokens: u64, output_tokens: u64) -> Micros 
     u64::try_from(n.div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
+/// The images an image generation asks for: its `n` (checked at the door to
+/// be a whole number from 1), else one.
+pub fn images_asked(body: Option<&serde_json::Value>) -> u64 {
+    body.and_then(|b| b.get("n"))
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// What the images after the first add to [`estimate_cost`], which prices
+/// one: the provider bills each of the `n` it makes.
+pub fn more_images_cost(m: &Model, images: u64) -> Micros {
+    m.pricing.per_image.saturating_mul(images.saturating_sub(1))
+}
+
 /// The estimated cost of a request: input plus the output cap, rounded up.
 pub fn estimate_cost(
     m: &Model,

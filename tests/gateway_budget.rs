@@ -496,3 +496,35 @@ async fn embeddings_given_as_token_ids_are_reserved_like_text() {
     .await;
     assert_eq!(r.status(), 200, "a small request still fits");
 }
+
+/// Every image asked for is billed: `n: 3` at $0.04 each reserves and
+/// settles $0.12. Only one was counted before, so a tenant could spend
+/// `n` times its budget.
+#[tokio::test]
+async fn every_image_asked_for_is_reserved_and_paid() {
+    let gw = start(
+        &config("{ backend: memory }", 1).replace("budget: 0.001", "budget: 0.1"),
+        &policy_with_embeddings_and_images(),
+    )
+    .await;
+    let draw = |n: u64| json!({ "model": "auto", "prompt": "a lighthouse", "n": n });
+    // Three images are $0.12, more than the $0.10 budget.
+    let r = post(&gw, "sk-capped", "/v1/images/generations", &draw(3)).await;
+    let status = r.status().as_u16();
+    assert_eq!(status, 402, "{}", r.text().await.unwrap());
+    let r = post(&gw, "sk-rich", "/v1/images/generations", &draw(3)).await;
+    assert_eq!(r.status(), 200);
+    let ledger = gw.store.ledger(None).unwrap();
+    let entry = ledger.iter().find(|e| e.tenant == "rich").unwrap();
+    assert_eq!((entry.estimated, entry.actual), (120_000, 120_000));
+    for bad in [json!(0), json!("2"), json!(2.5)] {
+        let r = post(
+            &gw,
+            "sk-rich",
+            "/v1/images/generations",
+            &json!({ "model": "auto", "prompt": "x", "n": bad }),
+        )
+        .await;
+        assert_eq!(r.status(), 400, "n: {bad}");
+    }
+}
