@@ -168,6 +168,31 @@ async fn a_stream_of_no_json_events_is_not_passed_off_as_an_answer() {
     assert_eq!(b.hits(), 1);
 }
 
+/// A stream that opens with an error event (OpenAI-compatible servers and
+/// routers report an overload so, with a 200): nothing reached the client
+/// yet, so the next model answers. Before, the client got a 200 stream
+/// holding only the upstream's error and then the gateway's.
+#[tokio::test]
+async fn a_stream_that_begins_with_an_error_event_falls_back() {
+    let url = socket_upstream(|mut s| async move {
+        let body = "data: {\"error\":{\"message\":\"The server is overloaded\",\"type\":\"server_error\"}}\n\n";
+        let _ = s
+            .write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes())
+            .await;
+    })
+    .await;
+    let (gw, b) = a_then_healthy_b(&url, "").await;
+    let mut streaming = hello();
+    streaming["stream"] = Value::Bool(true);
+    let r = gw.chat("sk-demo", streaming).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("overloaded"), "{text}");
+    assert!(text.contains("[DONE]"), "{text}");
+    assert_eq!(b.hits(), 1);
+}
+
 #[tokio::test]
 async fn a_response_that_never_ends_times_out_and_falls_back() {
     let url = socket_upstream(|mut s| async move {
