@@ -823,6 +823,8 @@ pub struct RequestBudget {
     feature: Option<String>,
     endpoint: Endpoint,
     max_tokens: Option<u64>,
+    /// Images asked for (`n` of an image generation, else 1): each is billed.
+    images: u64,
     /// Input tokens of the body for each tokenizer the attempts use.
     tokens: Vec<(Tokenizer, u64)>,
     fallback_tokens: u64,
@@ -859,6 +861,10 @@ impl RequestBudget {
                 }
             }
         }
+        let images = match endpoint {
+            Endpoint::Images => estimate::images_asked(body),
+            _ => 0,
+        };
         RequestBudget {
             budgets,
             check,
@@ -866,6 +872,7 @@ impl RequestBudget {
             feature: feature.map(str::to_string),
             endpoint,
             max_tokens,
+            images,
             tokens,
             fallback_tokens,
             hold: Mutex::new(None),
@@ -906,7 +913,8 @@ impl RequestBudget {
             return Ok(());
         };
         let input = self.input_tokens(model);
-        let amount = estimate::estimate_cost(model, self.endpoint, input, self.max_tokens);
+        let amount = estimate::estimate_cost(model, self.endpoint, input, self.max_tokens)
+            .saturating_add(estimate::more_images_cost(model, self.images));
         let now = crate::state::now_ms();
         let reserved = self
             .budgets
@@ -1021,7 +1029,8 @@ impl RequestBudget {
         let (input, output) = usage.unwrap_or((h.input_tokens, counted_output));
         let mut actual = model.map_or(0, |m| estimate::token_cost(&m.pricing, input, output));
         if self.endpoint == Endpoint::Images {
-            actual = actual.saturating_add(model.map_or(0, |m| m.pricing.per_image));
+            let per_image = model.map_or(0, |m| m.pricing.per_image);
+            actual = actual.saturating_add(per_image.saturating_mul(self.images));
         }
         let entry = LedgerEntry {
             id: h.reservation.id.clone(),

@@ -101,6 +101,22 @@ pub const CHARS_PER_TOKEN: u64 = 4;
 /// Tokens each chat message adds for its role and separators.
 pub const TOKENS_PER_MESSAGE: u64 = 3;
 
+/// The token ids an embeddings `input` gives as numbers: OpenAI's API takes
+/// a single token array (`[1, 2, 3]`) or several (`[[1, 2], [3]]`) as well as
+/// text. Each id is one token; without counting them such a request would be
+/// estimated at no tokens at all, so its reservation and the token limits
+/// would never hold it back.
+pub fn token_ids_in(input: &serde_json::Value) -> u64 {
+    let ids = |items: &[serde_json::Value]| items.iter().filter(|i| i.is_number()).count() as u64;
+    match input {
+        serde_json::Value::Array(items) => items.iter().fold(ids(items), |n, item| match item {
+            serde_json::Value::Array(inner) => n.saturating_add(ids(inner)),
+            _ => n,
+        }),
+        _ => 0,
+    }
+}
+
 fn text_of(content: &serde_json::Value, out: &mut String, images: &mut bool) {
     match content {
         serde_json::Value::String(s) => out.push_str(s),
@@ -137,7 +153,7 @@ impl RequestFeatures {
     /// the wrong type are ignored. `input_tokens` is a fast estimate:
     /// characters of all message text / [`CHARS_PER_TOKEN`] (rounded up) plus
     /// [`TOKENS_PER_MESSAGE`] per message; for embeddings the `input`
-    /// strings, for images the `prompt`.
+    /// strings and token ids ([`token_ids_in`]), for images the `prompt`.
     pub fn from_openai_json(endpoint: Endpoint, body: &serde_json::Value) -> RequestFeatures {
         let mut f = RequestFeatures {
             endpoint,
@@ -161,14 +177,16 @@ impl RequestFeatures {
                 }
             }
         }
+        let mut token_ids = 0u64;
         match get("input") {
             Some(serde_json::Value::String(s)) => chars += s.chars().count() as u64,
-            Some(serde_json::Value::Array(items)) => {
+            Some(input @ serde_json::Value::Array(items)) => {
                 for i in items {
                     if let Some(s) = i.as_str() {
                         chars += s.chars().count() as u64;
                     }
                 }
+                token_ids = token_ids_in(input);
             }
             _ => {}
         }
@@ -178,7 +196,8 @@ impl RequestFeatures {
                 f.prompt = p.to_string();
             }
         }
-        f.input_tokens = chars.div_ceil(CHARS_PER_TOKEN) + messages * TOKENS_PER_MESSAGE;
+        f.input_tokens = (chars.div_ceil(CHARS_PER_TOKEN) + messages * TOKENS_PER_MESSAGE)
+            .saturating_add(token_ids);
         let non_empty = |k: &str| {
             get(k)
                 .and_then(|v| v.as_array())

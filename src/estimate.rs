@@ -173,7 +173,7 @@ fn push_text(v: &serde_json::Value, out: &mut String) {
 
 /// Input tokens of an OpenAI-style body for a tokenizer: chat messages
 /// (content, name, tool call arguments), tool definitions, embeddings
-/// `input`, image `prompt`, speech `input`.
+/// `input` (text, and token ids one token each), image `prompt`, speech `input`.
 pub fn input_tokens(tok: Tokenizer, body: &serde_json::Value) -> u64 {
     let mut text = String::new();
     let mut framing = 0u64;
@@ -203,13 +203,15 @@ pub fn input_tokens(tok: Tokenizer, body: &serde_json::Value) -> u64 {
             text.push_str(&t.to_string());
         }
     }
+    let mut token_ids = 0u64;
     if let Some(i) = body.get("input") {
         push_text(i, &mut text);
+        token_ids = crate::decide::token_ids_in(i);
     }
     if let Some(serde_json::Value::String(p)) = body.get("prompt") {
         text.push_str(p);
     }
-    tok.estimate(&text) + framing
+    (tok.estimate(&text) + framing).saturating_add(token_ids)
 }
 
 /// Appends the `delta.content` (or `message.content`) text of a chat chunk or completion.
@@ -256,6 +258,21 @@ pub fn token_cost(p: &Pricing, input_tokens: u64, output_tokens: u64) -> Micros 
     let n = u128::from(input_tokens) * u128::from(p.input_per_mtok)
         + u128::from(output_tokens) * u128::from(p.output_per_mtok);
     u64::try_from(n.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+}
+
+/// The images an image generation asks for: its `n` (checked at the door to
+/// be a whole number from 1), else one.
+pub fn images_asked(body: Option<&serde_json::Value>) -> u64 {
+    body.and_then(|b| b.get("n"))
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// What the images after the first add to [`estimate_cost`], which prices
+/// one: the provider bills each of the `n` it makes.
+pub fn more_images_cost(m: &Model, images: u64) -> Micros {
+    m.pricing.per_image.saturating_mul(images.saturating_sub(1))
 }
 
 /// The estimated cost of a request: input plus the output cap, rounded up.
@@ -359,6 +376,17 @@ mod tests {
             approx_tokens("a b\nc d\n")
         );
         assert_eq!(input_tokens(Tokenizer::Approx, &serde_json::json!({})), 0);
+    }
+
+    #[test]
+    fn embedding_token_ids_count_one_token_each() {
+        // One token array, several, and text: the ids are tokens already.
+        let one = serde_json::json!({"input": [101, 2023, 2003, 102]});
+        let many = serde_json::json!({"input": [[101, 2023], [2003, 102, 7]]});
+        for tok in [Tokenizer::Approx, Tokenizer::O200k] {
+            assert_eq!(input_tokens(tok, &one), 4);
+            assert_eq!(input_tokens(tok, &many), 5);
+        }
     }
 
     fn model(input: Micros, output: Micros, max_output: Option<u64>) -> Model {

@@ -421,3 +421,110 @@ async fn requests_without_a_budget_are_still_in_the_ledger() {
     assert_eq!(ledger[0].tenant, "rich");
     assert_eq!(ledger[0].output_tokens, 8);
 }
+
+/// `POLICY` plus an embeddings model and an image model on the mock, both
+/// routed by endpoint.
+fn policy_with_embeddings_and_images() -> String {
+    POLICY.replace(
+        "classify {\n  chat otherwise\n}",
+        r#"model embed {
+  provider mock
+  kind embeddings
+  context 8k
+  price in $1 out $0 per 1M
+  tokenizer o200k
+}
+model draw {
+  provider mock
+  kind image
+  context 1k
+  price $0.04 per image
+}
+classify {
+  embed when request.endpoint == embeddings
+  draw when request.endpoint == images
+  chat otherwise
+}
+route embed {
+  candidates [embed]
+}
+route draw {
+  candidates [draw]
+}"#,
+    )
+}
+
+async fn post(gw: &Gw, key: &str, path: &str, b: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}{path}", gw.url))
+        .bearer_auth(key)
+        .json(b)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Token ids are tokens: 8,000 of them at $1 per 1M are $0.008, eight
+/// times the capped tenant's $0.001. They were estimated at no tokens at
+/// all, so the request reserved nothing and went through.
+#[tokio::test]
+async fn embeddings_given_as_token_ids_are_reserved_like_text() {
+    let gw = start(
+        &config("{ backend: memory }", 1),
+        &policy_with_embeddings_and_images(),
+    )
+    .await;
+    let ids: Vec<u64> = (1000..9000).collect();
+    for input in [json!(ids), json!([ids])] {
+        let r = post(
+            &gw,
+            "sk-capped",
+            "/v1/embeddings",
+            &json!({ "model": "auto", "input": input }),
+        )
+        .await;
+        let status = r.status().as_u16();
+        assert_eq!(status, 402, "{}", r.text().await.unwrap());
+    }
+    let text = "word ".repeat(10);
+    let r = post(
+        &gw,
+        "sk-capped",
+        "/v1/embeddings",
+        &json!({ "model": "auto", "input": [[1, 2, 3], text] }),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "a small request still fits");
+}
+
+/// Every image asked for is billed: `n: 3` at $0.04 each reserves and
+/// settles $0.12. Only one was counted before, so a tenant could spend
+/// `n` times its budget.
+#[tokio::test]
+async fn every_image_asked_for_is_reserved_and_paid() {
+    let gw = start(
+        &config("{ backend: memory }", 1).replace("budget: 0.001", "budget: 0.1"),
+        &policy_with_embeddings_and_images(),
+    )
+    .await;
+    let draw = |n: u64| json!({ "model": "auto", "prompt": "a lighthouse", "n": n });
+    // Three images are $0.12, more than the $0.10 budget.
+    let r = post(&gw, "sk-capped", "/v1/images/generations", &draw(3)).await;
+    let status = r.status().as_u16();
+    assert_eq!(status, 402, "{}", r.text().await.unwrap());
+    let r = post(&gw, "sk-rich", "/v1/images/generations", &draw(3)).await;
+    assert_eq!(r.status(), 200);
+    let ledger = gw.store.ledger(None).unwrap();
+    let entry = ledger.iter().find(|e| e.tenant == "rich").unwrap();
+    assert_eq!((entry.estimated, entry.actual), (120_000, 120_000));
+    for bad in [json!(0), json!("2"), json!(2.5)] {
+        let r = post(
+            &gw,
+            "sk-rich",
+            "/v1/images/generations",
+            &json!({ "model": "auto", "prompt": "x", "n": bad }),
+        )
+        .await;
+        assert_eq!(r.status(), 400, "n: {bad}");
+    }
+}

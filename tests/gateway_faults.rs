@@ -120,6 +120,31 @@ async fn an_html_page_with_a_200_is_not_passed_off_as_an_answer() {
     assert_eq!(b.hits(), 1);
 }
 
+/// Some OpenAI-compatible servers and proxies report an overload or a
+/// content error as an `error` object with a 200. It is not an answer: the
+/// client got it with a 200 (and the breakers heard of a success) before.
+#[tokio::test]
+async fn an_error_object_with_a_200_is_not_passed_off_as_an_answer() {
+    let url = socket_upstream(|mut s| async move {
+        let body = r#"{"error": {"message": "The server is overloaded", "type": "server_error", "code": null}}"#;
+        let _ = s
+            .write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes())
+            .await;
+    })
+    .await;
+    let (gw, b) = a_then_healthy_b(&url, "").await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "x-routeplane-model"),
+        "model-b",
+        "an error with a 200 must fall back"
+    );
+    assert_eq!(b.hits(), 1);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "hello from b");
+}
+
 /// The same page behind an event-stream header, to a streaming request:
 /// nothing reached the client yet, so the next model answers.
 #[tokio::test]
@@ -139,6 +164,31 @@ async fn a_stream_of_no_json_events_is_not_passed_off_as_an_answer() {
     assert_eq!(header(&r, "x-routeplane-model"), "model-b");
     let text = r.text().await.unwrap();
     assert!(!text.contains("Bad Gateway"), "{text}");
+    assert!(text.contains("[DONE]"), "{text}");
+    assert_eq!(b.hits(), 1);
+}
+
+/// A stream that opens with an error event (OpenAI-compatible servers and
+/// routers report an overload so, with a 200): nothing reached the client
+/// yet, so the next model answers. Before, the client got a 200 stream
+/// holding only the upstream's error and then the gateway's.
+#[tokio::test]
+async fn a_stream_that_begins_with_an_error_event_falls_back() {
+    let url = socket_upstream(|mut s| async move {
+        let body = "data: {\"error\":{\"message\":\"The server is overloaded\",\"type\":\"server_error\"}}\n\n";
+        let _ = s
+            .write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes())
+            .await;
+    })
+    .await;
+    let (gw, b) = a_then_healthy_b(&url, "").await;
+    let mut streaming = hello();
+    streaming["stream"] = Value::Bool(true);
+    let r = gw.chat("sk-demo", streaming).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("overloaded"), "{text}");
     assert!(text.contains("[DONE]"), "{text}");
     assert_eq!(b.hits(), 1);
 }

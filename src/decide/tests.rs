@@ -630,11 +630,25 @@ fn features_from_openai_bodies() {
         assert_eq!(f.max_tokens, None);
         assert!(!f.stream && !f.has_tools);
     }
+    // 9 characters -> 3 tokens, and the one token id
     let f = RequestFeatures::from_openai_json(
         Endpoint::Embeddings,
         &serde_json::json!({"input": ["abcd", 1, "abcde"]}),
     );
-    assert_eq!(f.input_tokens, 3);
+    assert_eq!(f.input_tokens, 4);
+    // Token arrays are tokens: none of them was counted before, so a
+    // request of 10,000 ids reserved nothing and passed every token limit.
+    for (input, want) in [
+        (serde_json::json!([1, 2, 3]), 3),
+        (serde_json::json!([[1, 2], [3, 4, 5], []]), 5),
+        (serde_json::json!(vec![7; 10_000]), 10_000),
+    ] {
+        let f = RequestFeatures::from_openai_json(
+            Endpoint::Embeddings,
+            &serde_json::json!({ "input": input }),
+        );
+        assert_eq!(f.input_tokens, want, "{input}");
+    }
 }
 
 #[test]

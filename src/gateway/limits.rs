@@ -102,10 +102,44 @@ impl Limiters {
         let weight = 1.0 - elapsed.as_secs_f64() / len.as_secs_f64();
         let estimate = w.current as f64 + w.previous as f64 * weight;
         if estimate + amount as f64 > limit as f64 {
-            return Err(len.saturating_sub(elapsed));
+            return Err(w.wait_for_room(len, elapsed, amount, limit));
         }
         w.current += amount;
         Ok(())
+    }
+}
+
+impl Window {
+    /// How long until `amount` fits under `limit` as [`Limiters::charge`]
+    /// will count it then, if nothing else is charged meanwhile: the time
+    /// the client is told to wait (`Retry-After`).
+    ///
+    /// Not merely the end of the current window: the previous window's count
+    /// fades out linearly through the next one, so a client told to come back
+    /// when a full window ends would be refused again at once (with a limit
+    /// of 3 a minute, until 20 s into the next minute).
+    fn wait_for_room(&self, len: Duration, elapsed: Duration, amount: u64, limit: u64) -> Duration {
+        let len_s = len.as_secs_f64();
+        let elapsed_s = elapsed.as_secs_f64();
+        let room = limit as f64 - amount as f64;
+        let current = self.current as f64;
+        let previous = self.previous as f64;
+        let secs = if room < 0.0 {
+            // More than the whole limit: no wait makes it fit.
+            len_s - elapsed_s
+        } else if current > room {
+            // Not in this window: in the next one this window's count is the
+            // previous one, and must fade to `room`.
+            (len_s - elapsed_s) + len_s * (1.0 - room / current)
+        } else if previous > 0.0 {
+            // In this window, once the previous window's share fades to what
+            // is left of `room`.
+            len_s * (1.0 - (room - current) / previous) - elapsed_s
+        } else {
+            0.0
+        };
+        // A millisecond more, so float rounding never lands a hair too early.
+        Duration::from_secs_f64(secs.clamp(0.0, 2.0 * len_s)) + Duration::from_millis(1)
     }
 }
 
@@ -133,6 +167,46 @@ mod tests {
         }
         assert!(l.charge("t", 1, 3, w, t0).is_err());
         assert!(l.charge("t", 1, 3, w, t0 + Duration::from_secs(3)).is_ok());
+    }
+
+    #[test]
+    fn retry_after_is_when_a_request_passes_again() {
+        // (limit, window, charges before, when refused): a client that waits
+        // exactly as told must pass, and one that comes back a second
+        // earlier is still refused (the wait is not padded).
+        let w = Duration::from_secs(60);
+        let s = Duration::from_secs;
+        let cases: [(u64, &[Duration], Duration); 4] = [
+            // A full window: before, the wait ended with the window and the
+            // retry met the previous window's count, refused again.
+            (3, &[s(0), s(0), s(0)], s(1)),
+            (10, &[s(0); 10], s(30)),
+            // Full because of the previous window's fading share.
+            (4, &[s(0), s(0), s(0), s(0)], s(62)),
+            (2, &[s(59), s(59)], s(70)),
+        ];
+        for (limit, charges, refused_at) in cases {
+            let l = Limiters::default();
+            let t0 = Instant::now();
+            for at in charges {
+                l.charge("t", 1, limit, w, t0 + *at).unwrap();
+            }
+            let wait = l.charge("t", 1, limit, w, t0 + refused_at).unwrap_err();
+            let probe = Limiters::default();
+            for at in charges {
+                probe.charge("t", 1, limit, w, t0 + *at).unwrap();
+            }
+            assert!(
+                probe
+                    .charge("t", 1, limit, w, t0 + refused_at + wait - s(1))
+                    .is_err(),
+                "limit {limit}: a second before the {wait:?} wait it already passes"
+            );
+            assert!(
+                l.charge("t", 1, limit, w, t0 + refused_at + wait).is_ok(),
+                "limit {limit}: refused again after waiting the {wait:?} it was told"
+            );
+        }
     }
 
     #[test]

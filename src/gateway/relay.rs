@@ -8,9 +8,11 @@
 //! on a blank line (the usual case) is passed on as it is, without a copy.
 //!
 //! Nothing goes on before the first token: the first event that carries
-//! anything (content, a tool call, a refusal, a finish reason, usage, an
-//! error, `[DONE]`). Comments (`: keep-alive`) and chunks with only a role or
-//! an empty content are held until then and go on first, in order. So an
+//! anything (content, a tool call, a refusal, a finish reason, usage,
+//! `[DONE]`). An error event before it fails the attempt, so dispatch tries
+//! the next model: nothing reached the client yet. Comments (`: keep-alive`)
+//! and chunks with only a role or an empty content are held until then and
+//! go on first, in order. So an
 //! upstream that sends a keep-alive or a role chunk and then stalls still
 //! meets the first-token timeout, and dispatch falls back with nothing sent
 //! to the client.
@@ -97,6 +99,15 @@ impl Relay {
                                 return Err(AttemptError::Protocol(
                                     "the upstream's stream does not carry JSON events".into(),
                                 ))
+                            }
+                            // The same for a stream that opens with an error
+                            // (an overload): passed on, the client got a 200
+                            // that held nothing but the upstream's error.
+                            First::Error => {
+                                return Err(AttemptError::Protocol(format!(
+                                    "the upstream's stream began with an error: {}",
+                                    error_message(&event.data)
+                                )))
                             }
                         }
                     }
@@ -275,14 +286,27 @@ impl Tracker {
 /// (if any) have only a role, and otherwise empty values (`""`, `null`,
 /// `[]`, `{}`): OpenAI's first chunk (`"role":"assistant","content":""`,
 /// `"refusal":null`), Anthropic's translated `message_start`, Azure's
-/// `choices: []` with the prompt's filter results. Anything else that is JSON,
-/// and `[DONE]`, is a first token; an event that is not JSON is a broken
-/// stream.
+/// `choices: []` with the prompt's filter results. An `error` event (with
+/// no text) is the upstream failing before it answered. Anything else that
+/// is JSON, and `[DONE]`, is a first token; an event that is not JSON is a
+/// broken stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum First {
     Held,
     Token,
     NotJson,
+    Error,
+}
+
+/// What an error event says, short and without anything key-like.
+fn error_message(data: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(data).unwrap_or_default();
+    let error = v.get("error").unwrap_or(&v);
+    let message = error
+        .get("message")
+        .and_then(serde_json::Value::as_str)
+        .map_or_else(|| error.to_string(), str::to_string);
+    crate::decision_log::redact(&message.chars().take(200).collect::<String>())
 }
 
 /// `"content":"` and then anything but the closing quote: text.
@@ -326,7 +350,10 @@ fn first_token(data: &[u8]) -> First {
         Err(_) => return First::NotJson,
     };
     let carries = |key: &str| chunk.get(key).is_some_and(|v| !nothing(v));
-    if carries("usage") || carries("error") {
+    if carries("error") {
+        return First::Error;
+    }
+    if carries("usage") {
         return First::Token;
     }
     match chunk.get("choices") {
@@ -508,7 +535,15 @@ mod tests {
                 r#"{"choices":[],"usage":{"prompt_tokens":1}}"#,
                 First::Token,
             ),
-            (r#"{"error":{"message":"overloaded"}}"#, First::Token),
+            (r#"{"error":{"message":"overloaded"}}"#, First::Error),
+            (
+                r#"{"error":null,"choices":[{"delta":{"content":"a"}}]}"#,
+                First::Token,
+            ),
+            (
+                r#"{"choices":[{"delta":{"content":"a"}}],"error":{"message":"x"}}"#,
+                First::Token,
+            ),
             (r#"{"id":"x"}"#, First::Token),
             ("[DONE]", First::Token),
             ("not json", First::NotJson),

@@ -277,15 +277,7 @@ fn authenticate<'a>(
             "missing API key: send `Authorization: Bearer <key>`",
         ));
     };
-    let key = auth
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let Some(key) = key.filter(|k| !k.is_empty()) else {
+    let Some(key) = bearer_token(auth) else {
         return Err(ApiError::unauthorized(
             "malformed Authorization header: expected `Bearer <key>`",
         ));
@@ -295,6 +287,18 @@ fn authenticate<'a>(
         .get(&hash)
         .and_then(|&i| rt.tenants.get(i).map(|t| (i, t)))
         .ok_or_else(|| ApiError::unauthorized("invalid API key"))
+}
+
+/// The token of an `Authorization: Bearer <token>` header, for tenants and
+/// the admin alike: one reading, so a header one of them accepts is not
+/// refused by the other (the admin check once took only `Bearer`, while
+/// tenants could send `bearer`, as clients that lowercase the scheme do).
+fn bearer_token(auth: &HeaderValue) -> Option<&str> {
+    let v = auth.to_str().ok()?;
+    v.strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
 }
 
 async fn read_body(
@@ -920,9 +924,8 @@ fn admin_auth(rt: &Runtime, req: &Request<Incoming>) -> Result<(), ApiError> {
     let given = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|k| sha256(k.trim()));
+        .and_then(bearer_token)
+        .map(sha256);
     if given.is_some_and(|h| bool::from(h.ct_eq(&expected))) {
         Ok(())
     } else {
@@ -1048,6 +1051,21 @@ mod tests {
                 "{body}: got `{msg}`, want `{want}...`"
             ),
             _ => panic!("{body}: got {got:?}, want {expect:?}"),
+        }
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_alike_for_tenants_and_the_admin() {
+        for (header, want) in [
+            ("Bearer sk-1", Some("sk-1")),
+            ("bearer sk-1", Some("sk-1")),
+            ("Bearer  sk-1 ", Some("sk-1")),
+            ("Bearer ", None),
+            ("Basic sk-1", None),
+            ("sk-1", None),
+        ] {
+            let v = HeaderValue::from_str(header).unwrap();
+            assert_eq!(bearer_token(&v), want, "{header:?}");
         }
     }
 

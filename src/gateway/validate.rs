@@ -13,6 +13,8 @@ use crate::ir::Endpoint;
 
 /// The largest output cap we accept; anything above is a client bug.
 const MAX_TOKENS_LIMIT: u64 = 100_000_000;
+/// The most images one generation may ask for (OpenAI's own limit is 10).
+const MAX_IMAGES: u64 = 100;
 
 /// Check a request body. The message says which field is wrong and how.
 pub fn body(endpoint: Endpoint, v: &Value) -> Result<(), String> {
@@ -86,12 +88,22 @@ pub fn body(endpoint: Endpoint, v: &Value) -> Result<(), String> {
                 Err("`input` must be a string or an array of strings or token arrays".into())
             }
         },
-        Endpoint::Images => match o.get("prompt") {
-            Some(Value::String(s)) if !s.is_empty() => Ok(()),
-            Some(Value::String(_)) => Err("`prompt` must not be empty".into()),
-            Some(_) => Err("`prompt` must be a string".into()),
-            None => Err("missing `prompt`".into()),
-        },
+        Endpoint::Images => {
+            // Each image is billed: the budget reserves `n` of them.
+            if let Some(n) = o.get("n").filter(|n| !n.is_null()) {
+                if !n.as_u64().is_some_and(|n| (1..=MAX_IMAGES).contains(&n)) {
+                    return Err(format!(
+                        "`n` must be a whole number of images from 1 to {MAX_IMAGES}"
+                    ));
+                }
+            }
+            match o.get("prompt") {
+                Some(Value::String(s)) if !s.is_empty() => Ok(()),
+                Some(Value::String(_)) => Err("`prompt` must not be empty".into()),
+                Some(_) => Err("`prompt` must be a string".into()),
+                None => Err("missing `prompt`".into()),
+            }
+        }
         Endpoint::AudioSpeech => match o.get("input") {
             Some(Value::String(_)) => Ok(()),
             Some(_) => Err("`input` must be a string (the text to speak)".into()),

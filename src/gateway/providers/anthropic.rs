@@ -15,7 +15,7 @@
 //!   URL sources) and `file` with a base64 PDF in `file_data` (a `document`).
 //! - `max_completion_tokens`, else `max_tokens` (the first that is a whole
 //!   number, as the budget estimate reads them), else 4096: Messages requires it.
-//! - `temperature`, `top_p` as they are; `stop` as `stop_sequences`.
+//! - `temperature` (0 to 1), `top_p` as they are; `stop` as `stop_sequences`.
 //! - `tools` (function tools) as `tools` with `input_schema`.
 //! - `tool_choice`: `"auto"` -> `{"type":"auto"}`, `"required"` ->
 //!   `{"type":"any"}`, `"none"` -> `{"type":"none"}`, a named function ->
@@ -32,7 +32,8 @@
 //! - `stream` as it is.
 //!
 //! Refused (they would change what the answer means, so a silent drop would
-//! be a wrong answer): `n` other than 1, `logprobs: true`, `top_logprobs`,
+//! be a wrong answer): `n` other than 1, a `temperature` above 1 (OpenAI's
+//! range is 0 to 2, Messages' 0 to 1), `logprobs: true`, `top_logprobs`,
 //! a non-empty `logit_bias`, the legacy `functions` / `function_call` and
 //! `function` role (use `tools`), audio output (`audio`, `modalities` other
 //! than text), `web_search_options`, tools other than functions, and content
@@ -284,6 +285,20 @@ fn refuse_unsupported(body: &Value) -> Result<(), Untranslatable> {
             "logit_bias",
             "`logit_bias` is not supported by anthropic models: token biases cannot be applied"
                 .into(),
+        );
+    }
+    // Sent as it is, the upstream would answer a 400 that reaches the client
+    // as its own fault, with no fallback, although an OpenAI-compatible model
+    // takes it; rescaled or capped, it would be another temperature.
+    if let Some(t) = given("temperature")
+        .and_then(Value::as_f64)
+        .filter(|t| *t > 1.0)
+    {
+        return refuse(
+            "temperature",
+            format!(
+                "`temperature` is `{t}`: anthropic models take 0 to 1 (OpenAI's range is 0 to 2)"
+            ),
         );
     }
     for (param, instead) in [("functions", "tools"), ("function_call", "tool_choice")] {
@@ -916,6 +931,7 @@ mod tests {
             (json!({ "logprobs": true }), "logprobs"),
             (json!({ "top_logprobs": 3 }), "top_logprobs"),
             (json!({ "logit_bias": { "50256": -100 } }), "logit_bias"),
+            (json!({ "temperature": 1.2 }), "temperature"),
             (json!({ "functions": [{ "name": "f" }] }), "functions"),
             (json!({ "function_call": "auto" }), "function_call"),
             (json!({ "modalities": ["text", "audio"] }), "modalities"),
@@ -951,6 +967,14 @@ mod tests {
                 "{}",
                 err.message
             );
+        }
+    }
+
+    #[test]
+    fn temperatures_anthropic_takes_are_carried_as_they_are() {
+        for t in [json!(0), json!(0.7), json!(1), json!(1.0)] {
+            let out = translate(json!({ "temperature": t.clone() })).unwrap();
+            assert_eq!(out["temperature"], t);
         }
     }
 

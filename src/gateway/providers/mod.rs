@@ -222,11 +222,28 @@ impl AttemptError {
     }
 }
 
-/// `Retry-After` in seconds (HTTP dates are rare from APIs and ignored).
+/// `Retry-After` in seconds or as an HTTP date, both of which RFC 9110
+/// allows (a date comes from proxies and CDNs in front of an API; ignored,
+/// it made the gateway retry after its own short backoff instead of
+/// waiting, or moving on at once when the wait is longer than the backoff
+/// cap). A date in the past is no wait. At most an hour.
 pub(crate) fn retry_after(headers: &hyper::HeaderMap) -> Option<Duration> {
-    let v = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?;
-    let secs: f64 = v.trim().parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+    retry_after_at(headers, std::time::SystemTime::now())
+}
+
+fn retry_after_at(headers: &hyper::HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
+    const MAX: Duration = Duration::from_secs(3600);
+    let v = headers
+        .get(hyper::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(MAX.as_secs_f64())));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO).min(MAX))
 }
 
 /// One configured provider, ready to send: its URLs parsed and its
@@ -380,6 +397,36 @@ pub fn endpoint_name(e: Endpoint) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_read_in_seconds_and_as_an_http_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let date = |d: Duration| httpdate::fmt_http_date(now + d);
+        let cases = [
+            ("7".to_string(), Some(Duration::from_secs(7))),
+            ("1.5".to_string(), Some(Duration::from_millis(1500))),
+            ("99999".to_string(), Some(Duration::from_secs(3600))),
+            ("-1".to_string(), None),
+            ("soon".to_string(), None),
+            (date(Duration::from_secs(30)), Some(Duration::from_secs(30))),
+            (
+                date(Duration::from_secs(86_400)),
+                Some(Duration::from_secs(3600)),
+            ),
+            (
+                httpdate::fmt_http_date(now - Duration::from_secs(5)),
+                Some(Duration::ZERO),
+            ),
+        ];
+        for (value, want) in cases {
+            let mut h = hyper::HeaderMap::new();
+            h.insert(
+                hyper::header::RETRY_AFTER,
+                HeaderValue::from_str(&value).unwrap(),
+            );
+            assert_eq!(retry_after_at(&h, now), want, "{value}");
+        }
+    }
 
     #[test]
     fn a_chunk_says_its_usage_and_whether_it_has_choices() {

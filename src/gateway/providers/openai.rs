@@ -70,11 +70,48 @@ pub async fn send(up: &Upstream, req: UpstreamRequest<'_>) -> Result<Reply, Atte
     } else {
         None
     };
+    if answers_json {
+        if let Some(message) = error_instead_of_answer(&body) {
+            return Err(AttemptError::Protocol(format!(
+                "the upstream answered {status} with an error instead of an answer: {message}"
+            )));
+        }
+    }
     Ok(Reply::Full {
         content_type,
         body,
         usage,
     })
+}
+
+/// The message of an `error` object sent with a 2xx in place of an answer
+/// (no `choices`, no `data`), as some OpenAI-compatible servers and proxies
+/// report an overload: passed on, the client got an error with a 200 and
+/// the breakers heard of a success. Only a body that names `"error"` is
+/// parsed a second time.
+fn error_instead_of_answer(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        #[serde(default)]
+        error: Option<serde_json::Value>,
+        #[serde(default)]
+        choices: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        data: Option<serde::de::IgnoredAny>,
+    }
+    memchr::memmem::find(body, b"\"error\"")?;
+    let reply: Reply = serde_json::from_slice(body).ok()?;
+    let error = reply.error.filter(|e| !e.is_null())?;
+    if reply.choices.is_some() || reply.data.is_some() {
+        return None;
+    }
+    let message = error
+        .get("message")
+        .and_then(serde_json::Value::as_str)
+        .map_or_else(|| error.to_string(), str::to_string);
+    Some(crate::decision_log::redact(
+        &message.chars().take(200).collect::<String>(),
+    ))
 }
 
 /// Replace the value of the `model` form field in a multipart body; the rest
@@ -116,6 +153,35 @@ mod tests {
     use super::*;
 
     const FORM: &str = "--X\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--X\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nauto\r\n--X--\r\n";
+
+    #[test]
+    fn an_error_object_is_not_an_answer() {
+        let cases = [
+            (
+                r#"{"error": {"message": "overloaded", "type": "server_error"}}"#,
+                Some("overloaded"),
+            ),
+            (r#"{"error": "quota exceeded"}"#, Some("\"quota exceeded\"")),
+            // Answers, whatever else they carry.
+            (r#"{"choices": [], "error": {"message": "x"}}"#, None),
+            (
+                r#"{"object": "list", "data": [], "error": {"message": "x"}}"#,
+                None,
+            ),
+            (
+                r#"{"choices": [{"message": {"content": "the \"error\" key"}}], "error": null}"#,
+                None,
+            ),
+            (r#"{"choices": []}"#, None),
+        ];
+        for (body, want) in cases {
+            assert_eq!(
+                error_instead_of_answer(body.as_bytes()).as_deref(),
+                want,
+                "{body}"
+            );
+        }
+    }
 
     #[test]
     fn multipart_model_is_read_and_replaced() {
