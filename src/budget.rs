@@ -901,7 +901,16 @@ impl RequestBudget {
 
     /// Reserve the estimated cost of an attempt on model `m`. Any previous
     /// hold is released first. `Err` says why, the message for the client.
-    pub async fn reserve(&self, p: &Policy, m: ModelId, id: &str) -> Result<(), Refused> {
+    /// `default_cap`: the output cap the provider is sent when the request
+    /// gives none (the Anthropic translation's `max_tokens`), so that the
+    /// reservation covers what the gateway itself allows the answer to cost.
+    pub async fn reserve(
+        &self,
+        p: &Policy,
+        m: ModelId,
+        id: &str,
+        default_cap: Option<u64>,
+    ) -> Result<(), Refused> {
         self.release();
         let releasing = self.releasing.lock().ok().and_then(|mut r| r.take());
         if let Some(releasing) = releasing {
@@ -913,7 +922,8 @@ impl RequestBudget {
             return Ok(());
         };
         let input = self.input_tokens(model);
-        let amount = estimate::estimate_cost(model, self.endpoint, input, self.max_tokens)
+        let cap = self.max_tokens.or(default_cap);
+        let amount = estimate::estimate_cost(model, self.endpoint, input, cap)
             .saturating_add(estimate::more_images_cost(model, self.images));
         let now = crate::state::now_ms();
         let reserved = self
@@ -1438,7 +1448,7 @@ mod off_loop_tests {
             // (hyper drops the request's future).
             let gone = tokio::time::timeout(
                 Duration::from_millis(20),
-                rb.reserve(p.policy(), m, "gone/0"),
+                rb.reserve(p.policy(), m, "gone/0", None),
             )
             .await;
             assert!(gone.is_err());
@@ -1454,6 +1464,43 @@ mod off_loop_tests {
             }
             assert!(store.reserved.load(std::sync::atomic::Ordering::SeqCst));
             assert_eq!(left, 0, "nobody holds this reservation any more");
+        });
+    }
+
+    #[test]
+    fn the_cap_the_gateway_sends_is_reserved_when_the_request_sets_none() {
+        let p = policy();
+        let store = Arc::new(crate::state::memory::MemoryStore::default());
+        let t = p.tenant("acme", &serde_json::Map::new()).unwrap();
+        let budgets = Arc::new(Budgets::new(store.clone()));
+        let now = crate::state::now_ms();
+        let check = budgets.check(p.policy(), &t, None, now).unwrap();
+        let counter = check.budgets[0].0.charge.counter.clone();
+        let no_cap = None;
+        let rb = RequestBudget::new(
+            budgets,
+            check,
+            p.policy(),
+            "acme",
+            None,
+            Endpoint::Chat,
+            no_cap,
+            10,
+            None,
+            &[],
+        );
+        let m = p.policy().model_by_name("cheap").unwrap();
+        let reserved = || store.balance(&counter, now).unwrap().reserved;
+        runtime().block_on(async {
+            // An OpenAI-compatible provider: the estimate's default output.
+            rb.reserve(p.policy(), m, "c/0", None).await.unwrap();
+            let estimated = reserved();
+            // An Anthropic one is sent `max_tokens: 4096`: that is reserved.
+            rb.reserve(p.policy(), m, "c/1", Some(4096)).await.unwrap();
+            let sent = reserved();
+            // 10 input tokens at $1 and the output at $2 per 1M, rounded up.
+            assert_eq!(estimated, 10 + 2 * estimate::DEFAULT_OUTPUT_TOKENS);
+            assert_eq!(sent, 10 + 2 * 4096);
         });
     }
 
@@ -1484,7 +1531,7 @@ mod off_loop_tests {
         );
         let m = p.policy().model_by_name("cheap").unwrap();
         runtime().block_on(async {
-            assert!(rb.reserve(p.policy(), m, "r/0").await.is_ok());
+            assert!(rb.reserve(p.policy(), m, "r/0", None).await.is_ok());
             // The attempt failed: dispatch releases, and falls back at once
             // while the store (a Redis round trip away) is still releasing.
             rb.release();
@@ -1492,7 +1539,7 @@ mod off_loop_tests {
                 std::thread::sleep(Duration::from_millis(50));
                 let _ = open.send(());
             });
-            let next = rb.reserve(p.policy(), m, "r/1").await;
+            let next = rb.reserve(p.policy(), m, "r/1", None).await;
             assert!(next.is_ok(), "{:?}", next.err().map(|r| r.message));
         });
     }
@@ -1517,7 +1564,7 @@ mod off_loop_tests {
             let store = Arc::new(Gated::default());
             let (rb, counter, now) = request(&p, store.clone());
             // Outside a runtime the store call runs at once.
-            let reserved = rb.reserve(p.policy(), m, "s/0").now_or_never();
+            let reserved = rb.reserve(p.policy(), m, "s/0", None).now_or_never();
             assert!(matches!(reserved, Some(Ok(()))), "{case}");
             let (actual, call) = rb
                 .settle_in_poll(p.policy(), Some((1_000, 1_000)), 0)

@@ -306,7 +306,11 @@ pub async fn run(gw: Arc<Gateway>, ctx: RequestCtx) -> Response<Body> {
             // a retry, a fallback or a downgrade passes the budget again.
             if let Some(b) = &ctx.budget {
                 let id = attempt_id(&ctx.decision_id, out.attempts.len());
-                if let Err(refused) = b.reserve(rt.policy.policy(), model_id, &id).await {
+                let default_cap = upstream.default_output_cap(req.endpoint);
+                if let Err(refused) = b
+                    .reserve(rt.policy.policy(), model_id, &id, default_cap)
+                    .await
+                {
                     drop(slots);
                     if refused.store_unavailable {
                         // The next model would ask the same store.

@@ -69,7 +69,7 @@ pub const VERSION: &str = "2023-06-01";
 /// Where chat completions go, under the provider's `base_url`.
 pub const MESSAGES_PATH: &str = "/messages";
 /// Messages requires `max_tokens`; chat completions does not.
-const DEFAULT_MAX_TOKENS: u64 = 4096;
+pub(super) const DEFAULT_MAX_TOKENS: u64 = 4096;
 /// The system instruction standing in for `response_format: json_object`.
 const JSON_INSTRUCTION: &str =
     "Respond with a single JSON object and nothing else: no prose before or after it, no code fences.";

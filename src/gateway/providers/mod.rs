@@ -321,6 +321,17 @@ impl Upstream {
         }
     }
 
+    /// The output cap this provider is sent for `endpoint` when the request
+    /// sets none: Messages requires `max_tokens`, so the translation adds
+    /// one, and a budget must reserve for it rather than for the estimate's
+    /// smaller default. `None`: the provider's own (no cap is added).
+    pub fn default_output_cap(&self, endpoint: Endpoint) -> Option<u64> {
+        match (self.cfg.kind, endpoint) {
+            (ProviderKind::Anthropic, Endpoint::Chat) => Some(anthropic::DEFAULT_MAX_TOKENS),
+            _ => None,
+        }
+    }
+
     pub async fn send(&self, req: UpstreamRequest<'_>) -> Result<Reply, AttemptError> {
         match self.cfg.kind {
             ProviderKind::Openai => openai::send(self, req).await,
