@@ -152,13 +152,33 @@ fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
-/// The whole body.
+/// The most of an upstream answer that is read into memory. Legitimate
+/// answers stay far below it (the largest are embeddings of a full batch
+/// as JSON floats, about 125 MB); without a limit an upstream that never
+/// stops sending (a broken proxy, a misconfigured URL serving a file) would
+/// have the gateway buffer until memory ran out.
+pub const MAX_ANSWER_BYTES: usize = 256 * 1024 * 1024;
+
+/// The whole body, up to [`MAX_ANSWER_BYTES`].
 pub async fn read_body(resp: Response<Incoming>) -> Result<Bytes, AttemptError> {
-    resp.into_body()
-        .collect()
-        .await
-        .map(http_body_util::Collected::to_bytes)
-        .map_err(|e| AttemptError::Reset(innermost(&e)))
+    read_body_limited(resp.into_body(), MAX_ANSWER_BYTES).await
+}
+
+async fn read_body_limited<B>(body: B, limit: usize) -> Result<Bytes, AttemptError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(AttemptError::Protocol(format!(
+                "the upstream's answer is larger than {} MiB",
+                limit / (1024 * 1024)
+            )))
+        }
+        Err(e) => Err(AttemptError::Reset(innermost(&*e))),
+    }
 }
 
 /// The body as it arrives.
@@ -172,4 +192,27 @@ pub fn body_stream(resp: Response<Incoming>) -> ByteStream {
 /// A header's value as text.
 pub fn header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Full, StreamBody};
+
+    #[tokio::test]
+    async fn an_answer_past_the_limit_is_refused_not_buffered() {
+        let whole = read_body_limited(Full::new(Bytes::from_static(b"0123456789")), 10).await;
+        assert_eq!(whole.unwrap(), Bytes::from_static(b"0123456789"));
+        let too_long = read_body_limited(Full::new(Bytes::from_static(b"0123456789x")), 10).await;
+        match too_long {
+            Err(AttemptError::Protocol(m)) => assert!(m.contains("larger than"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // An endless body stops being read at the limit.
+        let endless = futures_util::stream::repeat_with(|| {
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from_static(&[b'a'; 1024])))
+        });
+        let r = read_body_limited(StreamBody::new(endless), 1024 * 1024).await;
+        assert!(matches!(r, Err(AttemptError::Protocol(_))), "{r:?}");
+    }
 }
