@@ -194,6 +194,24 @@ async fn every_upstream_failing_is_a_502_listing_the_attempts() {
 }
 
 #[tokio::test]
+async fn every_upstream_rate_limiting_is_a_429_with_the_shortest_retry_after() {
+    let a = upstream("a", |_| Act::Status(429, Some(60))).await;
+    let b = upstream("b", |_| Act::Status(429, Some(30))).await;
+    let gw = two_models(&a, &b, &protect_retry(1)).await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "retry-after"), "30");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_rate_limited", "{v}");
+    assert_eq!(v["error"]["type"], "rate_limit_exceeded");
+    // One that failed otherwise makes it an upstream failure again.
+    let c = upstream("c", |_| Act::Status(500, None)).await;
+    let gw = two_models(&a, &c, "").await;
+    let r = gw.chat("sk-demo", hello()).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+}
+
+#[tokio::test]
 async fn a_slow_upstream_times_out_with_504() {
     let a = upstream("a", |_| Act::Slow(Duration::from_secs(5))).await;
     let protect = "protect { timeout total 200ms }";

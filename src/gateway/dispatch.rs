@@ -1104,6 +1104,15 @@ fn client_error(
     r
 }
 
+/// Whether every attempt ended rate limited: answered 429 upstream, or
+/// refused by this gateway's own limits.
+fn all_rate_limited(attempts: &[crate::decision_log::Attempt]) -> bool {
+    !attempts.is_empty()
+        && attempts
+            .iter()
+            .all(|a| a.outcome == "429" || a.outcome == "limited")
+}
+
 fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
     let tried: Vec<String> = out
         .attempts
@@ -1171,6 +1180,28 @@ fn failed(gw: Arc<Gateway>, ctx: RequestCtx, out: Outcome) -> Response<Body> {
             format!("the upstream timed out; {summary}"),
         )
         .code("timeout"),
+        // Every model was rate limited, upstream (429) or here: the client
+        // should slow down and come back, which a 429 with `Retry-After`
+        // says and a 502 does not (it also reads as an outage to monitoring).
+        (
+            Some(AttemptError::Status {
+                status: 429,
+                retry_after,
+                ..
+            }),
+            limited,
+        ) if all_rate_limited(&out.attempts) => {
+            let err = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                format!("every allowed model is rate limited upstream; {summary}"),
+            )
+            .code("upstream_rate_limited");
+            match [*retry_after, limited].into_iter().flatten().min() {
+                Some(wait) => err.retry_after(wait),
+                None => err,
+            }
+        }
         (Some(e), _) => ApiError::new(
             StatusCode::BAD_GATEWAY,
             "upstream_error",
