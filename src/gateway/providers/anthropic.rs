@@ -553,8 +553,18 @@ fn finish_reason(stop: Option<&str>) -> &'static str {
     match stop {
         Some("max_tokens") => "length",
         Some("tool_use") => "tool_calls",
+        // The model declined: OpenAI clients check for this, not `stop`.
+        Some("refusal") => "content_filter",
         _ => "stop",
     }
+}
+
+/// Seconds since the Unix epoch, for a translated answer's `created`
+/// (Messages has no such field; clients sort and display by it).
+fn created_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Messages response -> chat completion.
@@ -593,7 +603,7 @@ pub fn from_message(v: &Value, model: &str) -> (Value, Usage) {
         }
     }
     let out = json!({
-        "id": v.get("id").cloned().unwrap_or(json!("msg")), "object": "chat.completion", "created": 0, "model": model,
+        "id": v.get("id").cloned().unwrap_or(json!("msg")), "object": "chat.completion", "created": created_now(), "model": model,
         "choices": [{ "index": 0, "message": message, "finish_reason": finish_reason(v.get("stop_reason").and_then(Value::as_str)) }],
         "usage": { "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                    "total_tokens": usage.prompt_tokens + usage.completion_tokens },
@@ -606,6 +616,8 @@ struct StreamState {
     parser: sse::Parser,
     id: String,
     model: String,
+    /// `created` of every chunk: one time for the whole stream, as OpenAI's.
+    created: u64,
     usage: Usage,
     /// Tool call index by content block index.
     tool_index: Vec<(u64, usize)>,
@@ -615,7 +627,7 @@ struct StreamState {
 impl StreamState {
     fn chunk(&self, delta: Value, finish: Option<&str>) -> Bytes {
         sse::data(
-            &json!({ "id": self.id, "object": "chat.completion.chunk", "created": 0, "model": self.model,
+            &json!({ "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                             "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] }),
         )
     }
@@ -695,7 +707,7 @@ impl StreamState {
             }
             "message_stop" => {
                 let u = self.usage;
-                out.extend_from_slice(&sse::data(&json!({ "id": self.id, "object": "chat.completion.chunk", "created": 0, "model": self.model, "choices": [],
+                out.extend_from_slice(&sse::data(&json!({ "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [],
                     "usage": { "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.prompt_tokens + u.completion_tokens } })));
                 out.extend_from_slice(&sse::done());
                 self.done = true;
@@ -721,6 +733,7 @@ pub fn translate_stream(upstream: ByteStream, model: String) -> ByteStream {
         parser: sse::Parser::new(),
         id: "msg".into(),
         model,
+        created: created_now(),
         usage: Usage::default(),
         tool_index: Vec::new(),
         done: false,
@@ -967,6 +980,25 @@ mod tests {
                 "{}",
                 err.message
             );
+        }
+    }
+
+    #[test]
+    fn stop_reasons_and_creation_time_read_as_openai_clients_expect() {
+        for (stop, want) in [
+            ("end_turn", "stop"),
+            ("stop_sequence", "stop"),
+            ("max_tokens", "length"),
+            ("tool_use", "tool_calls"),
+            ("refusal", "content_filter"),
+        ] {
+            let (answer, _) = from_message(
+                &json!({ "content": [{ "type": "text", "text": "x" }], "stop_reason": stop }),
+                "m",
+            );
+            assert_eq!(answer["choices"][0]["finish_reason"], want, "{stop}");
+            // A real time, not 0 (1970), which clients show and sort by.
+            assert!(answer["created"].as_u64().unwrap() > 1_700_000_000);
         }
     }
 
