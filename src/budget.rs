@@ -1349,6 +1349,15 @@ mod off_loop_tests {
         p: &crate::compile::CompiledPolicy,
         store: Arc<Gated>,
     ) -> (RequestBudget, Counter, i64) {
+        request_with(p, store, Some(100))
+    }
+
+    /// [`request`] on any store, with the request's output cap.
+    fn request_with(
+        p: &crate::compile::CompiledPolicy,
+        store: Arc<dyn BudgetStore>,
+        max_tokens: Option<u64>,
+    ) -> (RequestBudget, Counter, i64) {
         let t = p.tenant("acme", &serde_json::Map::new()).unwrap();
         let budgets = Arc::new(Budgets::new(store));
         let now = crate::state::now_ms();
@@ -1361,7 +1370,7 @@ mod off_loop_tests {
             "acme",
             None,
             Endpoint::Chat,
-            Some(100),
+            max_tokens,
             10,
             None,
             &[],
@@ -1471,24 +1480,7 @@ mod off_loop_tests {
     fn the_cap_the_gateway_sends_is_reserved_when_the_request_sets_none() {
         let p = policy();
         let store = Arc::new(crate::state::memory::MemoryStore::default());
-        let t = p.tenant("acme", &serde_json::Map::new()).unwrap();
-        let budgets = Arc::new(Budgets::new(store.clone()));
-        let now = crate::state::now_ms();
-        let check = budgets.check(p.policy(), &t, None, now).unwrap();
-        let counter = check.budgets[0].0.charge.counter.clone();
-        let no_cap = None;
-        let rb = RequestBudget::new(
-            budgets,
-            check,
-            p.policy(),
-            "acme",
-            None,
-            Endpoint::Chat,
-            no_cap,
-            10,
-            None,
-            &[],
-        );
+        let (rb, counter, now) = request_with(&p, store.clone(), None);
         let m = p.policy().model_by_name("cheap").unwrap();
         let reserved = || store.balance(&counter, now).unwrap().reserved;
         runtime().block_on(async {

@@ -149,8 +149,18 @@ async fn an_error_object_with_a_200_is_not_passed_off_as_an_answer() {
 /// nothing reached the client yet, so the next model answers.
 #[tokio::test]
 async fn a_stream_of_no_json_events_is_not_passed_off_as_an_answer() {
-    let url = socket_upstream(|mut s| async move {
-        let body = "data: <html><body>Bad Gateway</body></html>\n\n";
+    stream_falls_back_from(
+        "data: <html><body>Bad Gateway</body></html>\n\n",
+        "Bad Gateway",
+    )
+    .await;
+}
+
+/// A streaming request to a model whose upstream sends `body` as a 200
+/// event stream, then to a healthy one: the healthy one answers, and
+/// nothing of `body` (`shows`) reaches the client.
+async fn stream_falls_back_from(body: &'static str, shows: &str) {
+    let url = socket_upstream(move |mut s| async move {
         let _ = s
             .write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes())
             .await;
@@ -163,7 +173,7 @@ async fn a_stream_of_no_json_events_is_not_passed_off_as_an_answer() {
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-routeplane-model"), "model-b");
     let text = r.text().await.unwrap();
-    assert!(!text.contains("Bad Gateway"), "{text}");
+    assert!(!text.contains(shows), "{text}");
     assert!(text.contains("[DONE]"), "{text}");
     assert_eq!(b.hits(), 1);
 }
@@ -174,23 +184,11 @@ async fn a_stream_of_no_json_events_is_not_passed_off_as_an_answer() {
 /// holding only the upstream's error and then the gateway's.
 #[tokio::test]
 async fn a_stream_that_begins_with_an_error_event_falls_back() {
-    let url = socket_upstream(|mut s| async move {
-        let body = "data: {\"error\":{\"message\":\"The server is overloaded\",\"type\":\"server_error\"}}\n\n";
-        let _ = s
-            .write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes())
-            .await;
-    })
+    stream_falls_back_from(
+        "data: {\"error\":{\"message\":\"The server is overloaded\",\"type\":\"server_error\"}}\n\n",
+        "overloaded",
+    )
     .await;
-    let (gw, b) = a_then_healthy_b(&url, "").await;
-    let mut streaming = hello();
-    streaming["stream"] = Value::Bool(true);
-    let r = gw.chat("sk-demo", streaming).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "x-routeplane-model"), "model-b");
-    let text = r.text().await.unwrap();
-    assert!(!text.contains("overloaded"), "{text}");
-    assert!(text.contains("[DONE]"), "{text}");
-    assert_eq!(b.hits(), 1);
 }
 
 #[tokio::test]
